@@ -1,0 +1,163 @@
+"""Block hashing: the one place that turns token ids into block keys.
+
+Contract (DESIGN.md, "Keys"):
+
+- A sequence is cut into blocks of ``block_size`` tokens; only full blocks get a key.
+- ``key(block_i) = xxh3_128(key(block_{i-1}) || token_ids_i as little-endian int32)``.
+- The chain root is ``xxh3_128(namespace bytes)``; the namespace encodes everything that
+  makes KV bytes differ (model fingerprint, dtype, block size, layout version, tenant
+  salt), so two models or two tenants never share a key.
+- Keys are 16 bytes and identical in every process and on every machine: no ``hash()``,
+  no random seeds, no dependence on the platform's byte order.
+
+Everything else in the project imports its hashing from here.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+
+KEY_BYTES = 16
+"""Length of a block key in bytes."""
+
+LAYOUT_VERSION = 1
+"""Version of the KV block layout ``[layers, 2, block_size, kv_heads, head_dim]``."""
+
+_xxh3_128 = xxhash.xxh3_128_digest
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def token_bytes(token_ids: Iterable[int]) -> bytes:
+    """Token ids as little-endian int32 bytes (4 bytes a token).
+
+    Raises ``ValueError`` for an id outside int32 (a bad tokenizer or corrupt input).
+    """
+    try:
+        arr = array("i", token_ids)
+    except OverflowError as exc:
+        raise ValueError(f"token id outside int32: {exc}") from None
+    except TypeError as exc:
+        raise ValueError(f"token ids must be integers: {exc}") from None
+    if _BIG_ENDIAN:
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def tokens_from_bytes(data: bytes) -> list[int]:
+    """Inverse of :func:`token_bytes`."""
+    arr = array("i")
+    arr.frombytes(data)
+    if _BIG_ENDIAN:
+        arr.byteswap()
+    return arr.tolist()
+
+
+def chain_key(parent: bytes, block_tokens: bytes) -> bytes:
+    """Key of one block from its parent key and its tokens (LE int32 bytes)."""
+    return _xxh3_128(parent + block_tokens)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything that makes the KV bytes of the same tokens differ.
+
+    ``model`` is a model fingerprint (architecture and weights identity), ``dtype`` the
+    KV dtype name, ``block_size`` in tokens, ``layout`` the KV layout version, and
+    ``tenant`` an optional salt that isolates tenants.
+    """
+
+    model: str
+    dtype: str = "bfloat16"
+    block_size: int = 16
+    layout: int = LAYOUT_VERSION
+    tenant: str = ""
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive number of tokens, got {self.block_size}")
+        for name in ("model", "dtype", "tenant"):
+            if "\x00" in getattr(self, name):
+                raise ValueError(f"namespace field {name!r} must not contain NUL bytes")
+
+    def encode(self) -> bytes:
+        """Canonical bytes of the namespace (NUL-separated, versioned)."""
+        parts = ("kvstore-ns-v1", self.model, self.dtype, str(self.block_size),
+                 str(self.layout), self.tenant)
+        return "\x00".join(parts).encode()
+
+    def root(self) -> bytes:
+        """Root key of every chain in this namespace."""
+        return _xxh3_128(self.encode())
+
+
+def hash_blocks(root: bytes, token_ids: Sequence[int] | bytes, block_size: int) -> BlockChain:
+    """Hash every full block of ``token_ids`` starting from chain root ``root``.
+
+    ``token_ids`` may be ints or already-encoded LE int32 bytes. Tokens past the last full
+    block are ignored. Cost: one xxh3 call per full block.
+    """
+    chain = BlockChain(root=root, block_size=block_size)
+    chain.extend(token_ids)
+    return chain
+
+
+@dataclass
+class BlockChain:
+    """The keys of a growing token sequence, hashed incrementally.
+
+    ``keys[i]`` is the key of block ``i`` and ``blocks[i]`` its tokens as LE int32 bytes
+    (``4 * block_size`` bytes). Tokens that do not yet fill a block wait in ``tail``.
+    ``extend`` costs only the new full blocks, never a rehash of the prefix.
+    """
+
+    root: bytes
+    block_size: int
+    keys: list[bytes] = field(default_factory=list)
+    blocks: list[bytes] = field(default_factory=list)
+    tail: bytes = b""
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens seen so far, full blocks and tail (tokens)."""
+        return len(self.keys) * self.block_size + len(self.tail) // 4
+
+    @property
+    def last_key(self) -> bytes:
+        """Key of the last full block, or the root when there is none."""
+        return self.keys[-1] if self.keys else self.root
+
+    def extend(self, token_ids: Sequence[int] | bytes) -> int:
+        """Append tokens; hash the blocks they complete. Returns the number of new blocks."""
+        data = token_ids if isinstance(token_ids, bytes | bytearray) else token_bytes(token_ids)
+        if len(data) % 4:
+            raise ValueError("token bytes must be a multiple of 4 (little-endian int32)")
+        if self.tail:
+            data = self.tail + data
+        step = 4 * self.block_size
+        full = len(data) - len(data) % step
+        parent = self.last_key
+        keys, blocks = self.keys, self.blocks
+        h = _xxh3_128
+        before = len(keys)
+        for start in range(0, full, step):
+            blk = data[start:start + step]
+            parent = h(parent + blk)
+            keys.append(parent)
+            blocks.append(blk)
+        self.tail = bytes(data[full:])
+        return len(keys) - before
+
+    def truncate(self, num_blocks: int) -> None:
+        """Keep only the first ``num_blocks`` full blocks and drop the tail."""
+        del self.keys[num_blocks:]
+        del self.blocks[num_blocks:]
+        self.tail = b""
+
+    def fork(self) -> BlockChain:
+        """An independent copy that shares nothing mutable with this one."""
+        return BlockChain(self.root, self.block_size, list(self.keys), list(self.blocks), self.tail)

@@ -1,0 +1,63 @@
+"""The interface every hash-addressed tier implements (LMDB, Redis, HTTP).
+
+Batch-first: every call takes or returns a batch, so a network tier pays one round
+trip per batch. Keys are 16-byte block keys (``radix.hashing``); values are encoded
+blocks (``tiers.codec``). Tiers never raise for a backend failure: a failed read is a
+miss, a failed write is dropped, and both are counted in ``stats()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class TierStats:
+    """Counters of one tier since it was opened (blocks and bytes)."""
+
+    name: str
+    blocks: int = 0
+    bytes_used: int = 0
+    capacity_bytes: int | None = None
+    gets: int = 0
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    evictions: int = 0
+    corrupt: int = 0
+    errors: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class HashTier(Protocol):
+    """A store of encoded blocks addressed by key."""
+
+    name: str
+
+    def contains_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many of ``keys``, counted from the first, are present (consecutive)."""
+        ...
+
+    def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Verified encoded blocks, ``None`` for a miss, a corrupt block or a failure."""
+        ...
+
+    def put(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Store ``(key, encoded block)`` pairs, evicting if the tier is full."""
+        ...
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        """Remove keys; absent keys are ignored."""
+        ...
+
+    def stats(self) -> TierStats:
+        """A snapshot of the counters."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release resources; later calls are misses / no-ops."""
+        ...
