@@ -1,0 +1,20 @@
+"""Prefix index: block hashing and the radix tree. Pure data structures, no I/O."""
+
+from radix.hashing import KEY_BYTES, BlockChain, Namespace, chain_key, hash_blocks, token_bytes
+from radix.tree import (
+    Demotion,
+    Evicted,
+    Inserted,
+    IntegrityError,
+    Match,
+    Moved,
+    Node,
+    RadixTree,
+    TreeStats,
+)
+
+__all__ = [
+    "KEY_BYTES", "BlockChain", "Demotion", "Evicted", "Inserted", "IntegrityError", "Match",
+    "Moved", "Namespace", "Node", "RadixTree", "TreeStats", "chain_key", "hash_blocks",
+    "token_bytes",
+]
