@@ -166,7 +166,9 @@ def _check(blob: bytes, expected_key: bytes | None,
     """Every check of :func:`decode_block`; the parsed header and payload view, or why not."""
     try:
         view = memoryview(blob)
-        if view.ndim != 1 or view.itemsize != 1:
+        if not view.c_contiguous:
+            return Corrupt("not a contiguous bytes-like object")
+        if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
     except (TypeError, ValueError):
         return Corrupt("not a contiguous bytes-like object")
