@@ -15,6 +15,7 @@ Everything else in the project imports its hashing from here.
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
 from collections.abc import Iterable, Sequence
@@ -35,17 +36,14 @@ _BIG_ENDIAN = sys.byteorder == "big"
 def token_bytes(token_ids: Iterable[int]) -> bytes:
     """Token ids as little-endian int32 bytes (4 bytes a token).
 
-    Raises ``ValueError`` for an id outside int32 (a bad tokenizer or corrupt input).
+    Raises ``ValueError`` for an id outside int32 or a non-integer (bad input).
     """
+    if not isinstance(token_ids, list | tuple):
+        token_ids = list(token_ids)
     try:
-        arr = array("i", token_ids)
-    except OverflowError as exc:
-        raise ValueError(f"token id outside int32: {exc}") from None
-    except TypeError as exc:
-        raise ValueError(f"token ids must be integers: {exc}") from None
-    if _BIG_ENDIAN:
-        arr.byteswap()
-    return arr.tobytes()
+        return struct.pack(f"<{len(token_ids)}i", *token_ids)
+    except struct.error as exc:
+        raise ValueError(f"token ids must be integers within int32: {exc}") from None
 
 
 def tokens_from_bytes(data: bytes) -> list[int]:
@@ -133,7 +131,12 @@ class BlockChain:
 
     def extend(self, token_ids: Sequence[int] | bytes) -> int:
         """Append tokens; hash the blocks they complete. Returns the number of new blocks."""
-        data = token_ids if isinstance(token_ids, bytes | bytearray) else token_bytes(token_ids)
+        if isinstance(token_ids, bytes):
+            data = token_ids
+        elif isinstance(token_ids, bytearray | memoryview):
+            data = bytes(token_ids)
+        else:
+            data = token_bytes(token_ids)
         if len(data) % 4:
             raise ValueError("token bytes must be a multiple of 4 (little-endian int32)")
         if self.tail:
@@ -141,16 +144,16 @@ class BlockChain:
         step = 4 * self.block_size
         full = len(data) - len(data) % step
         parent = self.last_key
-        keys, blocks = self.keys, self.blocks
+        new_blocks = [data[s:s + step] for s in range(0, full, step)]
+        keys = self.keys
+        append = keys.append
         h = _xxh3_128
-        before = len(keys)
-        for start in range(0, full, step):
-            blk = data[start:start + step]
+        for blk in new_blocks:
             parent = h(parent + blk)
-            keys.append(parent)
-            blocks.append(blk)
+            append(parent)
+        self.blocks.extend(new_blocks)
         self.tail = bytes(data[full:])
-        return len(keys) - before
+        return len(new_blocks)
 
     def truncate(self, num_blocks: int) -> None:
         """Keep only the first ``num_blocks`` full blocks and drop the tail."""
