@@ -58,6 +58,12 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import MovedError, RedisError, ResponseError
 from redis.retry import Retry
 
+try:  # newer redis-py names the CLIENT SETINFO metadata with DriverInfo
+    from redis.driver_info import DriverInfo
+    _NO_SETINFO: dict[str, Any] = {"driver_info": DriverInfo(name=None, lib_version=None)}
+except ImportError:  # older redis-py
+    _NO_SETINFO = {"lib_name": None, "lib_version": None}
+
 from tiers.base import TierStats
 from tiers.codec import verify_block
 
@@ -424,7 +430,7 @@ class RedisTier:
                     host=host, port=port, db=u.db, username=u.username, password=u.password,
                     socket_timeout=self.timeout_s, socket_connect_timeout=self.connect_timeout_s,
                     retry=Retry(NoBackoff(), 0), max_connections=self.max_connections,
-                    lib_name=None, lib_version=None, **tls)
+                    **_NO_SETINFO, **tls)
                 node = _Node(host, port, client, _Breaker(self.backoff_s, self.backoff_max_s))
                 self._nodes[(host, port)] = node
             return node
