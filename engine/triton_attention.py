@@ -228,7 +228,8 @@ if AVAILABLE:
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
-        pid_q = tl.program_id(0)
+        # Reversed: the last q-tiles of a sequence see the most keys; start them first.
+        pid_q = tl.num_programs(0) - 1 - tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         num_splits = tl.num_programs(2)
@@ -356,9 +357,10 @@ def write_kv(
     """Scatter new keys/values into the paged cache in place.
 
     ``k_cache``, ``v_cache``: ``[num_slots, block_size, kv_heads, head_dim]`` (strided views
-    of the pool, last dim contiguous). ``k``, ``v``: ``[T, kv_heads, head_dim]``, same dtype.
-    ``slot_mapping``: ``[T]`` int64, ``slot * block_size + offset``; negative entries are
-    skipped. Entries must be distinct (two tokens writing one position race).
+    of the pool, last dim contiguous). ``k``, ``v``: ``[T, kv_heads, head_dim]``, cast to
+    the cache dtype. ``slot_mapping``: ``[T]`` int64, ``slot * block_size + offset``;
+    negative entries are skipped. Entries must be distinct (two tokens writing one position
+    race).
     """
     if not AVAILABLE:
         raise RuntimeError("triton is not available")
@@ -371,8 +373,8 @@ def write_kv(
     if k.shape != (num_tokens, kv_heads, head_dim) or v.shape != k.shape:
         raise ValueError(f"k/v must be [T, {kv_heads}, {head_dim}], got {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
-        raise ValueError("k/v dtype must match the cache dtype")
+    k = k.to(k_cache.dtype)
+    v = v.to(v_cache.dtype)
     if k.stride(-1) != 1:
         k = k.contiguous()
     if v.stride(-1) != 1:
