@@ -36,14 +36,15 @@ class IntegrityError(AssertionError):
 class Node:
     """One full block in the index. Fields are managed by :class:`RadixTree` only."""
 
-    __slots__ = ("key", "tokens", "parent", "children", "locs", "nloc", "nchild",
+    __slots__ = ("key", "tokens", "parent", "parent_key", "children", "locs", "nloc", "nchild",
                  "refs", "lock", "stamp", "priority", "hseq", "evictable", "depth")
 
     def __init__(self, key: bytes, tokens: bytes, parent: Node | None, num_tiers: int,
-                 stamp: int) -> None:
+                 stamp: int, parent_key: bytes = b"") -> None:
         self.key = key
         self.tokens = tokens
         self.parent = parent
+        self.parent_key = parent_key  # key of the previous block (the chain root for the first)
         self.children: dict[bytes, Node] = {}
         self.locs: list[Any] = [None] * num_tiers  # per tier: location or None
         self.nloc = 0  # tiers holding this block
@@ -244,9 +245,12 @@ class RadixTree:
     # ---------------------------------------------------------------- mutation
 
     def insert(self, keys: Sequence[bytes], blocks: Sequence[bytes], tier: int,
-               locations: Sequence[Any], parent: Node | None = None) -> Inserted:
+               locations: Sequence[Any], parent: Node | None = None, root_key: bytes = b""
+               ) -> Inserted:
         """Record that ``tier`` holds blocks ``keys`` (children of ``parent``, the root).
 
+        ``root_key`` is the chain root of the first block when ``parent`` is the root
+        (kept as that node's ``parent_key``, which serialized blocks need).
         ``locations[i]`` is where block ``i`` lives in ``tier`` (not ``None``). Existing
         nodes keep an existing location in ``tier``; new nodes are created with stamp
         "now". Stops at a hash collision. Cost: O(len(keys)).
@@ -264,7 +268,8 @@ class RadixTree:
                 raise ValueError("insert location must not be None")
             child = node.children.get(key)
             if child is None:
-                child = Node(key, toks, node, self._ntiers, stamp)
+                pkey = root_key if node is self.root else node.key
+                child = Node(key, toks, node, self._ntiers, stamp, pkey)
                 node.children[key] = child
                 self._nodes += 1
             elif child.tokens != toks:

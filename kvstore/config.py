@@ -1,0 +1,122 @@
+"""Configuration of the store: one frozen dataclass, validated once.
+
+Capacities are in blocks for the slot pools (GPU, host) and in bytes for the disk tier
+(LMDB enforces it). In simulation mode (``layout is None``) no KV bytes exist and every
+tier's capacity is in blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from tiers.layout import KVLayout
+
+Policy = Literal["write-back", "write-through"]
+POLICIES: tuple[str, ...] = ("write-back", "write-through")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Everything a :class:`kvstore.store.KVStore` needs to build its tiers.
+
+    - ``layout``: KV block layout; ``None`` means simulation mode (capacity accounting
+      only, no tensors, no I/O).
+    - ``gpu_blocks``: slots of the GPU pool (on ``device``; ``"cpu"`` works).
+    - ``host_blocks``: slots of the host pool (pinned when CUDA is present); 0 = none.
+    - ``disk_path``/``disk_bytes``: LMDB directory and capacity in bytes; ``None`` = none.
+    - ``redis_url``: ``redis://``, ``rediss://`` or ``redis+cluster://`` URL; ``None`` = none.
+    - ``remote_url``: ``http(s)://`` URL of a cache daemon; ``None`` = none.
+    - ``disk_blocks``/``redis_blocks``/``remote_blocks``: how many blocks of each shared
+      tier the local index remembers (in simulation mode: the tier's capacity). The
+      shared tiers themselves may hold more, written by other processes; a match asks
+      them past the index. 0 derives a default from ``disk_bytes`` or 1M blocks.
+    - ``policy``: ``write-back`` demotes blocks down the tiers when they are evicted;
+      ``write-through`` also copies every committed block down at once.
+    - ``redis_ttl_s``: expiry of blocks written to Redis; ``None`` = none.
+    - ``namespace``: key prefix in Redis and the daemon (separates deployments).
+    - ``auth_token``: bearer token for the daemon; ``None`` = none.
+    """
+
+    layout: KVLayout | None
+    gpu_blocks: int
+    block_size: int = 16
+    host_blocks: int = 0
+    disk_path: str | None = None
+    disk_bytes: int = 0
+    disk_blocks: int = 0
+    redis_url: str | None = None
+    redis_blocks: int = 0
+    redis_ttl_s: float | None = None
+    remote_url: str | None = None
+    remote_blocks: int = 0
+    auth_token: str | None = None
+    policy: Policy = "write-back"
+    device: str = "cpu"
+    namespace: str = "kv"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"StoreConfig: {msg}")
+
+        need(isinstance(self.gpu_blocks, int) and self.gpu_blocks > 0,
+             f"gpu_blocks must be a positive number of blocks, got {self.gpu_blocks!r}")
+        for name in ("host_blocks", "disk_bytes", "disk_blocks", "redis_blocks",
+                     "remote_blocks"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 0,
+                 f"{name} must be a non-negative int, got {value!r}")
+        need(self.block_size > 0, f"block_size must be positive, got {self.block_size}")
+        need(self.policy in POLICIES,
+             f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.layout is not None:
+            need(self.layout.block_size == self.block_size,
+                 f"block_size {self.block_size} differs from the layout's "
+                 f"{self.layout.block_size}; set one value for both")
+            need(self.disk_path is None or self.disk_bytes > 0,
+                 "disk_path needs disk_bytes > 0 (the disk tier's capacity in bytes)")
+        else:
+            need(self.disk_path is None and self.redis_url is None and self.remote_url is None,
+                 "simulation mode (layout=None) takes capacities in blocks "
+                 "(disk_blocks, redis_blocks), not paths or URLs")
+        need(self.redis_ttl_s is None or self.redis_ttl_s > 0,
+             f"redis_ttl_s must be None or positive seconds, got {self.redis_ttl_s!r}")
+
+    @classmethod
+    def simulation(cls, block_size: int, gpu_blocks: int, host_blocks: int = 0,
+                   disk_blocks: int = 0, redis_blocks: int = 0,
+                   policy: Policy = "write-back") -> StoreConfig:
+        """A capacity-only store: the same policies, no KV bytes (tiers in blocks)."""
+        return cls(layout=None, block_size=block_size, gpu_blocks=gpu_blocks,
+                   host_blocks=host_blocks, disk_blocks=disk_blocks,
+                   redis_blocks=redis_blocks, policy=policy)
+
+    @property
+    def simulated(self) -> bool:
+        return self.layout is None
+
+    def shared_capacity(self, tier: str) -> int:
+        """Blocks of shared tier ``tier`` the index tracks (0: tier absent)."""
+        if tier == "disk":
+            if self.simulated:
+                return self.disk_blocks
+            if self.disk_path is None:
+                return 0
+            assert self.layout is not None
+            return self.disk_blocks or max(1, self.disk_bytes // self.layout.block_bytes)
+        if tier == "redis":
+            if self.simulated:
+                return self.redis_blocks
+            return 0 if self.redis_url is None else (self.redis_blocks or 1 << 20)
+        if tier == "remote":
+            return 0 if self.remote_url is None else (self.remote_blocks or 1 << 20)
+        raise ValueError(f"unknown shared tier {tier!r}")
+
+    def tier_names(self) -> list[str]:
+        """Configured tiers, fastest first: the demotion cascade order."""
+        names = ["gpu"]
+        if self.host_blocks:
+            names.append("host")
+        names += [t for t in ("disk", "redis", "remote") if self.shared_capacity(t)]
+        return names
