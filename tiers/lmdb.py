@@ -237,13 +237,7 @@ class LMDBTier:
                 self._stats.misses += n
             return [None] * n
         try:
-            out = self._read(keys)
-            corrupt = [key for key, value in zip(keys, out, strict=True)
-                       if value is not None and not verify_block(value, key)]
-            if corrupt:
-                bad = set(corrupt)
-                out = [None if key in bad else value for key, value in zip(keys, out,
-                                                                           strict=True)]
+            out, corrupt = self._read(keys)
             hits = [key for key, value in zip(keys, out, strict=True) if value is not None]
             with self._state:
                 stats = self._stats
@@ -360,15 +354,28 @@ class LMDBTier:
         with self._state:
             self._stats.errors += 1
 
-    def _read(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        """Copies of the stored values (one read transaction); all ``None`` on failure."""
+    def _read(self, keys: Sequence[bytes]) -> tuple[list[bytes | None], list[bytes]]:
+        """Verified copies of the stored values and the keys whose values failed
+        verification (one read transaction). All misses, counted, on an LMDB failure.
+
+        Each value is verified right after it is copied, while the copy is still in the
+        CPU cache: verifying a whole batch after copying it reads it back from memory.
+        """
+        out: list[bytes | None] = []
+        corrupt: list[bytes] = []
         try:
             with self._env.begin(db=self._blocks) as txn:
                 get = txn.get
-                return [get(key) for key in keys]
+                for key in keys:
+                    value = get(key)
+                    if value is not None and not verify_block(value, key):
+                        corrupt.append(key)
+                        value = None
+                    out.append(value)
         except lmdb.Error:
             self._count_error()
-            return [None] * len(keys)
+            return [None] * len(keys), []
+        return out, corrupt
 
     def _write(self, body: Callable[[_Txn], T]) -> T | None:
         """Run ``body`` in one write transaction after applying pending access stamps.

@@ -1,0 +1,262 @@
+"""Tier bandwidth benchmark: put/get throughput of each tier next to its raw library.
+
+Run: ``kvstore bench tiers`` or ``python -m bench.tiers_bench`` (``--help`` for sizes).
+Prints one table of :class:`Row`, one row per (tier, op, block size):
+
+- LMDB (this module): :class:`tiers.lmdb.LMDBTier` against raw ``lmdb`` doing the same
+  bytes in the same run: the same encoded blocks, the same batches (one transaction per
+  batch), the same environment flags (sync on). Our tier adds the LRU index, capacity
+  accounting, and on get a copy-out and full verification (checksum, header, chain key)
+  of every block; raw lmdb does only the copy.
+- Redis (``bench.tiers_bench_redis.bench_redis``) and host/GPU pools
+  (``bench.tiers_bench_pools.bench_pools``), when those modules are present; each is
+  called as ``f(block_bytes=..., n_blocks=...)`` and returns a list of :class:`Row`.
+
+Block sizes are KV blocks of real models (16 tokens, bf16): SmolLM2-135M (30 layers,
+3 KV heads, head_dim 64: 368,640 bytes = 360 KiB) and Llama-3-8B (32 layers, 8 KV heads,
+head_dim 128: 2 MiB). Gets read blocks just written, so they measure the software path
+from the page cache, not the disk. GB/s counts encoded block bytes, 1 GB = 1e9 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+import numpy as np
+
+from radix.hashing import Namespace, hash_blocks
+from tiers.codec import encode_block
+from tiers.layout import KVLayout
+from tiers.lmdb import LMDBTier
+
+MODEL_LAYOUTS: dict[str, KVLayout] = {
+    "SmolLM2-135M": KVLayout(num_layers=30, num_kv_heads=3, head_dim=64),
+    "Llama-3-8B": KVLayout(num_layers=32, num_kv_heads=8, head_dim=128),
+}
+"""Block layouts benchmarked by default (16 tokens a block, bf16)."""
+
+DEFAULT_BLOCKS = 256
+QUICK_BLOCKS = 32
+BATCH_BLOCKS = 16
+"""Blocks per tier call (one LMDB transaction), for ours and the baseline alike."""
+REPEATS = 3
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: our throughput next to the baseline's, same bytes.
+
+    ``block_bytes`` is the payload of one block (bytes), ``n`` the blocks moved, ``gbps``
+    and ``baseline_gbps`` in GB/s (1e9 bytes/s), ``ratio = gbps / baseline_gbps``.
+    """
+
+    tier: str
+    op: str
+    block_bytes: int
+    n: int
+    gbps: float
+    blocks_per_s: float
+    baseline_gbps: float
+    ratio: float
+
+
+def layout_for_block_bytes(block_bytes: int) -> KVLayout:
+    """A model layout with this payload size, else a 1-layer bf16 layout of that size."""
+    for layout in MODEL_LAYOUTS.values():
+        if layout.block_bytes == block_bytes:
+            return layout
+    unit = 2 * 16 * 2  # K and V, 16 tokens, bf16
+    if block_bytes <= 0 or block_bytes % unit:
+        raise ValueError(f"block_bytes must be a positive multiple of {unit}, got {block_bytes}")
+    return KVLayout(num_layers=1, num_kv_heads=1, head_dim=block_bytes // unit)
+
+
+def make_blocks(layout: KVLayout, n_blocks: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
+    """``n_blocks`` distinct encoded blocks ``(key, blob)`` of one chain, random payloads."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 50_000, size=n_blocks * layout.block_size, dtype=np.int32)
+    chain = hash_blocks(Namespace(model=f"bench-{seed}").root(), tokens.astype("<i4").tobytes(),
+                        layout.block_size)
+    payloads = rng.bytes(layout.block_bytes * min(n_blocks, 8))
+    out = []
+    for i, (key, toks) in enumerate(zip(chain.keys, chain.blocks, strict=True)):
+        start = (i % 8) * layout.block_bytes
+        parent = chain.keys[i - 1] if i else chain.root
+        payload = memoryview(payloads)[start:start + layout.block_bytes]
+        out.append((key, encode_block(key, parent, toks, layout, payload)))
+    return out
+
+
+def _batches(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _seconds(fn: Callable[..., None], *args: object) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def _raw_put(env: lmdb.Environment, db: lmdb._Database,
+             batches: list[Sequence[tuple[bytes, bytes]]]) -> None:
+    for chunk in batches:
+        with env.begin(write=True, db=db) as txn:
+            for key, value in chunk:
+                txn.put(key, value)
+
+
+def _raw_get(env: lmdb.Environment, db: lmdb._Database,
+             key_batches: list[Sequence[bytes]]) -> None:
+    for chunk in key_batches:
+        with env.begin(db=db) as txn:
+            got = [txn.get(key) for key in chunk]
+        if any(v is None for v in got):
+            raise RuntimeError("raw lmdb lost a block during the benchmark")
+
+
+def _tier_put(tier: LMDBTier, batches: list[Sequence[tuple[bytes, bytes]]]) -> None:
+    for chunk in batches:
+        tier.put(chunk)
+
+
+def _tier_get(tier: LMDBTier, key_batches: list[Sequence[bytes]]) -> None:
+    for chunk in key_batches:
+        if any(v is None for v in tier.get(chunk)):
+            raise RuntimeError("LMDBTier lost a block during the benchmark")
+
+
+def _row(op: str, block_bytes: int, total_bytes: int, n: int, ours_s: float,
+         base_s: float) -> Row:
+    gbps, base = total_bytes / ours_s / 1e9, total_bytes / base_s / 1e9
+    return Row(tier="lmdb", op=op, block_bytes=block_bytes, n=n, gbps=gbps,
+               blocks_per_s=n / ours_s, baseline_gbps=base, ratio=gbps / base)
+
+
+def bench_lmdb(block_bytes: int, n_blocks: int, tmpdir: str | os.PathLike[str],
+               repeats: int = REPEATS, batch: int = BATCH_BLOCKS) -> list[Row]:
+    """Put and get throughput of :class:`LMDBTier` vs raw lmdb on the same blocks.
+
+    ``block_bytes``: payload bytes of one block; ``n_blocks``: blocks written then read,
+    ``batch`` blocks per call (one transaction); ``tmpdir``: a directory for the
+    environments (each put run gets fresh ones). Best of ``repeats`` runs, raw and ours
+    alternating. Returns a put row and a get row.
+    """
+    layout = layout_for_block_bytes(block_bytes)
+    items = make_blocks(layout, n_blocks)
+    total = sum(len(v) for _, v in items)
+    capacity = 2 * total
+    map_size = 2 * capacity + (64 << 20)
+    batches = _batches(items, batch)
+    key_batches = _batches([k for k, _ in items], batch)
+    raw_dir, ours_dir = Path(tmpdir) / "raw", Path(tmpdir) / "ours"
+    env: lmdb.Environment | None = None
+    tier: LMDBTier | None = None
+    put_raw = put_ours = get_raw = get_ours = float("inf")
+    try:
+        for _ in range(repeats):
+            if env is not None:
+                env.close()
+            shutil.rmtree(raw_dir, ignore_errors=True)
+            env = lmdb.open(str(raw_dir), map_size=map_size, max_dbs=4, sync=True,
+                            metasync=True, lock=True, readahead=True, max_readers=256)
+            db = env.open_db(b"blocks")
+            put_raw = min(put_raw, _seconds(_raw_put, env, db, batches))
+            if tier is not None:
+                tier.close()
+            shutil.rmtree(ours_dir, ignore_errors=True)
+            tier = LMDBTier(ours_dir, capacity_bytes=capacity, map_size=map_size)
+            put_ours = min(put_ours, _seconds(_tier_put, tier, batches))
+        assert env is not None and tier is not None
+        for _ in range(repeats):
+            get_raw = min(get_raw, _seconds(_raw_get, env, db, key_batches))
+            get_ours = min(get_ours, _seconds(_tier_get, tier, key_batches))
+    finally:
+        if env is not None:
+            env.close()
+        if tier is not None:
+            tier.close()
+    return [_row("put", block_bytes, total, n_blocks, put_ours, put_raw),
+            _row("get", block_bytes, total, n_blocks, get_ours, get_raw)]
+
+
+def _optional(module: str, function: str) -> Callable[..., list[Row]] | None:
+    """``module.function`` if that benchmark module is present, else ``None``."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            return None
+        raise
+    return getattr(mod, function, None)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The rows as an aligned text table."""
+    header = ("tier", "op", "block", "n", "GB/s", "blocks/s", "baseline GB/s", "ratio")
+    lines = [header]
+    for r in rows:
+        size = f"{r.block_bytes / 1024:.0f} KiB" if r.block_bytes < (1 << 20) \
+            else f"{r.block_bytes / (1 << 20):.0f} MiB"
+        lines.append((r.tier, r.op, size, str(r.n), f"{r.gbps:.2f}", f"{r.blocks_per_s:,.0f}",
+                      f"{r.baseline_gbps:.2f}", f"{r.ratio:.2f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w)
+                     for i, (cell, w) in enumerate(zip(line, widths, strict=True)))
+           for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run every available tier benchmark and print one table."""
+    parser = argparse.ArgumentParser(
+        prog="kvstore bench tiers",
+        description="Put/get throughput of each tier next to its raw library, same bytes, "
+                    "same run. Block sizes: " + ", ".join(
+                        f"{name} ({lay.block_bytes:,} bytes)"
+                        for name, lay in MODEL_LAYOUTS.items()) + ".")
+    parser.add_argument("--blocks", type=int, default=None,
+                        help=f"blocks per measurement (default {DEFAULT_BLOCKS}, "
+                             f"--quick {QUICK_BLOCKS})")
+    parser.add_argument("--quick", action="store_true",
+                        help="few blocks and one repeat: a smoke run, not a measurement")
+    parser.add_argument("--dir", default=None,
+                        help="directory for the LMDB environments (default: a temp dir)")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    n_blocks = args.blocks or (QUICK_BLOCKS if args.quick else DEFAULT_BLOCKS)
+    if n_blocks <= 0:
+        parser.error("--blocks must be positive")
+    repeats = 1 if args.quick else REPEATS
+    sizes = [layout.block_bytes for layout in MODEL_LAYOUTS.values()]
+    rows: list[Row] = []
+    tmp = tempfile.mkdtemp(prefix="tiers-bench-", dir=args.dir)
+    try:
+        for size in sizes:
+            rows += bench_lmdb(size, n_blocks, tmp, repeats=repeats)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for module, function in (("bench.tiers_bench_redis", "bench_redis"),
+                             ("bench.tiers_bench_pools", "bench_pools")):
+        bench = _optional(module, function)
+        if bench is not None:
+            for size in sizes:
+                rows += bench(block_bytes=size, n_blocks=n_blocks)
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
