@@ -342,7 +342,8 @@ class KVStore:
                 src_t = self._t[m.sources[i]]
                 if node.locs[src_t] is None:
                     self._make_room_shared(m.sources[i], 1)
-                    self.tree.set_location(node, src_t, True)
+                    if self._room(m.sources[i]):
+                        self.tree.set_location(node, src_t, True)
             if ins.nodes:
                 last = ins.nodes[-1]
             if ins.collision:
@@ -454,9 +455,10 @@ class KVStore:
                 self.tree.set_location(node, host_t, hs)
             self.mover.gpu_to_host([s for _, s in fresh], hslots)
         for tier in self._shared:
-            self._make_room_shared(tier, len(nodes))
             t = self._t[tier]
             fresh = [(n, s) for n, s in zip(nodes, gslots) if n.locs[t] is None]
+            self._make_room_shared(tier, len(fresh))
+            fresh = fresh[:self._room(tier)]
             for node, _ in fresh:
                 self.tree.set_location(node, t, True)
             self.mover.gpu_to_shared(tier, [n for n, _ in fresh], [s for _, s in fresh])
@@ -547,7 +549,7 @@ class KVStore:
         if self._shared:
             nxt = self._shared[0]
             self._make_room_shared(nxt, short)
-            d = self.tree.demote(host_t, self._t[nxt], short, [True] * short)
+            d = self.tree.demote(host_t, self._t[nxt], short, [True] * self._room(nxt))
             self.mover.host_to_shared(nxt, [m.node for m in d.moved], [m.src for m in d.moved])
             freed = [m.src for m in d.moved] + [e.location for e in d.dropped]
             self.host.free(freed)
@@ -559,6 +561,10 @@ class KVStore:
             self.host.free([e.location for e in ev])
             self._evictions["host"] += len(ev)
 
+    def _room(self, tier: str) -> int:
+        """Blocks the index may still record in shared tier ``tier``."""
+        return max(0, self.config.shared_capacity(tier) - self.tree.num_blocks(self._t[tier]))
+
     def _make_room_shared(self, tier: str, need: int) -> None:
         """Keep the index's record of ``tier`` within its capacity (blocks)."""
         t = self._t[tier]
@@ -569,7 +575,7 @@ class KVStore:
         if pos + 1 < len(self._shared):
             nxt = self._shared[pos + 1]
             self._make_room_shared(nxt, short)
-            d = self.tree.demote(t, self._t[nxt], short, [True] * short)
+            d = self.tree.demote(t, self._t[nxt], short, [True] * self._room(nxt))
             self.mover.shared_to_shared(tier, nxt, [m.node for m in d.moved])
             self._demotions[tier] += len(d.moved)
             done = len(d.moved) + len(d.dropped)

@@ -1,0 +1,316 @@
+"""KVStore: promotion, demotion cascade, write-through, pinning, fork/copy-on-write,
+corrupt lower-tier blocks, dead Redis, and two processes sharing one LMDB/Redis.
+
+Real tiers throughout: CPU slot pools, LMDB in temp dirs, real redis-server processes.
+Every block's KV is random and unique, so a test can check the exact bytes that come
+back after a round trip through the tiers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lmdb
+import pytest
+import torch
+
+from kvstore.config import StoreConfig
+from kvstore.store import Allocated, KVStore, Lease, OutOfBlocks
+from radix import BlockChain, Namespace, hash_blocks
+from tiers.layout import KVLayout
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32")
+NS = Namespace("store-test-model", dtype="float32", block_size=4)
+BS = 4
+
+
+def make_store(tmp_path: Path | None = None, **kw) -> KVStore:
+    args = dict(layout=LAYOUT, block_size=BS, gpu_blocks=8)
+    if tmp_path is not None and kw.pop("disk", False):
+        args.update(disk_path=str(tmp_path / "disk"), disk_bytes=64 * LAYOUT.block_bytes)
+    args.update(kw)
+    return KVStore(StoreConfig(**args))
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50000, (n,), generator=g).tolist()
+
+
+def fill(store: KVStore, lease: Lease, start_block: int) -> None:
+    """Write deterministic random KV into the lease's blocks from ``start_block``."""
+    for i in range(start_block, len(lease.slots)):
+        key = lease.chain.keys[i] if i < len(lease.chain.keys) else bytes([i]) * 16
+        g = torch.Generator().manual_seed(int.from_bytes(key[:7], "little"))
+        store.gpu.block(lease.slots[i]).copy_(torch.randn(LAYOUT.block_shape, generator=g))
+
+
+def expected(key: bytes) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int.from_bytes(key[:7], "little"))
+    return torch.randn(LAYOUT.block_shape, generator=g)
+
+
+def run_request(store: KVStore, toks: list[int], max_blocks: int | None = None) -> Lease:
+    """Match, acquire, compute the rest (random KV), commit; the lease stays held."""
+    chain = hash_blocks(NS.root(), toks, BS)
+    lease = store.acquire(store.match(chain, max_blocks=max_blocks))
+    store.wait(lease)
+    for i in range(lease.committed):  # every hit block carries exactly its KV
+        assert torch.equal(store.gpu.block(lease.slots[i]), expected(chain.keys[i])), i
+    res = store.allocate(lease, len(toks))
+    assert isinstance(res, Allocated)
+    fill(store, lease, lease.committed)
+    store.commit(lease, len(toks))
+    store.check_integrity()
+    return lease
+
+
+def serve(store: KVStore, toks: list[int]) -> dict[str, int]:
+    lease = run_request(store, toks)
+    store.release(lease)
+    store.check_integrity()
+    return lease.cached_tokens
+
+
+# ----------------------------------------------------------------- GPU tier
+
+
+def test_gpu_hit_reuses_blocks_and_partial_block_is_private():
+    store = make_store()
+    toks = tokens(1, 4 * BS + 2)
+    assert serve(store, toks) == {}
+    s = store.stats()
+    assert s.index.blocks["gpu"] == 4 and s.gpu_free == 4  # the partial block was freed
+    assert serve(store, toks + tokens(2, 3)) == {"gpu": 4 * BS}
+    assert store.stats().hit_tokens == {"gpu": 4 * BS}
+
+
+def test_out_of_blocks_is_a_typed_result():
+    store = make_store()
+    held = run_request(store, tokens(1, 6 * BS))  # 6 of 8 slots locked
+    chain = hash_blocks(NS.root(), tokens(2, 4 * BS), BS)
+    lease = store.acquire(store.match(chain))
+    res = store.allocate(lease, 4 * BS)
+    assert isinstance(res, OutOfBlocks) and res.needed == 4 and res.available == 2
+    assert isinstance(store.allocate(lease, 2 * BS), Allocated)
+    store.release(held)
+    store.release(lease)
+    store.check_integrity()
+
+
+# ------------------------------------------------------- promotion/demotion
+
+
+def test_write_back_cascade_gpu_host_disk_and_promotion_back(tmp_path):
+    store = make_store(tmp_path, gpu_blocks=4, host_blocks=4, disk=True)
+    a, b, c = tokens(1, 4 * BS), tokens(2, 4 * BS), tokens(3, 4 * BS)
+    serve(store, a)
+    serve(store, b)  # a -> host
+    s = store.stats()
+    assert s.index.blocks == {"gpu": 4, "host": 4, "disk": 0}
+    serve(store, c)  # b -> host, a -> disk
+    s = store.stats()
+    assert s.index.blocks == {"gpu": 4, "host": 4, "disk": 4}
+    assert s.demotions == {"gpu": 8, "host": 4}
+    assert s.blocks_moved["gpu->host"] == 8 and s.blocks_moved["host->disk"] == 4
+    # Each comes back with exactly its bytes (run_request checks). Promoting a from disk
+    # demotes c to host, which pushes b to disk.
+    assert serve(store, a) == {"disk": 4 * BS}
+    assert serve(store, c) == {"host": 4 * BS}
+    assert serve(store, b) == {"disk": 4 * BS}
+    store.close()
+
+
+def test_host_promotion_is_exact_and_keeps_host_copy(tmp_path):
+    store = make_store(gpu_blocks=4, host_blocks=8)
+    a, b = tokens(1, 4 * BS), tokens(2, 4 * BS)
+    serve(store, a)
+    serve(store, b)
+    assert serve(store, a) == {"host": 4 * BS}
+    assert store.stats().index.blocks["host"] == 8
+
+
+def test_write_through_copies_down_at_commit(tmp_path):
+    store = make_store(tmp_path, gpu_blocks=8, host_blocks=8, disk=True, policy="write-through")
+    toks = tokens(5, 3 * BS)
+    serve(store, toks)
+    store.mover.close()  # flush the background writes
+    s = store.stats()
+    assert s.index.blocks == {"gpu": 3, "host": 3, "disk": 3}
+    chain = hash_blocks(NS.root(), toks, BS)
+    assert store.shared_tiers["disk"].contains_prefix(chain.keys) == 3
+
+
+def test_pinned_prefix_is_evicted_last():
+    store = make_store(gpu_blocks=6)
+    system = tokens(9, 2 * BS)
+    serve(store, system)
+    store.pin(hash_blocks(NS.root(), system, BS))
+    for seed in range(3):  # fill and churn the pool
+        serve(store, tokens(100 + seed, 4 * BS))
+    assert serve(store, system) == {"gpu": 2 * BS}
+
+
+def test_namespaces_isolate_tenants():
+    store = make_store()
+    toks = tokens(1, 2 * BS)
+    serve(store, toks)
+    other = Namespace(NS.model, dtype="float32", block_size=BS, tenant="acme")
+    chain = hash_blocks(other.root(), toks, BS)
+    assert store.match(chain).num_blocks == 0
+
+
+# ----------------------------------------------------------- fork and COW
+
+
+def test_fork_shares_blocks_and_copies_on_write():
+    store = make_store()
+    toks = tokens(1, 2 * BS + 2)  # two full blocks and a partial one
+    parent = run_request(store, toks)
+    child = store.fork(parent)
+    assert child.slots == parent.slots
+    shared_partial = parent.slots[2]
+    before = store.gpu.block(shared_partial).clone()
+    # The child writes its next token into the shared partial block: it gets a copy.
+    assert isinstance(store.allocate(child, len(toks) + 1), Allocated)
+    assert child.slots[:2] == parent.slots[:2] and child.slots[2] != shared_partial
+    assert torch.equal(store.gpu.block(child.slots[2]), before)
+    store.gpu.block(child.slots[2]).fill_(7.0)
+    assert torch.equal(store.gpu.block(shared_partial), before)
+    # The parent, now sole owner, writes in place.
+    assert isinstance(store.allocate(parent, len(toks) + 1), Allocated)
+    assert parent.slots[2] == shared_partial
+    store.check_integrity()
+    store.release(child)
+    store.release(parent)
+    store.check_integrity()
+    assert store.stats().gpu_free == 8 - 2
+
+
+# ------------------------------------------------------------ corruption
+
+
+def test_corrupt_disk_block_truncates_hit_and_rest_is_recomputed(tmp_path):
+    store = make_store(tmp_path, gpu_blocks=4, host_blocks=0, disk=True,
+                       policy="write-through")
+    toks = tokens(3, 4 * BS)
+    serve(store, toks)
+    store.mover.close()
+    store.close()
+    chain = hash_blocks(NS.root(), toks, BS)
+    env = lmdb.open(str(tmp_path / "disk"), max_dbs=16)
+    db = env.open_db(b"blocks")
+    with env.begin(write=True, db=db) as txn:
+        raw = bytearray(txn.get(chain.keys[2]))
+        raw[-5] ^= 0xFF  # a flipped payload byte: the checksum must catch it
+        txn.put(chain.keys[2], bytes(raw))
+    env.close()
+    fresh = make_store(tmp_path, gpu_blocks=8, disk=True)  # new process view: empty index
+    assert serve(fresh, toks) == {"disk": 2 * BS}
+    assert fresh.stats().corrupt_blocks >= 1
+    # The corrupt block was deleted; the recomputed one is committed and found next time.
+    assert serve(fresh, toks) == {"gpu": 4 * BS}
+    fresh.close()
+
+
+# ---------------------------------------------------------------- redis
+
+
+def test_redis_tier_promotion_and_dead_redis_misses(redis_server):
+    store = make_store(gpu_blocks=4, redis_url=redis_server.url, policy="write-through")
+    toks = tokens(4, 4 * BS)
+    serve(store, toks)
+    store.mover.close()
+    other = make_store(gpu_blocks=4, redis_url=redis_server.url)  # another engine
+    assert serve(other, toks) == {"redis": 4 * BS}
+    redis_server.kill()
+    third = make_store(gpu_blocks=4, redis_url=redis_server.url)
+    t0 = time.perf_counter()
+    assert serve(third, tokens(5, 4 * BS)) == {}
+    assert serve(third, toks) == {}  # nothing cached locally, Redis is down: a miss
+    print(f"two requests with Redis down took {(time.perf_counter() - t0) * 1e3:.1f} ms")
+    assert third.stats().tier_errors["redis"] >= 1
+    for s in (store, other, third):
+        s.close()
+
+
+# ------------------------------------------------------ two processes
+
+
+CHILD = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.test_store import make_store, serve, tokens
+from pathlib import Path
+kw = dict(gpu_blocks=8, policy="write-through")
+if {disk!r}:
+    kw.update(disk_path={disk!r}, disk_bytes=64 * __import__("tests.test_store").test_store.LAYOUT.block_bytes)
+if {redis!r}:
+    kw.update(redis_url={redis!r})
+store = make_store(**kw)
+assert serve(store, tokens(42, 5 * 4 + 1)) == {{}}
+store.close()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("shared", ["disk", "redis"])
+def test_second_process_finds_first_process_blocks(shared, tmp_path, redis_server):
+    disk = str(tmp_path / "disk") if shared == "disk" else ""
+    url = redis_server.url if shared == "redis" else ""
+    code = CHILD.format(root=str(ROOT), disk=disk, redis=url)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    kw = dict(gpu_blocks=8)
+    if disk:
+        kw.update(disk_path=disk, disk_bytes=64 * LAYOUT.block_bytes)
+    else:
+        kw.update(redis_url=url)
+    store = make_store(**kw)
+    assert serve(store, tokens(42, 5 * BS + 1)) == {shared: 5 * BS}
+    store.close()
+
+
+# ------------------------------------------------------------- simulation
+
+
+def test_simulation_mode_runs_the_same_policies():
+    cfg = StoreConfig.simulation(block_size=BS, gpu_blocks=4, host_blocks=4, disk_blocks=4)
+    store = KVStore(cfg)
+    chains = [hash_blocks(NS.root(), tokens(i, 4 * BS), BS) for i in range(3)]
+    for c in chains:
+        assert store.replay(c.keys, c.blocks, 4 * BS).cached_tokens == 0
+    assert store.replay(chains[0].keys, chains[0].blocks, 4 * BS).hit_tokens == {"disk": 4 * BS}
+    # Promoting chain 0 demoted chain 2 to host; chain 1 found no room on disk (chain 0,
+    # locked while it was promoted, filled it) and left the cache.
+    assert store.replay(chains[2].keys, chains[2].blocks, 4 * BS).hit_tokens == {"host": 4 * BS}
+    assert store.replay(chains[1].keys, chains[1].blocks, 4 * BS).cached_tokens == 0
+    store.check_integrity()
+    s = store.stats()
+    for tier, cap in (("gpu", 4), ("host", 4), ("disk", 4)):
+        assert s.index.blocks[tier] <= cap
+
+
+def test_config_errors_say_what_to_change():
+    with pytest.raises(ValueError, match="gpu_blocks"):
+        StoreConfig(layout=LAYOUT, gpu_blocks=0, block_size=BS)
+    with pytest.raises(ValueError, match="policy"):
+        StoreConfig(layout=LAYOUT, gpu_blocks=1, block_size=BS, policy="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="block_size"):
+        StoreConfig(layout=LAYOUT, gpu_blocks=1, block_size=8)
+    with pytest.raises(ValueError, match="disk_bytes"):
+        StoreConfig(layout=LAYOUT, gpu_blocks=1, block_size=BS, disk_path="/tmp/x")
+    with pytest.raises(ValueError, match="simulation"):
+        StoreConfig(layout=None, gpu_blocks=1, redis_url="redis://x")
+
+
+def test_chain_rejects_mismatched_namespace():
+    store = make_store()
+    with pytest.raises(ValueError, match="block_size"):
+        store.chain([1, 2, 3], Namespace("m", block_size=16))
+    assert isinstance(store.chain(list(range(9)), NS), BlockChain)
