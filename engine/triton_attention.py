@@ -106,31 +106,33 @@ def choose_config(
     """Pick a launch configuration from host-known shapes only (no device sync).
 
     ``max_context`` is an upper bound on any sequence's length (block-table width times
-    block size). Decode-like batches (few queries per sequence) get small query tiles and,
-    when the grid would not fill the GPU, split-KV; prefill-like batches get 128-row tiles.
+    block size). Decode-like batches (few queries per sequence) get 16-row query tiles and,
+    when the grid would not fill the GPU, split-KV; prefill-like batches get 128-row tiles,
+    or 64-row ones where 128 would leave the GPU under-filled. Tuned on an H200; see
+    docs/kernels.md.
     """
     group = num_heads // num_kv_heads
-    avg_q = num_tokens / max(num_seqs, 1)
-    if avg_q * group <= 16:
+    sms = _sm_count(device)
+    if num_tokens * group <= 16 * num_seqs:
+        # Decode-like: memory-bound; 16-row tiles (the MMA minimum) hold one token's group.
         block_m = max(16, _next_pow2(group))
-        block_n = 64
-        num_warps = 4
-        num_stages = 3
-    else:
-        block_m = 128 if head_dim <= 128 else 64
-        block_m = max(block_m, _next_pow2(group))
-        block_n = 64
-        num_warps = 8 if head_dim >= 128 else 4
-        num_stages = 3 if head_dim <= 64 else 2
-    block_q = max(1, block_m // group)
-    programs = (num_tokens // block_q + num_seqs) * num_kv_heads
-    target = 4 * _sm_count(device)
-    num_splits = 1
-    decode_like = avg_q * group <= 16
-    if decode_like and programs < target:
-        kv_tiles = max(1, -(-max_context // block_n))
-        num_splits = min(-(-target // programs), max(1, kv_tiles // 4), 16)
-    return KernelConfig(block_m, block_n, max(1, num_splits), num_warps, num_stages)
+        block_q = max(1, block_m // group)
+        programs = max(num_tokens // block_q, num_seqs) * num_kv_heads
+        if programs >= 4 * sms:
+            return KernelConfig(block_m, 128, 1, 4, 3)
+        # Under-filled grid: split each sequence's KV so that ~4 programs run per SM.
+        kv_tiles = max(1, -(-max_context // 64))
+        num_splits = max(1, min(-(-4 * sms // programs), kv_tiles // 4, 16))
+        return KernelConfig(block_m, 64, num_splits, 4, 3)
+    # Prefill-like: compute-bound; big tiles unless that leaves the GPU under-filled.
+    block_m = max(128, _next_pow2(group))
+    if (num_tokens // max(1, block_m // group) + num_seqs) * num_kv_heads < 2 * sms:
+        block_m = max(64, _next_pow2(group))
+    if head_dim <= 64:
+        return KernelConfig(block_m, 128, 1, 4 if block_m <= 64 else 8, 2)
+    if block_m <= 64:
+        return KernelConfig(block_m, 64, 1, 4, 3)
+    return KernelConfig(block_m, 128, 1, 8, 2)
 
 
 if AVAILABLE:
