@@ -458,8 +458,8 @@ class LMDBTier:
         return stored, nbytes
 
     def _evict_bytes(self, target: int) -> int:
-        """Evict LRU blocks totalling at least ``target`` bytes in their own transaction
-        (its commit returns their pages to LMDB's free list). Returns bytes evicted."""
+        """Evict LRU blocks totalling at least ``target`` bytes (or all) in their own
+        transaction, which commits even when it evicts nothing. Returns bytes evicted."""
         def body(txn: _Txn) -> int:
             before = txn.bytes_used
             while before - txn.bytes_used < target and txn.evict_oldest():
@@ -473,15 +473,20 @@ class LMDBTier:
             return 0
 
     def _put_with_room(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Put ``items``; on a full map evict and retry, then split the batch, then drop."""
-        batch_bytes = sum(len(value) for _, value in items)
+        """Put ``items``; on a full map evict and retry, then split the batch, then drop.
+
+        Pages freed by a commit become reusable only two commits later (LMDB keeps the
+        previous snapshot intact), so every retry first commits an eviction transaction,
+        evicting twice as much as the last one (it may evict nothing and still commit).
+        """
+        target = sum(len(value) for _, value in items)
         for _ in range(MAP_FULL_RETRIES):
             try:
                 done = self._write(lambda t: self._put_in(t, items))
             except lmdb.MapFullError:
-                if self._evict_bytes(max(batch_bytes, self.capacity_bytes // 8)):
-                    continue
-                break
+                self._evict_bytes(target)
+                target *= 2
+                continue
             if done is not None:
                 with self._state:
                     self._stats.puts += done[0]
