@@ -68,13 +68,40 @@ def _raw_put_lmdb(tier: HashTier, key: bytes, value: bytes) -> None:
     tier._raw_put(key, value)
 
 
+def _open_redis(request: pytest.FixtureRequest, tmp_path: Path, capacity_bytes: int) -> HashTier:
+    from tiers.redis import RedisTier
+    server = request.getfixturevalue("redis_server")  # a namespace per tier: each is empty
+    return RedisTier(server.url, namespace=tmp_path.name, timeout_s=2.0)
+
+
+def _open_redis_cluster(request: pytest.FixtureRequest, tmp_path: Path,
+                        capacity_bytes: int) -> HashTier:
+    from tiers.redis import RedisTier
+    cluster = request.getfixturevalue("redis_cluster")
+    return RedisTier(cluster.url, namespace=tmp_path.name, timeout_s=2.0)
+
+
+def _raw_put_redis(tier: HashTier, key: bytes, value: bytes) -> None:
+    import redis
+    from redis.cluster import ClusterNode, RedisCluster
+
+    from tiers.redis import RedisTier
+    assert isinstance(tier, RedisTier)
+    u = tier.url
+    raw = (RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in u.nodes]) if u.cluster
+           else redis.Redis(host=u.nodes[0][0], port=u.nodes[0][1], db=u.db))
+    with raw:
+        raw.set(tier.namespace.encode() + b":" + key, value)
+
+
 TIER_CASES: dict[str, TierCase] = {
     "lmdb": TierCase(open=_open_lmdb, raw_put=_raw_put_lmdb, exact_lru=True,
                      tracks_contents=True),
     # ---- register further tiers here -------------------------------------------------
-    # "redis": TierCase(open=_open_redis, raw_put=_raw_put_redis, exact_lru=False,
-    #                   tracks_contents=False),  # uses the ``redis_server`` fixture
-    # "redis-cluster": TierCase(...),             # uses the ``redis_cluster`` fixture
+    "redis": TierCase(open=_open_redis, raw_put=_raw_put_redis, exact_lru=False,
+                      tracks_contents=False),
+    "redis-cluster": TierCase(open=_open_redis_cluster, raw_put=_raw_put_redis,
+                              exact_lru=False, tracks_contents=False),
     # An opener gets server fixtures with ``request.getfixturevalue("redis_server")``
     # and imports its tier module inside the function.
 }

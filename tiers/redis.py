@@ -53,19 +53,35 @@ from urllib.parse import parse_qsl, unquote
 
 import redis
 from redis.backoff import NoBackoff
-from redis.client import Pipeline
+from redis.connection import AbstractConnection
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import MovedError, RedisError, ResponseError
 from redis.retry import Retry
 
-try:  # newer redis-py names the CLIENT SETINFO metadata with DriverInfo
-    from redis.driver_info import DriverInfo
-    _NO_SETINFO: dict[str, Any] = {"driver_info": DriverInfo(name=None, lib_version=None)}
-except ImportError:  # older redis-py
-    _NO_SETINFO = {"lib_name": None, "lib_version": None}
-
 from tiers.base import TierStats
 from tiers.codec import verify_block
+
+try:  # redis-py's pure-Python RESP2 reader, extended below for large bulk replies
+    from redis._parsers import _RESP2Parser
+    from redis._parsers.socket import SERVER_CLOSED_CONNECTION_ERROR, SocketBuffer
+    from redis.utils import SENTINEL
+except ImportError:  # a redis-py without these internals: use its default parser
+    _RESP2Parser = None  # type: ignore[assignment,misc]
+
+_CLIENT_OPTIONS: dict[str, Any] = {}
+"""redis-py client options that depend on its version: no CLIENT SETINFO round trip on
+connect, and no RESP3 maintenance notifications (this tier speaks RESP2)."""
+try:  # newer redis-py names the CLIENT SETINFO metadata with DriverInfo
+    from redis.driver_info import DriverInfo
+    _CLIENT_OPTIONS["driver_info"] = DriverInfo(name=None, lib_version=None)
+except ImportError:  # older redis-py
+    _CLIENT_OPTIONS.update(lib_name=None, lib_version=None)
+try:
+    from redis.maint_notifications import MaintNotificationsConfig
+    _CLIENT_OPTIONS["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+except ImportError:  # redis-py without maintenance notifications
+    pass
+
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +178,54 @@ def parse_redis_url(url: str) -> RedisURL:
                     password=password, tls_options=options)
 
 
+_DIRECT_READ_BYTES = 1 << 16
+"""Bulk replies longer than this (bytes) are read straight from the socket."""
+
+
+def _parser_options() -> dict[str, Any]:
+    """``parser_class`` for a redis-py connection pool: redis-py's RESP2 parser, except that a
+    bulk reply (a block) longer than :data:`_DIRECT_READ_BYTES` is received with
+    ``recv_into`` into one buffer and copied once into ``bytes``, instead of passing
+    through redis-py's ``BytesIO`` (five copies). Empty when redis-py lacks the parser
+    internals this relies on, so the tier then runs on redis-py's default parser."""
+    if _RESP2Parser is None or not hasattr(_RESP2Parser, "on_connect"):
+        return {}
+
+    class _DirectSocketBuffer(SocketBuffer):  # type: ignore[misc,valid-type]
+        def read(self, length: int, timeout: Any = SENTINEL) -> bytes:
+            want = length + 2  # the value and its CRLF
+            if want <= _DIRECT_READ_BYTES or timeout is not SENTINEL:
+                return super().read(length, timeout)
+            head = self._buffer.read(want)
+            have = len(head)
+            if have == want:
+                return head[:-2]
+            out = bytearray(want)
+            out[:have] = head
+            view = memoryview(out)
+            recv_into = self._sock.recv_into
+            try:
+                while have < want:
+                    got = recv_into(view[have:])
+                    if not got:
+                        raise redis.exceptions.ConnectionError(SERVER_CLOSED_CONNECTION_ERROR)
+                    have += got
+            except TimeoutError:  # socket.timeout
+                raise redis.exceptions.TimeoutError("Timeout reading from socket") from None
+            return bytes(view[:length])
+
+    class _DirectRESP2Parser(_RESP2Parser):  # type: ignore[misc,valid-type]
+        def on_connect(self, connection: Any) -> None:
+            super().on_connect(connection)
+            self._buffer = _DirectSocketBuffer(self._sock, self.socket_read_size,
+                                               connection.socket_timeout)
+
+    return {"parser_class": _DirectRESP2Parser}
+
+
+_PARSER = _parser_options()
+
+
 class _Breaker:
     """Circuit breaker: closed -> open (backoff) -> half-open (one probe) -> closed.
 
@@ -237,8 +301,12 @@ class RedisTier:
 
     ``url``: see the module docstring. ``ttl_s``: expiry of every block written, in
     seconds (``None``: no expiry; Redis' ``maxmemory-policy`` then evicts).
-    ``namespace``: key prefix that isolates tiers sharing a server. ``connect_timeout_s``
-    and ``timeout_s``: socket connect and per-read/write timeouts, in seconds.
+    ``namespace``: key prefix that isolates tiers sharing a server. ``connect_timeout_s``:
+    socket connect timeout, in seconds; an unreachable server costs at most this once,
+    then the open breaker answers at once. ``timeout_s``: timeout of each socket read
+    and write, in seconds: how long a stalled server (or a starved CPU) may keep a call
+    waiting before it counts as down. It bounds each wait for bytes, not a whole batch,
+    so large batches need no larger value.
     ``backoff_s``/``backoff_max_s``: circuit-breaker backoff after the first failure
     and its cap, in seconds. ``parallel``: run a cluster batch's node pipelines in
     parallel threads. ``topology_refresh_s``: least interval between two slot-map
@@ -249,7 +317,7 @@ class RedisTier:
 
     def __init__(self, url: str, name: str = "redis", *, ttl_s: float | None = None,
                  namespace: str = "kv", connect_timeout_s: float = 0.05,
-                 timeout_s: float = 0.05, backoff_s: float = 0.1, backoff_max_s: float = 5.0,
+                 timeout_s: float = 0.1, backoff_s: float = 0.1, backoff_max_s: float = 5.0,
                  parallel: bool = True, topology_refresh_s: float = 1.0,
                  max_connections: int = 256) -> None:
         self.url = parse_redis_url(url)
@@ -306,7 +374,7 @@ class RedisTier:
         if not keys or self._closed:
             return 0
         rkeys = [self._prefix + k for k in keys]
-        found = self._run(rkeys, lambda p, i: p.exists(rkeys[i]))
+        found = self._run(rkeys, lambda i: ("EXISTS", rkeys[i]))
         n = 0
         for r in found:
             if r is _MISS or not r:
@@ -322,7 +390,7 @@ class RedisTier:
             self._count(gets=n, misses=n)
             return [None] * n
         rkeys = [self._prefix + k for k in keys]
-        values = self._run(rkeys, lambda p, i: p.get(rkeys[i]))
+        values = self._run(rkeys, lambda i: ("GET", rkeys[i]))
         out: list[bytes | None] = [None] * n
         corrupt: list[bytes] = []
         hits = nbytes = 0
@@ -337,7 +405,7 @@ class RedisTier:
                 corrupt.append(rkeys[i])
         if corrupt:
             logger.debug("redis tier %r: deleting %d corrupt block(s)", self.name, len(corrupt))
-            self._run(corrupt, lambda p, i: p.unlink(corrupt[i]))
+            self._run(corrupt, lambda i: ("UNLINK", corrupt[i]))
         self._count(gets=n, hits=hits, misses=n - hits, bytes_read=nbytes,
                     corrupt=len(corrupt))
         return out
@@ -352,9 +420,9 @@ class RedisTier:
         rkeys = [self._prefix + k for k, _ in items]
         px = self._px
         if px is None:
-            done = self._run(rkeys, lambda p, i: p.set(rkeys[i], items[i][1]))
+            done = self._run(rkeys, lambda i: ("SET", rkeys[i], items[i][1]))
         else:
-            done = self._run(rkeys, lambda p, i: p.set(rkeys[i], items[i][1], px=px))
+            done = self._run(rkeys, lambda i: ("SET", rkeys[i], items[i][1], "PX", px))
         ok = [i for i, r in enumerate(done) if r is not _MISS]
         self._count(puts=len(ok), bytes_written=sum(len(items[i][1]) for i in ok))
 
@@ -364,7 +432,7 @@ class RedisTier:
         if not keys or self._closed:
             return
         rkeys = [self._prefix + k for k in keys]
-        self._run(rkeys, lambda p, i: p.unlink(rkeys[i]))
+        self._run(rkeys, lambda i: ("UNLINK", rkeys[i]))
 
     def stats(self) -> TierStats:
         """A snapshot of this client's counters (no network call).
@@ -423,14 +491,13 @@ class RedisTier:
             node = self._nodes.get((host, port))
             if node is None:
                 u = self.url
-                tls = {}
-                if u.tls:
-                    tls = {"ssl": True, **u.tls_options}
+                tls: dict[str, Any] = {"ssl": True, **u.tls_options} if u.tls else {}
                 client = redis.Redis(
                     host=host, port=port, db=u.db, username=u.username, password=u.password,
                     socket_timeout=self.timeout_s, socket_connect_timeout=self.connect_timeout_s,
                     retry=Retry(NoBackoff(), 0), max_connections=self.max_connections,
-                    **_NO_SETINFO, **tls)
+                    **_CLIENT_OPTIONS, **tls)
+                client.connection_pool.connection_kwargs.update(_PARSER)
                 node = _Node(host, port, client, _Breaker(self.backoff_s, self.backoff_max_s))
                 self._nodes[(host, port)] = node
             return node
@@ -449,10 +516,9 @@ class RedisTier:
             groups.setdefault(slots[key_slot(rkeys[i])], []).append(i)
         return groups
 
-    def _run(self, rkeys: Sequence[bytes],
-             add: Callable[[Pipeline, int], object]) -> list[Any]:
-        """Run one command per key (``add(pipe, i)`` queues command ``i``), grouped into
-        one pipeline per node; returns each command's reply or ``_MISS``.
+    def _run(self, rkeys: Sequence[bytes], cmd: Callable[[int], tuple[Any, ...]]) -> list[Any]:
+        """Run command ``cmd(i)`` for every key ``rkeys[i]``, one pipeline per node;
+        returns each command's reply, or ``_MISS`` where it failed or did not run.
 
         Keys answered ``MOVED`` are retried once, on the node the redirection names.
         """
@@ -462,7 +528,7 @@ class RedisTier:
             groups = self._route(rkeys, pending)
             if groups is None:
                 return out
-            moved = self._execute(groups, add, out)
+            moved = self._execute(groups, cmd, out)
             if not moved:
                 break
             if attempt == 1 or self._single is not None:
@@ -474,59 +540,75 @@ class RedisTier:
             pending = [i for i, _, _ in moved]
         return out
 
-    def _execute(self, groups: dict[_Node, list[int]], add: Callable[[Pipeline, int], object],
+    def _execute(self, groups: dict[_Node, list[int]], cmd: Callable[[int], tuple[Any, ...]],
                  out: list[Any]) -> list[tuple[int, _Node, MovedError]]:
-        """Run the per-node pipelines (in parallel threads if asked); fill ``out``;
-        return the commands answered ``MOVED`` as (index, node that replied, error)."""
+        """Run the per-node pipelines; fill ``out``; return the commands answered
+        ``MOVED`` as (index, node that replied, error).
+
+        Several nodes: with ``parallel``, one thread per node sends and reads its
+        pipeline; without, every node's pipeline is sent first and the replies are read
+        afterwards, so the nodes still work at the same time.
+        """
         items = list(groups.items())
         moved: list[tuple[int, _Node, MovedError]] = []
         pool = self._executor() if self.parallel and len(items) > 1 else None
         if pool is not None:
-            futures = [pool.submit(self._node_call, node, idxs, add, out)
+            futures = [pool.submit(self._node_call, node, idxs, cmd, out)
                        for node, idxs in items[1:]]
-            moved += self._node_call(*items[0], add, out)
+            moved += self._node_call(*items[0], cmd, out)
             for f in futures:
                 moved += f.result()
-        else:
-            for node, idxs in items:
-                moved += self._node_call(node, idxs, add, out)
+            return moved
+        sent = [(node, idxs, self._send(node, idxs, cmd)) for node, idxs in items]
+        for node, idxs, conn in sent:
+            if conn is not None:
+                moved += self._receive(node, idxs, conn, out)
         return moved
 
-    def _redirect(self, moved: list[tuple[int, _Node, MovedError]]) -> None:
-        """Point the slots named by ``MOVED`` replies at their new nodes at once; the
-        full slot map is refreshed on a later call."""
-        with self._topo_lock:
-            if self._slots is None:
-                return
-            slots = list(self._slots)
-            for _, via, err in moved:
-                slots[err.slot_id] = self._node(err.host or via.host, err.port)
-            self._slots, self._topo_stale = slots, True
-
-    def _executor(self) -> ThreadPoolExecutor | None:
-        with self._lock:
-            if self._pool is None and not self._closed:
-                self._pool = ThreadPoolExecutor(max_workers=16,
-                                                thread_name_prefix=f"redis-tier-{self.name}")
-            return self._pool
-
-    def _node_call(self, node: _Node, idxs: list[int], add: Callable[[Pipeline, int], object],
+    def _node_call(self, node: _Node, idxs: list[int], cmd: Callable[[int], tuple[Any, ...]],
                    out: list[Any]) -> list[tuple[int, _Node, MovedError]]:
-        """One pipeline on one node, guarded by its breaker; fills ``out``. Returns the
-        commands answered ``MOVED``."""
+        """One pipeline on one node: send, then read the replies."""
+        conn = self._send(node, idxs, cmd)
+        return [] if conn is None else self._receive(node, idxs, conn, out)
+
+    def _send(self, node: _Node, idxs: list[int],
+              cmd: Callable[[int], tuple[Any, ...]]) -> AbstractConnection | None:
+        """Send one node's commands in one write, guarded by its breaker. Returns the
+        connection to read the replies from, or ``None`` (short-circuited or failed)."""
         if not node.breaker.allow():
             self._bump("short_circuited")
-            return []
-        pipe = node.client.pipeline(transaction=False)
-        for i in idxs:
-            add(pipe, i)
+            return None
+        pool = node.client.connection_pool
+        conn: AbstractConnection | None = None
         try:
-            replies = pipe.execute(raise_on_error=False)
+            conn = pool.get_connection()
+            conn.send_packed_command(conn.pack_commands([cmd(i) for i in idxs]))
         except Exception as exc:  # redis-py raises more than RedisError/OSError on bad I/O
+            if conn is not None:
+                conn.disconnect()
+                pool.release(conn)
+            self._failed(node, exc)
+            return None
+        return conn
+
+    def _receive(self, node: _Node, idxs: list[int], conn: AbstractConnection,
+                 out: list[Any]) -> list[tuple[int, _Node, MovedError]]:
+        """Read one node's replies into ``out``; release the connection. Returns the
+        commands answered ``MOVED``."""
+        pool = node.client.connection_pool
+        replies: list[Any] = []
+        try:
+            for _ in idxs:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as err:  # one command's error: the server is fine
+                    replies.append(err)
+        except Exception as exc:  # redis-py raises more than RedisError/OSError on bad I/O
+            conn.disconnect()
             self._failed(node, exc)
             return []
         finally:
-            pipe.reset()
+            pool.release(conn)
         self._bump("round_trips")
         recovered = node.breaker.success()
         if recovered is not None:
@@ -546,6 +628,24 @@ class RedisTier:
         if errors:
             self._count(errors=errors)
         return moved
+
+    def _redirect(self, moved: list[tuple[int, _Node, MovedError]]) -> None:
+        """Point the slots named by ``MOVED`` replies at their new nodes at once; the
+        full slot map is refreshed on a later call."""
+        with self._topo_lock:
+            if self._slots is None:
+                return
+            slots = list(self._slots)
+            for _, via, err in moved:
+                slots[err.slot_id] = self._node(err.host or via.host, err.port)
+            self._slots, self._topo_stale = slots, True
+
+    def _executor(self) -> ThreadPoolExecutor | None:
+        with self._lock:
+            if self._pool is None and not self._closed:
+                self._pool = ThreadPoolExecutor(max_workers=16,
+                                                thread_name_prefix=f"redis-tier-{self.name}")
+            return self._pool
 
     def _failed(self, node: _Node, exc: BaseException) -> None:
         """Account a failed round trip: stats, breaker, one log line per outage."""
