@@ -1,0 +1,229 @@
+"""The engine loop: schedule a step, run the model over the paged pool, sample, commit.
+
+``Engine`` ties the model, the store and the scheduler together; ``engine.llm.LLM`` is
+the public API on top of it. One thread drives it (``step``); the store's mover does
+background I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from engine.batch import build_batch
+from engine.model import CausalLM
+from engine.sampling import SamplingParams, make_generator, sample
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.sequence import CompletionOutput, RequestOutput, Sequence, Status
+from engine.tokenizer import Tokenizer
+from kvstore.store import KVStore
+from radix import Namespace, hash_blocks
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival: float
+
+
+class Engine:
+    """Runs requests to completion with continuous batching over a :class:`KVStore`.
+
+    ``namespace`` roots every block key (model fingerprint, dtype, block size, tenant).
+    ``stop_ids`` are the model's end-of-sequence ids. ``id_source`` makes sequence ids
+    (injected for determinism in tests).
+    """
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, store: KVStore,
+                 namespace: Namespace, stop_ids: frozenset[int],
+                 config: SchedulerConfig | None = None,
+                 id_source: Callable[[], int] | None = None) -> None:
+        if namespace.block_size != store.block_size:
+            raise ValueError("namespace and store disagree on the block size")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.namespace = namespace
+        self.root = namespace.root()
+        self.stop_ids = stop_ids
+        self.scheduler = Scheduler(store, config or SchedulerConfig())
+        self._next_id = id_source or itertools.count().__next__
+        self._requests: dict[str, _Request] = {}
+        self.steps = 0
+
+    # -------------------------------------------------------------- requests
+
+    def add_request(self, request_id: str, prompt_ids: list[int],
+                    params: SamplingParams) -> None:
+        """Queue a request. ``ValueError`` for an empty prompt or a duplicate id."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids out of the vocabulary (0..{vocab - 1}): {bad[:5]}")
+        now = time.perf_counter()
+        seq = self._new_sequence(request_id, 0, list(prompt_ids), params, now)
+        self._requests[request_id] = _Request(request_id, list(prompt_ids), params, [seq], now)
+        self.scheduler.add(seq)
+
+    def _new_sequence(self, request_id: str, index: int, prompt_ids: list[int],
+                      params: SamplingParams, arrival: float) -> Sequence:
+        chain = hash_blocks(self.root, prompt_ids, self.store.block_size)
+        seq = Sequence(self._next_id(), request_id, index, prompt_ids, params, chain, arrival,
+                       make_generator(params, index, self.model.device))
+        if self.tokenizer is not None:
+            seq.decoder = self.tokenizer.stream(skip_special_tokens=True)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its blocks stay cached."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+            if seq in self.scheduler.loading:
+                self.scheduler.loading.remove(seq)
+                assert seq.lease is not None
+                self.store.release(seq.lease)
+                seq.lease = None
+            self.scheduler.finish(seq)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    # ------------------------------------------------------------------ step
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return a snapshot of every request that made progress."""
+        sched = self.scheduler
+        step, too_large = sched.schedule()
+        touched: set[str] = set()
+        for seq in too_large:
+            self._finish(seq, "length")
+            touched.add(seq.request_id)
+        if not step.seqs:
+            if sched.loading:
+                sched.wait_loading()
+            return [self._output(self._requests[r]) for r in touched if r in self._requests]
+        self.steps += 1
+        tables = []
+        seq_lens = []
+        ids: list[int] = []
+        for seq, n in zip(step.seqs, step.query_lens):
+            assert seq.lease is not None
+            tables.append(seq.lease.slots)
+            seq_lens.append(seq.num_computed + n)
+            ids += seq.token_ids[seq.num_computed:seq.num_computed + n]
+        device = self.model.device
+        batch, positions = build_batch(tables, step.query_lens, seq_lens,
+                                       self.store.block_size, device)
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=device)
+        logits = self.model(input_ids, positions, batch, self.store.gpu.tensor)
+        rows = []
+        samplers = []
+        for i, (seq, n) in enumerate(zip(step.seqs, step.query_lens)):
+            samples = step.samples(i)
+            seq.num_computed += n
+            assert seq.lease is not None
+            self.store.commit(seq.lease, seq.num_computed)
+            if samples:
+                rows.append(i)
+                samplers.append(seq)
+            touched.add(seq.request_id)
+        if rows:
+            self._sample(logits[rows], samplers)
+        return [self._output(self._requests[r]) for r in touched if r in self._requests]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        # n > 1: a request's first sequence forks once its prompt is done; every fork
+        # samples its own first token from the same logits row.
+        rows: list[int] = []
+        all_seqs: list[Sequence] = []
+        for i, seq in enumerate(seqs):
+            rows.append(i)
+            all_seqs.append(seq)
+            if seq.params.n > 1 and not seq.output_ids and seq.index == 0:
+                req = self._requests[seq.request_id]
+                if len(req.seqs) == 1:
+                    for k in range(1, seq.params.n):
+                        child = self._fork(seq, k)
+                        req.seqs.append(child)
+                        rows.append(i)
+                        all_seqs.append(child)
+        tokens = sample(logits[rows], [s.params for s in all_seqs],
+                        [s.generator for s in all_seqs])
+        for seq, tok in zip(all_seqs, tokens):
+            self._append(seq, tok)
+
+    def _fork(self, seq: Sequence, index: int) -> Sequence:
+        assert seq.lease is not None
+        lease = self.store.fork(seq.lease)
+        child = Sequence(self._next_id(), seq.request_id, index, seq.prompt_ids, seq.params,
+                         lease.chain, seq.arrival,
+                         make_generator(seq.params, index, self.model.device))
+        child.lease = lease
+        child.num_computed = seq.num_computed
+        child.cached_tokens = dict(seq.cached_tokens)
+        if self.tokenizer is not None:
+            child.decoder = self.tokenizer.stream(skip_special_tokens=True)
+        self.scheduler.add_running(child)
+        return child
+
+    def _append(self, seq: Sequence, tok: int) -> None:
+        seq.mark_first_token()
+        seq.output_ids.append(tok)
+        seq.chain.extend([tok])
+        params = seq.params
+        if tok in params.stop_token_ids or (not params.ignore_eos and tok in self.stop_ids):
+            self._finish(seq, "stop")
+            return
+        if seq.decoder is not None:
+            seq.text += seq.decoder.push(tok)
+            for stop in params.stop:
+                cut = seq.text.find(stop)
+                if cut >= 0:
+                    seq.text = seq.text[:cut]
+                    self._finish(seq, "stop")
+                    return
+        if len(seq.output_ids) >= params.max_tokens:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.finish_time = time.perf_counter()
+        if seq.decoder is not None and reason != "stop":
+            seq.text += seq.decoder.flush()
+        self.scheduler.finish(seq)
+
+    def _output(self, req: _Request) -> RequestOutput:
+        done = all(s.status is Status.FINISHED for s in req.seqs) and \
+            len(req.seqs) == req.params.n
+        first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
+        last = [s.finish_time for s in req.seqs if s.finish_time is not None]
+        ttft = min(first) - req.arrival if first else None
+        decode = max(last) - min(first) if first and last and done else None
+        outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason)
+                for s in sorted(req.seqs, key=lambda s: s.index)]
+        out = RequestOutput(req.request_id, req.prompt_ids, outs, dict(req.seqs[0].cached_tokens),
+                            ttft, decode, done)
+        if done:
+            del self._requests[req.request_id]
+        return out
+
+    def run(self) -> Iterator[RequestOutput]:
+        """Step until every request is finished, yielding snapshots as they progress."""
+        while self.has_unfinished:
+            yield from self.step()

@@ -1,0 +1,204 @@
+"""``LLM``: the embedded engine's public API.
+
+    from engine.llm import LLM
+    from engine.sampling import SamplingParams
+    llm = LLM("smollm2", host_blocks=2048, disk_path="~/.cache/kvstore/disk")
+    out = llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=32))
+    print(out.text, out.cached_tokens, out.ttft_s)
+
+Every call goes through the tiered store: prompts that share a prefix with anything
+cached (a system prompt, an earlier turn) reuse its KV blocks from whichever tier holds
+them. ``enable_cache=False`` turns prefix reuse off (for comparisons).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from engine.engine import Engine
+from engine.loader import resolve_model
+from engine.model import CausalLM
+from engine.sampling import SamplingParams
+from engine.scheduler import SchedulerConfig
+from engine.sequence import RequestOutput
+from kvstore.config import Policy, StoreConfig
+from kvstore.store import KVStore
+from radix import Namespace
+from tiers.layout import KVLayout
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+Prompt = str | Sequence[int]
+Messages = Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to build an :class:`LLM`: model, device, cache tiers and batching.
+
+    ``device`` ``None`` picks CUDA when present, else CPU; ``dtype`` ``None`` picks
+    bfloat16 on CUDA and float32 on CPU. ``gpu_blocks`` ``None`` sizes the KV pool from
+    free device memory (CUDA) or to 2048 blocks (CPU). Block counts are in blocks of
+    ``block_size`` tokens; ``disk_bytes`` in bytes.
+    """
+
+    model: str = "smollm2"
+    device: str | None = None
+    dtype: str | None = None
+    block_size: int = 16
+    gpu_blocks: int | None = None
+    host_blocks: int = 0
+    disk_path: str | None = None
+    disk_bytes: int = 4 << 30
+    redis_url: str | None = None
+    remote_url: str | None = None
+    auth_token: str | None = None
+    policy: Policy = "write-back"
+    enable_cache: bool = True
+    tenant: str = ""
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    attention: str = "auto"
+    model_cache_dir: str | None = None
+    gpu_memory_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.gpu_blocks is not None and self.gpu_blocks < 1:
+            raise ValueError(f"gpu_blocks must be >= 1 (or None for automatic), got {self.gpu_blocks}")
+        if not 0 < self.gpu_memory_fraction <= 0.95:
+            raise ValueError("gpu_memory_fraction must be in (0, 0.95]")
+
+
+class LLM:
+    """An embedded engine: a model, a tiered KV-cache store and a scheduler.
+
+    Keyword arguments are the fields of :class:`EngineConfig`.
+    """
+
+    def __init__(self, model: str = "smollm2", **kwargs: Any) -> None:
+        cfg = EngineConfig(model=model, **kwargs)
+        self.config = cfg
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype_name = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        loaded = resolve_model(cfg.model, cache_dir=cfg.model_cache_dir, dtype=dtype_name,
+                               device=device)
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model = CausalLM.from_loaded(loaded, device=device, backend=cfg.attention)
+        mc = loaded.config
+        layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size,
+                          _DTYPE_NAMES[self.model.dtype])
+        disk = None if cfg.disk_path is None else str(Path(cfg.disk_path).expanduser())
+        store_cfg = StoreConfig(
+            layout=layout, block_size=cfg.block_size,
+            gpu_blocks=cfg.gpu_blocks or _auto_gpu_blocks(device, layout, cfg),
+            host_blocks=cfg.host_blocks, disk_path=disk,
+            disk_bytes=cfg.disk_bytes if disk else 0, redis_url=cfg.redis_url,
+            remote_url=cfg.remote_url, auth_token=cfg.auth_token, policy=cfg.policy,
+            device=str(device))
+        self.store = KVStore(store_cfg)
+        self.namespace = Namespace(loaded.fingerprint, layout.dtype, cfg.block_size,
+                                   tenant=cfg.tenant)
+        self.engine = Engine(self.model, self.tokenizer, self.store, self.namespace,
+                             loaded.stop_token_ids,
+                             SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                             cfg.enable_cache))
+        self._ids = itertools.count()
+
+    # ---------------------------------------------------------------- inputs
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text prompt (or the ids themselves)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids")
+            return self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        return ids
+
+    def encode_chat(self, messages: Messages) -> list[int]:
+        """Token ids of a conversation with the chat template applied."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer/chat template")
+        return self.tokenizer.encode_chat(list(messages))
+
+    # ---------------------------------------------------------------- calls
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | None = None, *, use_tqdm: bool = False
+                 ) -> list[RequestOutput]:
+        """Run every prompt (text or token ids) to completion; outputs in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        return self._run([self.encode(p) for p in prompts], params or SamplingParams(),
+                         use_tqdm)
+
+    def chat(self, messages: Messages | Sequence[Messages],
+             params: SamplingParams | None = None, *, use_tqdm: bool = False
+             ) -> RequestOutput | list[RequestOutput]:
+        """Apply the chat template and generate the assistant's reply.
+
+        One conversation (a list of ``{"role", "content"}`` dicts) returns one output;
+        a list of conversations returns a list.
+        """
+        single = bool(messages) and isinstance(messages[0], Mapping)
+        convs = [messages] if single else list(messages)  # type: ignore[list-item]
+        outs = self._run([self.encode_chat(c) for c in convs],  # type: ignore[arg-type]
+                         params or SamplingParams(), use_tqdm)
+        return outs[0] if single else outs
+
+    def stream(self, prompt: Prompt | Messages, params: SamplingParams | None = None
+               ) -> Iterator[RequestOutput]:
+        """Yield snapshots of one request as tokens arrive (chat messages or a prompt)."""
+        if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping):
+            ids = self.encode_chat(prompt)  # type: ignore[arg-type]
+        else:
+            ids = self.encode(prompt)  # type: ignore[arg-type]
+        rid = f"stream-{next(self._ids)}"
+        self.engine.add_request(rid, ids, params or SamplingParams())
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(rid)
+
+    def _run(self, prompts: list[list[int]], params: SamplingParams,
+             use_tqdm: bool) -> list[RequestOutput]:
+        ids = [f"req-{next(self._ids)}" for _ in prompts]
+        for rid, p in zip(ids, prompts):
+            self.engine.add_request(rid, p, params)
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), disable=not use_tqdm, desc="generating") as bar:
+            for out in self.engine.run():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        return [done[r] for r in ids]
+
+    def close(self) -> None:
+        """Flush background writes and close the cache tiers."""
+        self.store.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _auto_gpu_blocks(device: torch.device, layout: KVLayout, cfg: EngineConfig) -> int:
+    if device.type != "cuda":
+        return 2048
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(64, int(free * cfg.gpu_memory_fraction) // layout.block_bytes)

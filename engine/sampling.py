@@ -1,0 +1,93 @@
+"""Sampling parameters and the sampler (greedy, temperature, top-k, top-p, seeds)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the tokens of one request. Validated on construction.
+
+    ``temperature`` 0 is greedy. ``top_k`` 0 and ``top_p`` 1.0 disable those filters.
+    ``seed`` makes sampling reproducible (sequence ``i`` of ``n`` uses ``seed + i``).
+    Generation stops at ``max_tokens`` new tokens, at any of ``stop_token_ids`` (and the
+    model's end-of-sequence ids unless ``ignore_eos``), or when the text contains one of
+    the ``stop`` strings (which is cut off the returned text).
+    """
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    n: int = 1
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"SamplingParams: {msg}")
+
+        need(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+             f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        need(isinstance(self.top_k, int) and self.top_k >= 0,
+             f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        need(isinstance(self.n, int) and 1 <= self.n <= 64, f"n must be 1..64, got {self.n!r}")
+        need(self.seed is None or isinstance(self.seed, int), "seed must be an int or None")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        need(all(isinstance(s, str) and s for s in stop), "stop strings must be non-empty")
+        object.__setattr__(self, "stop", stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(params: SamplingParams, index: int, device: torch.device) -> torch.Generator | None:
+    """A per-sequence RNG: seeded when ``params.seed`` is set, else from the global RNG."""
+    if params.greedy:
+        return None
+    g = torch.Generator(device=device)
+    if params.seed is not None:
+        g.manual_seed(params.seed + index)
+    else:
+        g.seed()
+    return g
+
+
+def sample(logits: Tensor, params: Sequence[SamplingParams],
+           generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token per row of ``logits`` ``[N, vocab]`` (fp32), by each row's params."""
+    out: list[int] = [0] * logits.shape[0]
+    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+    if greedy_rows:
+        idx = torch.tensor(greedy_rows, device=logits.device)
+        picks = logits.index_select(0, idx).argmax(dim=-1).tolist()
+        for i, tok in zip(greedy_rows, picks):
+            out[i] = tok
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        row = logits[i] / p.temperature
+        if p.top_k and p.top_k < row.shape[-1]:
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cum = torch.cumsum(sorted_probs, dim=-1)
+            drop = cum - sorted_probs > p.top_p  # keep the smallest prefix reaching top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+    return out
