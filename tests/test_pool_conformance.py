@@ -84,9 +84,9 @@ def alloc_all(pool: SlotPool) -> None:
 
 
 def index_applies(src_kind: str, dst_kind: str) -> bool:
-    """Strategy 'index' between host and CUDA needs a pinned host pool."""
+    """Strategy 'index' between CPU memory and CUDA needs a pinned host pool."""
     kinds = {src_kind, dst_kind}
-    return not ("gpu-cuda" in kinds and "host-unpinned" in kinds)
+    return not ("gpu-cuda" in kinds and kinds & {"host-unpinned", "gpu-on-cpu"})
 
 
 # ---- construction ---------------------------------------------------------------------
@@ -503,7 +503,9 @@ def test_auto_strategy_choice(kind: str) -> None:
     host, other = make("host", 16), make(kind, 16)
     alloc_all(host)
     alloc_all(other)
-    assert copy_slots(host, [0, 1, 2], other, [4, 5, 6]).strategy == "runs"
+    one_run = copy_slots(host, [0, 1, 2], other, [4, 5, 6])
+    one_run.wait()
+    assert one_run.strategy == "runs"
     scattered = copy_slots(host, [0, 5, 9], other, [3, 1, 14])
     host_consecutive = copy_slots(host, [4, 5, 6], other, [9, 2, 0])
     scattered.wait()

@@ -480,7 +480,9 @@ class HostPool(SlotPool):
 class Transfer:
     """Handle of one :func:`copy_slots` call.
 
-    Until the transfer is complete, its source slots must not be rewritten or freed and
+    The transfer keeps both pools alive until it is complete (a transfer dropped
+    unfinished waits for its copy first). Until the transfer is complete, its source
+    slots must not be rewritten or freed and
     its destination slots must not be read. Host-side readers (the CPU, ``to_bytes``,
     or another ``copy_slots`` reading a host destination slot) need :meth:`wait` to
     have returned or :meth:`done` to have returned True; work on a CUDA stream reading
@@ -501,8 +503,15 @@ class Transfer:
         self._event = event
         self._device = device
         self._finalize = finalize
-        self._keepalive = keepalive
+        self._keepalive = keepalive  # pools and staging buffers, until complete
         self._lock = threading.Lock()
+
+    def __del__(self) -> None:
+        # Dropped before completion: the pools it keeps alive must outlive the copy.
+        event = getattr(self, "_event", None)
+        if event is not None and getattr(self, "_keepalive", ()):
+            with contextlib.suppress(Exception):
+                event.synchronize()
 
     def _run_finalize(self) -> None:
         with self._lock:
@@ -690,11 +699,17 @@ def _resolve_strategy(src: SlotPool, s_list: list[int], dst: SlotPool, d_list: l
 
 
 def _copy_runs(src_flat: torch.Tensor, dst_flat: torch.Tensor,
-               runs: list[tuple[int, int, int]], non_blocking: bool) -> None:
-    """One copy per run; on the current stream for CUDA tensors."""
-    for s, d, length in runs:
+               runs: Sequence[tuple[int, int, int]], non_blocking: bool) -> None:
+    """One copy per run (``cudaMemcpyAsync`` on the current stream for CUDA tensors),
+    issued by one ``_foreach_copy_`` call to keep the per-run host cost low."""
+    if len(runs) == 1:
+        s, d, length = runs[0]
         dst_flat.narrow(0, d, length).copy_(src_flat.narrow(0, s, length),
                                             non_blocking=non_blocking)
+        return
+    torch._foreach_copy_([dst_flat.narrow(0, d, length) for _, d, length in runs],
+                         [src_flat.narrow(0, s, length) for s, _, length in runs],
+                         non_blocking=non_blocking)
 
 
 def _gather_scatter(src_flat: torch.Tensor, dst_flat: torch.Tensor, s_list: list[int],
@@ -731,7 +746,7 @@ def _copy_cuda(src: SlotPool, s_list: list[int], dst: SlotPool, d_list: list[int
         if dev.type == "cuda":
             stream.wait_stream(torch.cuda.current_stream(dev))
     finalize: Callable[[], None] | None = None
-    keepalive: list[Any] = []
+    keepalive: list[Any] = [src, dst]
     with torch.cuda.device(device), torch.cuda.stream(stream):
         if strategy == "runs":
             _copy_runs(src._flat, dst._flat, runs, non_blocking=True)
@@ -788,7 +803,8 @@ def _staged_d2h(src: SlotPool, s_list: list[int], dst: SlotPool,
     Per chunk (in host slot order): the device gathers the chunk into a contiguous
     temporary unless its source slots are consecutive; one DMA moves it straight into
     the host pool when the host slots are consecutive, else into a pinned staging buffer
-    that the returned finalizer scatters on the CPU once the DMA is complete.
+    that the returned finalizer scatters on the CPU (one memcpy per run of consecutive
+    host slots) once the DMA is complete.
     """
     order = sorted(range(len(d_list)), key=d_list.__getitem__)
     s_sorted = [s_list[i] for i in order]
@@ -813,7 +829,8 @@ def _staged_d2h(src: SlotPool, s_list: list[int], dst: SlotPool,
 
     def scatter() -> None:
         for d_chunk, staged in pending:
-            dst._flat.index_copy_(0, torch.tensor(d_chunk, dtype=torch.int64), staged)
+            _copy_runs(staged, dst._flat, coalesce_runs(range(len(d_chunk)), d_chunk),
+                       non_blocking=False)
         pending.clear()
 
     return scatter
