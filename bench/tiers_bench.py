@@ -122,9 +122,8 @@ def _raw_get(env: lmdb.Environment, db: lmdb._Database,
              key_batches: list[Sequence[bytes]]) -> None:
     for chunk in key_batches:
         with env.begin(db=db) as txn:
-            got = [txn.get(key) for key in chunk]
-        if any(v is None for v in got):
-            raise RuntimeError("raw lmdb lost a block during the benchmark")
+            if any(v is None for v in [txn.get(key) for key in chunk]):
+                raise RuntimeError("raw lmdb lost a block during the benchmark")
 
 
 def _tier_put(tier: LMDBTier, batches: list[Sequence[tuple[bytes, bytes]]]) -> None:

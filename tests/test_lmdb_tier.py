@@ -78,20 +78,19 @@ def test_reopen_keeps_blocks_counts_and_lru_order(tmp_path: Path) -> None:
     tier = LMDBTier(tmp_path, capacity_bytes=4 * size)
     stats = tier.stats()
     assert (stats.blocks, stats.bytes_used) == (4, 4 * size)
-    assert tier.get([k for k, _ in b[:4]]) == [v for _, v in b[:4]]  # now 0 1 2 3 again
+    tier.put([b[4]])                    # evicts 2 -> 3 0 1 4
+    assert present(tier, b) == [True, True, False, True, True, False]
+    tier.get([b[3][0]])                 # 0 1 4 3
     tier.close()
 
     tier = LMDBTier(tmp_path, capacity_bytes=4 * size)
-    tier.get([b[3][0]])                 # 0 1 2 3 -> 0 1 2 3 (3 newest)
-    tier.get([b[0][0]])                 # 1 2 3 0
-    tier.put(b[4:6])                    # evicts 1, 2
-    assert present(tier, b) == [True, False, False, True, True, True]
+    tier.put([b[5]])                    # evicts 0 -> 1 4 3 5
+    assert present(tier, b) == [False, True, False, True, True, True]
+    kept = [b[i] for i in (1, 3, 4, 5)]
+    assert tier.get([k for k, _ in kept]) == [v for _, v in kept]
+    assert tier.stats().evictions == 1
     tier.close()
-    tier = LMDBTier(tmp_path, capacity_bytes=4 * size)
-    tier.put([b[1]])                    # evicts 3 (oldest after reopen)
-    assert present(tier, b) == [True, True, False, False, True, True]
-    tier.close()
-    audit(tmp_path)
+    assert set(audit(tmp_path)) == {k for k, _ in kept}
 
 
 def test_reopen_with_a_smaller_capacity_evicts_on_the_next_put(tmp_path: Path) -> None:
