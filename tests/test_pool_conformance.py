@@ -532,7 +532,7 @@ def test_wait_on_stream_orders_compute_after_the_copy() -> None:
     transfer = copy_slots(host, slots, gpu, slots)
     transfer.wait_on_stream(compute)
     with torch.cuda.stream(compute):
-        total = gpu.tensor[slots].float().sum()
+        total = gpu.tensor[slots].double().sum()
     compute.synchronize()
     assert float(total) == 2.0 * len(slots) * gpu.tensor[0].numel()
     transfer.wait()

@@ -65,10 +65,12 @@ Strategy = Literal["auto", "runs", "index", "staged"]
 
 STRATEGIES: tuple[str, ...] = ("auto", "runs", "index", "staged")
 
-AUTO_MIN_RUN_BYTES = 1 << 20
+AUTO_MIN_RUN_BYTES = 256 << 10
 """Average bytes per run from which ``"auto"`` issues one DMA per run between host and
-device rather than a zero-copy gather/scatter kernel (one copy call costs a few
-microseconds of CPU; a run this long keeps the copy engine busy for longer than that)."""
+device rather than a zero-copy gather/scatter kernel. Issuing one copy costs a few
+microseconds of CPU; a run this long keeps the copy engine (55 GB/s) busy about as long,
+so the copies stream back to back. DMA is preferred from there on because it leaves the
+SMs to compute, while a zero-copy kernel occupies them for the whole PCIe transfer."""
 
 INDEX_CHUNK_BYTES = 64 << 20
 """Most bytes one gather/scatter step moves: bounds the temporary buffer (bytes)."""
@@ -480,14 +482,15 @@ class HostPool(SlotPool):
 class Transfer:
     """Handle of one :func:`copy_slots` call.
 
-    The transfer keeps both pools alive until it is complete (a transfer dropped
-    unfinished waits for its copy first). Until the transfer is complete, its source
-    slots must not be rewritten or freed and
+    Until the transfer is complete, its source slots must not be rewritten or freed and
     its destination slots must not be read. Host-side readers (the CPU, ``to_bytes``,
     or another ``copy_slots`` reading a host destination slot) need :meth:`wait` to
     have returned or :meth:`done` to have returned True; work on a CUDA stream reading
     a device destination slot needs :meth:`wait_on_stream` on that stream (or
     :meth:`wait`) first.
+
+    The transfer keeps both pools alive until it is complete; one dropped unfinished
+    hands them to a list that later copies release once its copy is done.
     """
 
     def __init__(self, n_blocks: int, nbytes: int, strategy: str,
@@ -507,11 +510,13 @@ class Transfer:
         self._lock = threading.Lock()
 
     def __del__(self) -> None:
-        # Dropped before completion: the pools it keeps alive must outlive the copy.
+        # Dropped before completion (e.g. after wait_on_stream only): what it keeps
+        # alive must outlive the copy, without blocking here.
         event = getattr(self, "_event", None)
-        if event is not None and getattr(self, "_keepalive", ()):
+        keepalive = getattr(self, "_keepalive", ())
+        if event is not None and keepalive:
             with contextlib.suppress(Exception):
-                event.synchronize()
+                _defer_release(event, keepalive)
 
     def _run_finalize(self) -> None:
         with self._lock:
@@ -545,6 +550,25 @@ class Transfer:
         if stream is None:
             stream = torch.cuda.current_stream(self._device)
         stream.wait_event(self._event)
+
+
+_deferred: list[tuple[torch.cuda.Event, Sequence[Any]]] = []
+_deferred_lock = threading.Lock()
+
+
+def _defer_release(event: torch.cuda.Event, keepalive: Sequence[Any]) -> None:
+    """Hold ``keepalive`` until ``event`` has completed (checked by later copies)."""
+    if event.query():
+        return
+    with _deferred_lock:
+        _deferred.append((event, keepalive))
+
+
+def _reap_deferred() -> None:
+    """Release what dropped transfers held, for those whose copy has completed."""
+    with _deferred_lock:
+        if _deferred:
+            _deferred[:] = [(e, k) for e, k in _deferred if not e.query()]
 
 
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -739,6 +763,7 @@ def _gather_scatter(src_flat: torch.Tensor, dst_flat: torch.Tensor, s_list: list
 def _copy_cuda(src: SlotPool, s_list: list[int], dst: SlotPool, d_list: list[int],
                runs: list[tuple[int, int, int]], strategy: str) -> Transfer:
     """Enqueue the copy on the side stream of the CUDA device involved."""
+    _reap_deferred()
     n = len(s_list)
     device = src.device if src.device.type == "cuda" else dst.device
     stream = side_stream(device)
