@@ -115,11 +115,20 @@ def time_calls(fns: Sequence[Callable[[], object]], iters: int) -> float:
 
 
 def copy_bandwidth(device: torch.device) -> float:
-    """Device-to-device copy of 2 GiB, GB/s counting bytes read plus bytes written."""
-    src = torch.empty(1 << 30, dtype=torch.int16, device=device).random_()
+    """Device-to-device copy of 2 GiB, GB/s counting bytes read plus bytes written: the
+    better of ``copy_`` (memcpy) and an elementwise kernel (``mul(x, 1)``)."""
+    src = torch.empty(1 << 30, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = time_calls([lambda: dst.copy_(src)], 30)
+    ms = min(time_calls([lambda: dst.copy_(src)], 30),
+             time_calls([lambda: torch.mul(src, 1, out=dst)], 30))
     return 2 * (2 << 30) / (ms * 1e-3) / 1e9
+
+
+def read_bandwidth(device: torch.device) -> float:
+    """Reading 4 GiB once (a max-reduction of a bf16 tensor), GB/s."""
+    src = torch.empty(2 << 30, dtype=torch.bfloat16, device=device).normal_()
+    ms = time_calls([lambda: torch.amax(src)], 30)
+    return (4 << 30) / (ms * 1e-3) / 1e9
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -304,11 +313,11 @@ def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def print_table(rows: list[Row], copy_gbs: float, mm_tflops: float) -> None:
-    print(f"\ndevice copy bandwidth {copy_gbs:.0f} GB/s (read+write); "
+def print_table(rows: list[Row], copy_gbs: float, read_gbs: float, mm_tflops: float) -> None:
+    print(f"\ndevice copy {copy_gbs:.0f} GB/s (read+write), read {read_gbs:.0f} GB/s, "
           f"bf16 matmul {mm_tflops:.0f} TFLOP/s")
     head = (f"{'case':<26} {'shape':<13} {'ours ms':>8} {'sdpa ms':>8} {'sdpa/ours':>9} "
-            f"{'ours GB/s':>9} {'%copy':>6} {'sdpa GB/s':>9} {'ours TF/s':>9} "
+            f"{'ours GB/s':>9} {'%copy':>6} {'%read':>6} {'sdpa GB/s':>9} {'ours TF/s':>9} "
             f"{'sdpa TF/s':>9}  baseline / our config")
     print(head)
     print("-" * len(head))
@@ -318,6 +327,7 @@ def print_table(rows: list[Row], copy_gbs: float, mm_tflops: float) -> None:
         print(f"{r.case:<26} {r.shape:<13} {r.ours_ms:>8.4f} {fmt(r.base_ms, '8.4f'):>8} "
               f"{fmt(ratio, '9.2f'):>9} {fmt(gbs, '9.0f'):>9} "
               f"{fmt(None if gbs is None else 100 * gbs / copy_gbs, '6.1f'):>6} "
+              f"{fmt(None if gbs is None else 100 * gbs / read_gbs, '6.1f'):>6} "
               f"{fmt(r.gbs(r.base_ms), '9.0f'):>9} {fmt(r.tflops(r.ours_ms), '9.1f'):>9} "
               f"{fmt(r.tflops(r.base_ms), '9.1f'):>9}  {r.base_name} / {r.config}")
 
@@ -353,12 +363,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{props.name}, {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB, "
           f"torch {torch.__version__}", flush=True)
     mm = matmul_tflops(device, dtype)  # first: brings the clocks up from idle
-    copy_gbs = max(copy_bandwidth(device) for _ in range(3))
-    print(f"copy {copy_gbs:.0f} GB/s, matmul {mm:.0f} TFLOP/s", flush=True)
+    copy_gbs = max(copy_bandwidth(device) for _ in range(2))
+    read_gbs = read_bandwidth(device)
+    print(f"copy {copy_gbs:.0f} GB/s, read {read_gbs:.0f} GB/s, matmul {mm:.0f} TFLOP/s",
+          flush=True)
     cases = set(args.cases.split(","))
     rows: list[Row] = []
     log: list[dict] = [{"kind": "device", "name": props.name, "copy_gbs": copy_gbs,
-                        "matmul_tflops": mm}]
+                        "read_gbs": read_gbs, "matmul_tflops": mm}]
     for key in args.shapes.split(","):
         shape = SHAPES[key]
         kv_tok = shape.kv_heads * shape.head_dim * 2 * torch.tensor([], dtype=dtype).element_size()
@@ -389,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case = PagedCase(shape, lens, n_q, dtype, 2, device, False, seed=5)
             rows.append(run_case("mixed 512@1k + 63 dec@2k", case, args.iters, False,
                                  "prefill", log))
-    print_table(rows, copy_gbs, mm)
+    print_table(rows, copy_gbs, read_gbs, mm)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(log, f, indent=1)

@@ -94,6 +94,26 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+_SMEM_BUDGET = 180 * 1024
+
+
+def _fit_smem(head_dim: int, elem_bytes: int, block_m: int, block_n: int, num_splits: int,
+              num_warps: int, num_stages: int) -> KernelConfig:
+    """A config whose pipelined K/V buffers plus Q tile fit ``_SMEM_BUDGET``: first fewer
+    stages, then narrower KV tiles (matters for fp32)."""
+    hd = _next_pow2(head_dim)
+
+    def smem(bn: int, st: int) -> int:
+        return ((st - 1) * 2 * bn + block_m) * hd * elem_bytes
+
+    while smem(block_n, num_stages) > _SMEM_BUDGET and (num_stages > 2 or block_n > 16):
+        if num_stages > 2:
+            num_stages -= 1
+        else:
+            block_n //= 2
+    return KernelConfig(block_m, block_n, num_splits, num_warps, num_stages)
+
+
 def choose_config(
     num_tokens: int,
     num_seqs: int,
@@ -102,6 +122,7 @@ def choose_config(
     head_dim: int,
     max_context: int,
     device: torch.device,
+    elem_bytes: int = 2,
 ) -> KernelConfig:
     """Pick a launch configuration from host-known shapes only (no device sync).
 
@@ -109,7 +130,7 @@ def choose_config(
     block size). Decode-like batches (few queries per sequence) get 16-row query tiles and,
     when the grid would not fill the GPU, split-KV; prefill-like batches get 128-row tiles,
     or 64-row ones where 128 would leave the GPU under-filled. Tuned on an H200; see
-    docs/kernels.md.
+    docs/kernels.md. ``elem_bytes`` (4 for fp32) shrinks tiles to fit shared memory.
     """
     group = num_heads // num_kv_heads
     sms = _sm_count(device)
@@ -118,21 +139,21 @@ def choose_config(
         block_m = max(16, _next_pow2(group))
         block_q = max(1, block_m // group)
         programs = max(num_tokens // block_q, num_seqs) * num_kv_heads
-        if programs >= 4 * sms:
-            return KernelConfig(block_m, 128, 1, 4, 3)
-        # Under-filled grid: split each sequence's KV so that ~4 programs run per SM.
-        kv_tiles = max(1, -(-max_context // 64))
-        num_splits = max(1, min(-(-4 * sms // programs), kv_tiles // 4, 16))
-        return KernelConfig(block_m, 64, num_splits, 4, 3)
+        # Under-filled grid: split each sequence's KV (>= 4 tiles a split) to ~2 programs/SM.
+        kv_tiles = max(1, -(-max_context // 128))
+        num_splits = 1
+        if programs < 2 * sms:
+            num_splits = max(1, min(-(-2 * sms // programs), kv_tiles // 4, 16))
+        return _fit_smem(head_dim, elem_bytes, block_m, 128, num_splits, 4, 3)
     # Prefill-like: compute-bound; big tiles unless that leaves the GPU under-filled.
     block_m = max(128, _next_pow2(group))
     if (num_tokens // max(1, block_m // group) + num_seqs) * num_kv_heads < 2 * sms:
         block_m = max(64, _next_pow2(group))
     if head_dim <= 64:
-        return KernelConfig(block_m, 128, 1, 4 if block_m <= 64 else 8, 2)
+        return _fit_smem(head_dim, elem_bytes, block_m, 128, 1, 4 if block_m <= 64 else 8, 2)
     if block_m <= 64:
-        return KernelConfig(block_m, 64, 1, 4, 3)
-    return KernelConfig(block_m, 128, 1, 8, 2)
+        return _fit_smem(head_dim, elem_bytes, block_m, 64, 1, 4, 2)
+    return _fit_smem(head_dim, elem_bytes, block_m, 128, 1, 8, 3)
 
 
 if AVAILABLE:
@@ -436,7 +457,7 @@ def paged_attention(
     group = num_heads // kv_heads
     if config is None:
         config = choose_config(num_tokens, num_seqs, num_heads, kv_heads, head_dim,
-                               block_tables.shape[1] * block_size, q.device)
+                               block_tables.shape[1] * block_size, q.device, q.element_size())
     block_m = max(config.block_m, _next_pow2(group))
     block_q = max(1, block_m // group)
     num_splits = config.num_splits
