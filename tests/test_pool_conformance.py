@@ -83,10 +83,18 @@ def alloc_all(pool: SlotPool) -> None:
     assert result.ok
 
 
+ZERO_COPY = CUDA and HostPool(LAYOUT, 1)._cuda_alias(
+    torch.device("cuda", torch.cuda.current_device())) is not None
+"""Whether this GPU reads and writes the pinned host pool directly (zero-copy)."""
+
+
 def index_applies(src_kind: str, dst_kind: str) -> bool:
-    """Strategy 'index' between CPU memory and CUDA needs a pinned host pool."""
+    """Strategy 'index' between CPU memory and CUDA needs a pinned host pool that the
+    GPU can address."""
     kinds = {src_kind, dst_kind}
-    return not ("gpu-cuda" in kinds and kinds & {"host-unpinned", "gpu-on-cpu"})
+    if "gpu-cuda" not in kinds or kinds == {"gpu-cuda"}:
+        return True
+    return "host" in kinds and ZERO_COPY
 
 
 # ---- construction ---------------------------------------------------------------------

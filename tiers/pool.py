@@ -22,6 +22,8 @@ per-pool lock; :func:`copy_slots` may be called from several threads.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import heapq
 import logging
 import mmap
@@ -158,6 +160,30 @@ def _alloc_pinned(nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     log.warning("cudaHostRegister of %d bytes failed; using the caching pinned allocator",
                 nbytes)
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), None
+
+
+_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM = 91
+"""``CUdevice_attribute`` of the CUDA driver API."""
+
+
+@functools.cache
+def _device_reads_host_pointers(index: int) -> bool:
+    """Whether CUDA device ``index`` can dereference page-locked host memory at the
+    CPU's address (asked of the driver; False if it cannot be asked)."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    dev, value = ctypes.c_int(), ctypes.c_int()
+    if libcuda.cuInit(ctypes.c_uint(0)) != 0:
+        return False
+    if libcuda.cuDeviceGet(ctypes.byref(dev), ctypes.c_int(index)) != 0:
+        return False
+    if libcuda.cuDeviceGetAttribute(ctypes.byref(value),
+                                    ctypes.c_int(_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM),
+                                    dev) != 0:
+        return False
+    return value.value == 1
 
 
 class _CudaArrayView:
@@ -432,7 +458,7 @@ class SlotPool:
         """``[num_slots, block_bytes / w]`` CUDA tensor on ``device`` aliasing this pinned
         host pool (zero-copy through unified virtual addressing), or None when the pool
         is not pinned or the alias cannot be made."""
-        if not self._pinned:
+        if not self._pinned or not _device_reads_host_pointers(device.index or 0):
             return None
         with self._lock:
             if device in self._aliases:
