@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -41,6 +40,9 @@ PagedAttention = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float
 
 _DECODE_CHUNK_ELEMENTS = 1 << 26
 """Bound on gathered K elements per chunk of the batched decode path (fp32: 256 MiB)."""
+
+_SCORE_CHUNK_ELEMENTS = 1 << 24
+"""Bound on attention-score elements per query chunk of one sequence (fp32: 64 MiB)."""
 
 
 def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor,
@@ -75,8 +77,9 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     """Causal attention of ``B`` sequences' queries over their paged KV (module contract).
 
     Torch reference: each sequence's K/V is gathered once through its block table and
-    attended with ``scaled_dot_product_attention`` in fp32; a batch made only of decode
-    queries (one per sequence) runs as one batched call.
+    attended in fp32 (explicit matmul, mask, softmax; queries in chunks that bound the
+    score matrix); a batch made only of decode queries (one per sequence) runs as one
+    batched computation.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -105,19 +108,25 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
             raise ValueError(f"sequence {b}: {n} queries exceed its seq_len {length}")
         num_blocks = -(-length // block_size)
         table = block_tables[b, :num_blocks].long()
-        k = k_cache[table].reshape(num_blocks * block_size, num_kv_heads, head_dim)[:length]
-        v = v_cache[table].reshape(num_blocks * block_size, num_kv_heads, head_dim)[:length]
-        # [n, H, D] -> [KVH, group * n, D]: rows of one KV head's query group, g-major.
-        qb = q[start:start + n].float().view(n, num_kv_heads, group, head_dim)
-        qb = qb.permute(1, 2, 0, 3).reshape(num_kv_heads, group * n, head_dim)
+        # index_select, not k_cache[table]: advanced indexing of a strided pool view is
+        # orders of magnitude slower on CPU.
+        k = k_cache.index_select(0, table).reshape(-1, num_kv_heads, head_dim)[:length]
+        v = v_cache.index_select(0, table).reshape(-1, num_kv_heads, head_dim)[:length]
+        k = k.float().permute(1, 2, 0)  # [KVH, D, L]
+        v = v.float().transpose(0, 1)  # [KVH, L, D]
         key_pos = torch.arange(length, device=q.device)
-        query_pos = torch.arange(length - n, length, device=q.device)
-        mask = (key_pos[None, :] <= query_pos[:, None]).repeat(group, 1)  # [group * n, L]
-        ob = F.scaled_dot_product_attention(
-            qb, k.float().transpose(0, 1), v.float().transpose(0, 1), attn_mask=mask,
-            scale=scale)
-        ob = ob.view(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3)
-        out[start:start + n] = ob.reshape(n, num_heads, head_dim).to(q.dtype)
+        rows = max(1, _SCORE_CHUNK_ELEMENTS // (num_heads * length))
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            # [m, H, D] -> [KVH, group * m, D]: one KV head's query group, g-major rows.
+            qb = q[start + lo:start + hi].float().view(hi - lo, num_kv_heads, group, head_dim)
+            qb = qb.permute(1, 2, 0, 3).reshape(num_kv_heads, group * (hi - lo), head_dim)
+            query_pos = torch.arange(length - n + lo, length - n + hi, device=q.device)
+            hidden = (key_pos[None, :] > query_pos[:, None]).repeat(group, 1)  # [g * m, L]
+            scores = torch.matmul(qb, k).mul_(scale).masked_fill_(hidden, float("-inf"))
+            ob = torch.matmul(scores.softmax(dim=-1), v)  # [KVH, group * m, D]
+            ob = ob.view(num_kv_heads, group, hi - lo, head_dim).permute(2, 0, 1, 3)
+            out[start + lo:start + hi] = ob.reshape(hi - lo, num_heads, head_dim).to(q.dtype)
     return out
 
 
@@ -139,13 +148,15 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
         table = block_tables[lo:hi, :num_blocks].long()
         table = torch.where(block_idx[None, :] * block_size < lens[:, None], table, 0)
         valid = key_pos[None, :] < lens[:, None]  # [b, L]
-        k = k_cache[table].reshape(hi - lo, padded_len, num_kv_heads, head_dim).float()
-        v = v_cache[table].reshape(hi - lo, padded_len, num_kv_heads, head_dim).float()
-        k = k.masked_fill(~valid[:, :, None, None], 0.0).transpose(1, 2)  # [b, KVH, L, D]
-        v = v.masked_fill(~valid[:, :, None, None], 0.0).transpose(1, 2)
+        shape = (hi - lo, padded_len, num_kv_heads, head_dim)
+        k = k_cache.index_select(0, table.reshape(-1)).view(shape).float()
+        v = v_cache.index_select(0, table.reshape(-1)).view(shape).float()
+        k = k.masked_fill_(~valid[:, :, None, None], 0.0).permute(0, 2, 3, 1)  # [b, KVH, D, L]
+        v = v.masked_fill_(~valid[:, :, None, None], 0.0).transpose(1, 2)  # [b, KVH, L, D]
         qb = q[lo:hi].float().view(hi - lo, num_kv_heads, group, head_dim)
-        ob = F.scaled_dot_product_attention(qb, k, v, attn_mask=valid[:, None, None, :],
-                                            scale=scale)
+        scores = torch.matmul(qb, k).mul_(scale)  # [b, KVH, group, L]
+        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        ob = torch.matmul(scores.softmax(dim=-1), v)  # [b, KVH, group, D]
         out[lo:hi] = ob.reshape(hi - lo, num_heads, head_dim).to(q.dtype)
 
 
@@ -200,6 +211,11 @@ def _load_triton(device: torch.device) -> AttentionBackend:
         raise RuntimeError("Triton kernels need a CUDA device")
     from engine import triton_attention  # lazy: needs triton and a GPU
 
+    if not getattr(triton_attention, "AVAILABLE", True):
+        raise RuntimeError("triton is not installed")
+    own_check = getattr(triton_attention, "self_check", None)
+    if own_check is not None and not own_check(device):
+        raise RuntimeError("engine.triton_attention.self_check failed")
     backend = AttentionBackend("triton", triton_attention.write_kv,
                                triton_attention.paged_attention)
     self_check(backend, device)

@@ -77,7 +77,7 @@ class LoadedModel:
 
     config: ModelConfig
     weights: dict[str, torch.Tensor]
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None
     fingerprint: str
     path: Path
     name: str
@@ -87,7 +87,7 @@ class LoadedModel:
     def stop_token_ids(self) -> frozenset[int]:
         """Ids that end generation: the config's EOS ids and the tokenizer's EOS."""
         ids = set(self.config.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return frozenset(ids)
 
@@ -202,7 +202,7 @@ def load_checkpoint(path: str | Path, *, cache_dir: str | Path | None = None,
         fingerprint = hasher.hexdigest()
         if fp_file is not None:
             _remember(fp_file, {"fingerprint": fingerprint, "path": str(path)})
-    tokenizer = Tokenizer.from_dir(path)
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     name = manifest.get("name", path.name) if manifest else path.name
     return LoadedModel(config, weights, tokenizer, str(fingerprint), path, name)
 
