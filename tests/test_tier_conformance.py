@@ -94,10 +94,60 @@ def _raw_put_redis(tier: HashTier, key: bytes, value: bytes) -> None:
         raw.set(tier.namespace.encode() + b":" + key, value)
 
 
+def _open_memory(request: pytest.FixtureRequest, tmp_path: Path, capacity_bytes: int) -> HashTier:
+    from tiers.memory import MemoryTier
+    return MemoryTier(capacity_bytes)
+
+
+def _raw_put_memory(tier: HashTier, key: bytes, value: bytes) -> None:
+    from tiers.memory import MemoryTier
+    assert isinstance(tier, MemoryTier)
+    tier._raw_put(key, value)
+
+
+HTTP_DISK_BYTES = 256 << 20
+"""Capacity of each namespace's LMDB environment in the conformance daemon."""
+_http_disks: dict[str, Path] = {}
+"""Namespace of each opened HTTP tier -> its LMDB environment inside the daemon."""
+
+
+@pytest.fixture(scope="module")
+def http_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, Path]]:
+    """One real daemon and its disk directory (disk tier only, so a value damaged in its
+    LMDB is what it serves)."""
+    from kvstore.daemon import DaemonProcess
+    disk = tmp_path_factory.mktemp("daemon-disk")
+    with DaemonProcess(["--memory-bytes", "0", "--disk", str(disk), "--disk-bytes",
+                        str(HTTP_DISK_BYTES), "--max-namespaces", "1000"],
+                       token="conformance-token-0123456789") as daemon:
+        yield daemon, disk
+
+
+def _open_http(request: pytest.FixtureRequest, tmp_path: Path, capacity_bytes: int) -> HashTier:
+    """A fresh, empty tier: a new namespace on the module's daemon."""
+    from tiers.http import HTTPTier
+    daemon, disk = request.getfixturevalue("http_daemon")
+    namespace = f"t{os.urandom(8).hex()}"
+    _http_disks[namespace] = disk / namespace
+    return HTTPTier(daemon.url, namespace=namespace, token=daemon.token, timeout_s=30.0)
+
+
+def _raw_put_http(tier: HashTier, key: bytes, value: bytes) -> None:
+    """Overwrite the value in the daemon's LMDB from this process (LMDB is multi-process)."""
+    from tiers.http import HTTPTier
+    assert isinstance(tier, HTTPTier)
+    with LMDBTier(_http_disks[tier.namespace], capacity_bytes=HTTP_DISK_BYTES) as disk:
+        disk._raw_put(key, value)
+
+
 TIER_CASES: dict[str, TierCase] = {
     "lmdb": TierCase(open=_open_lmdb, raw_put=_raw_put_lmdb, exact_lru=True,
                      tracks_contents=True),
     # ---- register further tiers here -------------------------------------------------
+    "memory": TierCase(open=_open_memory, raw_put=_raw_put_memory, exact_lru=True,
+                       tracks_contents=True),
+    "http": TierCase(open=_open_http, raw_put=_raw_put_http, exact_lru=False,
+                     tracks_contents=False),
     "redis": TierCase(open=_open_redis, raw_put=_raw_put_redis, exact_lru=False,
                       tracks_contents=False),
     "redis-cluster": TierCase(open=_open_redis_cluster, raw_put=_raw_put_redis,
