@@ -14,6 +14,8 @@ import time
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from bench.servers import RedisCluster, RedisServer, free_port
 from radix.hashing import Namespace, chain_key, token_bytes
@@ -23,20 +25,27 @@ from tiers.redis import RedisTier, parse_redis_url
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=16)
 ROOT = Namespace("redis-tier-test").root()
+STEADY = {"timeout_s": 2.0}
+"""For tests not about stalls: a read timeout no loaded test machine trips by accident."""
 FAST_BREAKER = {"backoff_s": 0.05, "backoff_max_s": 0.2}
 
 
-def make_blocks(n: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
+def make_blocks(n: int, seed: int = 0, layout: KVLayout = LAYOUT) -> list[tuple[bytes, bytes]]:
     """A chain of ``n`` encoded blocks: ``(key, blob)`` pairs with random payloads."""
     rng = random.Random(seed)
     parent, out = ROOT, []
     for _ in range(n):
-        tokens = token_bytes(rng.randrange(50_000) for _ in range(LAYOUT.block_size))
+        tokens = token_bytes(rng.randrange(50_000) for _ in range(layout.block_size))
         key = chain_key(parent, tokens)
-        out.append((key, encode_block(key, parent, tokens, LAYOUT,
-                                      rng.randbytes(LAYOUT.block_bytes))))
+        out.append((key, encode_block(key, parent, tokens, layout,
+                                      rng.randbytes(layout.block_bytes))))
         parent = key
     return out
+
+
+def big_layout(payload_kib: int) -> KVLayout:
+    """A bf16 layout of 16 tokens whose payload is ``payload_kib`` KiB (a multiple of 4)."""
+    return KVLayout(num_layers=payload_kib // 4, num_kv_heads=1, head_dim=64)
 
 
 def keys_of(items: list[tuple[bytes, bytes]]) -> list[bytes]:
@@ -120,7 +129,7 @@ def test_construction_does_not_touch_the_network():
 
 def test_batches_are_one_round_trip(redis_server: RedisServer):
     items = make_blocks(64)
-    with RedisTier(redis_server.url) as tier:
+    with RedisTier(redis_server.url, **STEADY) as tier:
         tier.put(items)
         assert tier.stats().extra["round_trips"] == 1
         assert tier.get(keys_of(items)) == [v for _, v in items]
@@ -133,7 +142,7 @@ def test_batches_are_one_round_trip(redis_server: RedisServer):
 
 def test_keys_are_namespace_prefixed_raw_bytes(redis_server: RedisServer):
     items = make_blocks(3)
-    with RedisTier(redis_server.url, namespace="tenant-a") as tier, \
+    with RedisTier(redis_server.url, namespace="tenant-a", **STEADY) as tier, \
             redis_server.client() as raw:
         tier.put(items)
         assert sorted(raw.keys("*")) == sorted(b"tenant-a:" + k for k in keys_of(items))
@@ -143,8 +152,8 @@ def test_keys_are_namespace_prefixed_raw_bytes(redis_server: RedisServer):
 
 def test_namespace_isolation(redis_server: RedisServer):
     a_items, b_items = make_blocks(4, seed=1), make_blocks(4, seed=2)
-    with RedisTier(redis_server.url, namespace="a") as a, \
-            RedisTier(redis_server.url, namespace="b") as b:
+    with RedisTier(redis_server.url, namespace="a", **STEADY) as a, \
+            RedisTier(redis_server.url, namespace="b", **STEADY) as b:
         a.put(a_items)
         assert b.get(keys_of(a_items)) == [None] * 4
         assert b.contains_prefix(keys_of(a_items)) == 0
@@ -158,12 +167,12 @@ def test_namespace_isolation(redis_server: RedisServer):
 
 def test_ttl_expiry(redis_server: RedisServer):
     items = make_blocks(4)
-    with RedisTier(redis_server.url, ttl_s=0.4) as tier, redis_server.client() as raw:
+    with RedisTier(redis_server.url, ttl_s=1.0, **STEADY) as tier, redis_server.client() as raw:
         tier.put(items)
         assert tier.contains_prefix(keys_of(items)) == 4
         pttl = raw.pttl(b"kv:" + items[0][0])
-        assert 0 < pttl <= 400
-        time.sleep(1.0)
+        assert 0 < pttl <= 1000
+        time.sleep(1.2)
         assert tier.contains_prefix(keys_of(items)) == 0
         assert tier.get(keys_of(items)) == [None] * 4
         assert raw.dbsize() == 0
@@ -174,7 +183,7 @@ def test_corrupt_values_are_misses_counted_and_deleted(redis_server: RedisServer
     (k0, v0), (k1, v1), (k2, v2), (k3, _) = items
     flipped = bytearray(v2)
     flipped[-1] ^= 0xFF
-    with RedisTier(redis_server.url) as tier, redis_server.client() as raw:
+    with RedisTier(redis_server.url, **STEADY) as tier, redis_server.client() as raw:
         tier.put(items)
         raw.set(b"kv:" + k1, v0)              # a valid block, stored under the wrong key
         raw.set(b"kv:" + k2, bytes(flipped))  # payload no longer matches its checksum
@@ -187,7 +196,7 @@ def test_corrupt_values_are_misses_counted_and_deleted(redis_server: RedisServer
 
 def test_contains_prefix_counts_from_the_start(redis_server: RedisServer):
     items = make_blocks(6)
-    with RedisTier(redis_server.url) as tier:
+    with RedisTier(redis_server.url, **STEADY) as tier:
         tier.put([items[i] for i in (0, 1, 2, 4, 5)])
         assert tier.contains_prefix(keys_of(items)) == 3
         assert tier.contains_prefix(keys_of(items)[1:]) == 2
@@ -195,9 +204,35 @@ def test_contains_prefix_counts_from_the_start(redis_server: RedisServer):
         assert tier.contains_prefix([]) == 0
 
 
+def test_large_blocks_mixed_with_small_ones_and_misses(redis_server: RedisServer):
+    """Blocks below, at and far above the size read straight from the socket, in one
+    batch with misses and a corrupt large block: every reply lands on its own key."""
+    items = (make_blocks(2, seed=1, layout=big_layout(4))
+             + make_blocks(2, seed=2, layout=big_layout(64))
+             + make_blocks(2, seed=3, layout=big_layout(2048))
+             + make_blocks(2, seed=4, layout=big_layout(68)))
+    rng = random.Random(5)
+    rng.shuffle(items)
+    stored = items[:-1]
+    absent = items[-1]
+    (bad_key, bad_blob) = stored[3]
+    damaged = bad_blob[:-100] + bytes(b ^ 0x5A for b in bad_blob[-100:])
+    keys = keys_of(items)
+    with RedisTier(redis_server.url, **STEADY) as tier, redis_server.client() as raw:
+        tier.put(stored)
+        raw.set(b"kv:" + bad_key, damaged)
+        want = [v for _, v in stored] + [None]
+        want[3] = None
+        for _ in range(3):  # reuse the pooled connection: no leftover bytes between calls
+            assert tier.get(keys) == want
+        assert tier.get([absent[0], keys[0]]) == [None, stored[0][1]]
+        assert tier.stats().corrupt == 1
+        assert tier.stats().errors == 0
+
+
 def test_concurrent_threads(redis_server: RedisServer):
     errors: list[BaseException] = []
-    with RedisTier(redis_server.url) as tier:
+    with RedisTier(redis_server.url, **STEADY) as tier:
         def work(seed: int) -> None:
             try:
                 items = make_blocks(16, seed=seed)
@@ -220,7 +255,7 @@ def test_concurrent_threads(redis_server: RedisServer):
 
 def test_closed_tier_answers_misses(redis_server: RedisServer):
     items = make_blocks(2)
-    tier = RedisTier(redis_server.url)
+    tier = RedisTier(redis_server.url, **STEADY)
     tier.put(items)
     tier.close()
     assert tier.get(keys_of(items)) == [None, None]
@@ -257,7 +292,8 @@ def test_killed_mid_batch_then_restarted(redis_server: RedisServer, caplog):
     caplog.set_level(logging.INFO, logger="tiers.redis")
     items = make_blocks(64)
     keys = keys_of(items)
-    tier = RedisTier(redis_server.url, **FAST_BREAKER)
+    batch = items + make_blocks(4, seed=7, layout=big_layout(1024))  # large blocks too
+    tier = RedisTier(redis_server.url, **FAST_BREAKER, **STEADY)
     stop = threading.Event()
     failures: list[BaseException] = []
     loops = [0]
@@ -265,9 +301,9 @@ def test_killed_mid_batch_then_restarted(redis_server: RedisServer, caplog):
     def hammer() -> None:
         while not stop.is_set():
             try:
-                tier.put(items)
-                got = tier.get(keys)
-                assert all(v is None or v == items[i][1] for i, v in enumerate(got))
+                tier.put(batch)
+                got = tier.get(keys_of(batch))
+                assert all(v is None or v == batch[i][1] for i, v in enumerate(got))
                 tier.contains_prefix(keys)
                 loops[0] += 1
             except BaseException as exc:  # reported to the main thread
@@ -309,18 +345,28 @@ def test_killed_mid_batch_then_restarted(redis_server: RedisServer, caplog):
 def test_stalled_server_answers_misses_without_waiting(redis_server: RedisServer):
     items = make_blocks(64)
     keys = keys_of(items)
-    tier = RedisTier(redis_server.url, **FAST_BREAKER)
-    tier.put(items)
-    assert tier.get(keys[:1]) == [items[0][1]]  # a pooled connection exists
+    tier = RedisTier(redis_server.url, **FAST_BREAKER)  # default timeouts
+    with RedisTier(redis_server.url, **STEADY) as writer:
+        writer.put(items)
+    assert wait_until(lambda: tier.get(keys[:1]) == [items[0][1]])  # a pooled connection
 
     def stall() -> None:
         with redis_server.client() as c:
             c.execute_command("DEBUG", "SLEEP", "1")
 
+    def stalled() -> bool:
+        with redis.Redis(port=redis_server.port, socket_timeout=0.2,
+                         retry=Retry(NoBackoff(), 0)) as c:
+            try:
+                c.ping()
+            except redis.TimeoutError:
+                return True
+        return False
+
     sleeper = threading.Thread(target=stall)
     with redis_server.client() as probe:
         sleeper.start()
-        time.sleep(0.1)  # let DEBUG SLEEP reach the server
+        assert wait_until(stalled)  # DEBUG SLEEP has reached the server
         t0 = time.perf_counter()
         got = tier.get(keys)
         elapsed = time.perf_counter() - t0
@@ -340,7 +386,7 @@ def test_stalled_server_answers_misses_without_waiting(redis_server: RedisServer
 
 def test_cluster_spreads_keys_over_nodes(redis_cluster: RedisCluster):
     items = make_blocks(300)
-    with RedisTier(redis_cluster.url) as tier:
+    with RedisTier(redis_cluster.url, **STEADY) as tier:
         tier.put(items)
         sizes = redis_cluster.dbsizes()
         print(f"\nkeys per node: {sizes}")
@@ -359,7 +405,8 @@ def test_cluster_spreads_keys_over_nodes(redis_cluster: RedisCluster):
 def test_cluster_from_one_seed(redis_cluster: RedisCluster, parallel: bool):
     items = make_blocks(32)
     seed = redis_cluster.nodes[1]
-    with RedisTier(f"redis+cluster://127.0.0.1:{seed.port}", parallel=parallel) as tier:
+    with RedisTier(f"redis+cluster://127.0.0.1:{seed.port}", parallel=parallel,
+                   **STEADY) as tier:
         tier.put(items)
         assert tier.get(keys_of(items)) == [v for _, v in items]
         assert tier.stats().errors == 0
@@ -374,7 +421,7 @@ def _node_id(server: RedisServer) -> bytes:
 def test_cluster_follows_moved_slot(redis_cluster: RedisCluster):
     items = make_blocks(16)
     key, blob = items[0]
-    with RedisTier(redis_cluster.url, topology_refresh_s=3600) as tier:
+    with RedisTier(redis_cluster.url, topology_refresh_s=3600, **STEADY) as tier:
         tier.put(items)
         assert tier.get([key]) == [blob]  # the slot map is now cached
         slot = redis.crc.key_slot(b"kv:" + key)
@@ -403,7 +450,7 @@ def test_cluster_node_down_only_its_keys_miss(redis_cluster: RedisCluster):
     items = make_blocks(120)
     keys = keys_of(items)
     victim = redis_cluster.nodes[2]
-    with RedisTier(redis_cluster.url, **FAST_BREAKER) as tier, victim.client() as v:
+    with RedisTier(redis_cluster.url, **FAST_BREAKER, **STEADY) as tier, victim.client() as v:
         tier.put(items)
         local = set(v.keys("*"))
         on_victim = {i for i, k in enumerate(keys) if b"kv:" + k in local}
