@@ -110,6 +110,36 @@ def test_wire_format_is_magic_length_msgpack_header_payload() -> None:
         "len": len(payload),
         "sum": xxhash.xxh3_64_digest(payload),
     }
+    assert blob[8:8 + header_len] == msgpack.packb(header, use_bin_type=True)
+
+
+def test_header_fields_in_any_order_decode() -> None:
+    """Our encoder writes one canonical order; a reader accepts any order of the map."""
+    key, _, _, payload, blob = make_block(seed=11)
+
+    def reverse(h: dict[str, Any]) -> None:
+        items = list(h.items())[::-1]
+        h.clear()
+        h.update(items)
+
+    reordered = rebuild(blob, reverse)
+    assert reordered != blob
+    block = decode_block(reordered, expected_key=key)
+    assert isinstance(block, Block)
+    assert bytes(block.payload) == payload
+    damaged = rebuild(blob, lambda h: (reverse(h), h.update(key=bytes(16))))
+    assert_corrupt(decode_block(damaged), "chain_key")
+
+
+def test_first_decode_of_an_unseen_layout_and_later_ones_agree() -> None:
+    """A layout met first by the decoder (not the encoder) decodes the same every time."""
+    layout = KVLayout(num_layers=3, num_kv_heads=1, head_dim=4, block_size=2, dtype="float32")
+    key, _, _, payload, blob = make_block(layout, seed=12)
+    for _ in range(2):
+        block = decode_block(blob, expected_key=key, layout=layout)
+        assert isinstance(block, Block)
+        assert bytes(block.payload) == payload
+        assert_corrupt(decode_block(blob[:-1] + b"\x00"), "checksum")
 
 
 def test_decode_does_not_copy_the_payload() -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import xxhash
@@ -59,6 +59,7 @@ MAX_HEADER_BYTES = 1 << 20
 
 _HEADER_FIELDS = frozenset(("v", "lf", "dt", "sh", "tok", "par", "key", "len", "sum"))
 _LEN = struct.Struct("<I")
+_PREFIX = struct.Struct("<4sI")
 _xxh3_64 = xxhash.xxh3_64_digest
 
 
@@ -111,18 +112,9 @@ def encode_block(key: bytes, parent: bytes, tokens: bytes, layout: KVLayout,
     if not view.c_contiguous:
         raise ValueError("payload must be C-contiguous")
     view = view.cast("B")
-    header = msgpack.packb({
-        "v": FORMAT_VERSION,
-        "lf": layout.fingerprint(),
-        "dt": layout.dtype,
-        "sh": list(layout.block_shape),
-        "tok": tokens,
-        "par": parent,
-        "key": key,
-        "len": view.nbytes,
-        "sum": _xxh3_64(view),
-    }, use_bin_type=True)
-    return b"".join((MAGIC, _LEN.pack(len(header)), header, view))
+    template = _template(_facts_of(layout))
+    header = template.fill(tokens, parent, key, _xxh3_64(view))
+    return b"".join((MAGIC, template.header_len_bytes, header, view))
 
 
 @dataclass(frozen=True)
@@ -155,37 +147,119 @@ def _cached_facts(shape: tuple[int, ...], dtype: str) -> _LayoutFacts | None:
     if shape[1] != 2 or dtype not in DTYPE_BYTES:
         return None
     layers, _, block_size, kv_heads, head_dim = shape
-    layout = KVLayout(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
-                      block_size=block_size, dtype=dtype)
-    return _LayoutFacts(layout=layout, shape=shape, fingerprint=layout.fingerprint(),
-                        payload_bytes=layout.block_bytes, token_bytes=4 * block_size)
+    return _facts_of(KVLayout(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
+                              block_size=block_size, dtype=dtype))
 
 
-def _check(blob: bytes, expected_key: bytes | None,
-           layout: KVLayout | None) -> tuple[dict[str, Any], _LayoutFacts, memoryview] | Corrupt:
-    """Every check of :func:`decode_block`; the parsed header and payload view, or why not."""
-    try:
-        view = memoryview(blob)
-        if not view.c_contiguous:
-            return Corrupt("not a contiguous bytes-like object")
-        if view.ndim != 1 or view.format != "B":
-            view = view.cast("B")
-    except (TypeError, ValueError):
-        return Corrupt("not a contiguous bytes-like object")
-    total = view.nbytes
-    if total < PREFIX_BYTES:
-        return Corrupt("truncated prefix")
-    if view[:4] != MAGIC:
-        return Corrupt("bad magic")
-    (header_len,) = _LEN.unpack_from(view, 4)
-    header_end = PREFIX_BYTES + header_len
-    if header_len > MAX_HEADER_BYTES or header_end > total:
-        return Corrupt("bad header length")
+@lru_cache(maxsize=256)
+def _facts_of(layout: KVLayout) -> _LayoutFacts:
+    return _LayoutFacts(layout=layout, shape=layout.block_shape,
+                        fingerprint=layout.fingerprint(), payload_bytes=layout.block_bytes,
+                        token_bytes=4 * layout.block_size)
+
+
+@dataclass(frozen=True)
+class _Template:
+    """The canonical header of one layout: fixed bytes around four fixed-size holes.
+
+    :func:`encode_block` writes exactly ``head + tok + seg1 + par + seg2 + key + seg3 +
+    sum``. Every byte outside the holes is the msgpack of a field whose value the layout
+    fixes (version, fingerprint, dtype, shape, payload length) or of a key name or bin
+    length, so a header that matches them byte for byte parses to the same map the full
+    parser would accept: decode then only reads the holes.
+    """
+
+    facts: _LayoutFacts
+    header_len: int
+    header_len_bytes: bytes
+    head: bytes
+    seg1: bytes
+    seg2: bytes
+    seg3: bytes
+    tok_at: int
+    par_at: int
+    key_at: int
+    sum_at: int
+
+    def fill(self, tokens: bytes, parent: bytes, key: bytes, checksum: bytes) -> bytes:
+        return b"".join((self.head, tokens, self.seg1, parent, self.seg2, key, self.seg3,
+                         checksum))
+
+
+_TEMPLATES: dict[int, tuple[_Template, ...]] = {}
+"""Templates by header length, for the fast path of :func:`_check` (bounded)."""
+_MAX_TEMPLATES = 64
+
+
+@lru_cache(maxsize=_MAX_TEMPLATES)
+def _template(facts: _LayoutFacts) -> _Template:
+    """Build (once per layout) and register the canonical header template of a layout."""
+    packer = msgpack.Packer(use_bin_type=True)
+    fields: list[tuple[str, Any]] = [
+        ("v", FORMAT_VERSION), ("lf", facts.fingerprint), ("dt", facts.layout.dtype),
+        ("sh", list(facts.shape)), ("tok", bytes(facts.token_bytes)),
+        ("par", bytes(KEY_BYTES)), ("key", bytes(KEY_BYTES)), ("len", facts.payload_bytes),
+        ("sum", bytes(CHECKSUM_BYTES))]
+    pieces = [packer.pack_map_header(len(fields))]
+    holes: dict[str, tuple[int, int]] = {}
+    for name, value in fields:
+        pieces.append(packer.pack(name))
+        packed = packer.pack(value)
+        pieces.append(packed)
+        if name in ("tok", "par", "key", "sum"):
+            end = sum(map(len, pieces))
+            holes[name] = (end - len(value), end)
+    header = b"".join(pieces)
+    (tok_at, tok_end), (par_at, par_end) = holes["tok"], holes["par"]
+    (key_at, key_end), (sum_at, sum_end) = holes["key"], holes["sum"]
+    assert sum_end == len(header)
+    template = _Template(
+        facts=facts, header_len=len(header), header_len_bytes=_LEN.pack(len(header)),
+        head=header[:tok_at], seg1=header[tok_end:par_at], seg2=header[par_end:key_at],
+        seg3=header[key_end:sum_at], tok_at=tok_at, par_at=par_at, key_at=key_at,
+        sum_at=sum_at)
+    if sum(map(len, _TEMPLATES.values())) < _MAX_TEMPLATES:
+        _TEMPLATES[len(header)] = (*_TEMPLATES.get(len(header), ()), template)
+    return template
+
+
+class _Checked(NamedTuple):
+    """The fields of a blob that passed every check, and its payload view."""
+
+    key: bytes
+    parent: bytes
+    tokens: bytes
+    facts: _LayoutFacts
+    payload: memoryview
+
+
+def _match_template(header: memoryview) -> tuple[_LayoutFacts, bytes, bytes, bytes,
+                                                  bytes] | None:
+    """``(facts, tokens, parent, key, checksum)`` when ``header`` is the canonical header
+    of a known layout, else ``None`` (the full parser then decides)."""
+    templates = _TEMPLATES.get(header.nbytes)
+    if not templates:
+        return None
+    raw = bytes(header)
+    for t in templates:
+        tok_at, par_at, key_at, sum_at = t.tok_at, t.par_at, t.key_at, t.sum_at
+        tokens = raw[tok_at:tok_at + t.facts.token_bytes]
+        parent = raw[par_at:par_at + KEY_BYTES]
+        key = raw[key_at:key_at + KEY_BYTES]
+        checksum = raw[sum_at:]
+        if raw == t.fill(tokens, parent, key, checksum):
+            return t.facts, tokens, parent, key, checksum
+    return None
+
+
+def _parse_header(header_view: memoryview, payload_len: int) -> tuple[
+        _LayoutFacts, bytes, bytes, bytes, bytes] | Corrupt:
+    """Full msgpack parse and field checks of a header in any field order."""
     try:
         header = msgpack.unpackb(
-            view[PREFIX_BYTES:header_end], raw=False, use_list=True, strict_map_key=True,
-            max_bin_len=header_len, max_str_len=header_len, max_array_len=16,
-            max_map_len=16, max_ext_len=0)
+            header_view, raw=False, use_list=True, strict_map_key=True,
+            max_bin_len=header_view.nbytes, max_str_len=header_view.nbytes,
+            max_array_len=16, max_map_len=16, max_ext_len=0)
     except Exception as exc:  # msgpack raises many unrelated types for bad input
         return Corrupt(f"header does not parse: {type(exc).__name__}")
     if type(header) is not dict or header.keys() != _HEADER_FIELDS:
@@ -208,9 +282,48 @@ def _check(blob: bytes, expected_key: bytes | None,
     if type(tokens) is not bytes or len(tokens) != facts.token_bytes:
         return Corrupt("token bytes do not fill one block")
     length = header["len"]
-    if type(length) is not int or length != total - header_end:
+    if type(length) is not int or length != payload_len:
         return Corrupt("payload length")
-    if length != facts.payload_bytes:
+    checksum = header["sum"]
+    if type(checksum) is not bytes or len(checksum) != CHECKSUM_BYTES:
+        return Corrupt("payload checksum")
+    return facts, tokens, parent, key, checksum
+
+
+def _check(blob: bytes, expected_key: bytes | None,
+           layout: KVLayout | None) -> _Checked | Corrupt:
+    """Every check of :func:`decode_block`: the verified fields, or why not.
+
+    A header in the canonical form of a layout seen before (all of ours) is matched
+    against its template; any other header goes through the full parser. Both paths
+    accept exactly the same headers.
+    """
+    try:
+        view = memoryview(blob)
+        if not view.c_contiguous:
+            return Corrupt("not a contiguous bytes-like object")
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+    except (TypeError, ValueError):
+        return Corrupt("not a contiguous bytes-like object")
+    total = view.nbytes
+    if total < PREFIX_BYTES:
+        return Corrupt("truncated prefix")
+    magic, header_len = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        return Corrupt("bad magic")
+    header_end = PREFIX_BYTES + header_len
+    if header_len > MAX_HEADER_BYTES or header_end > total:
+        return Corrupt("bad header length")
+    header_view = view[PREFIX_BYTES:header_end]
+    fields = _match_template(header_view)
+    if fields is None:
+        fields = _parse_header(header_view, total - header_end)
+        if isinstance(fields, Corrupt):
+            return fields
+        _template(fields[0])
+    facts, tokens, parent, key, checksum = fields
+    if total - header_end != facts.payload_bytes:
         return Corrupt("payload length does not match shape")
     if expected_key is not None and key != expected_key:
         return Corrupt("key differs from the expected key")
@@ -219,10 +332,9 @@ def _check(blob: bytes, expected_key: bytes | None,
     if chain_key(parent, tokens) != key:
         return Corrupt("key is not chain_key(parent, tokens)")
     payload = view[header_end:]
-    checksum = header["sum"]
-    if type(checksum) is not bytes or _xxh3_64(payload) != checksum:
+    if _xxh3_64(payload) != checksum:
         return Corrupt("payload checksum")
-    return header, facts, payload
+    return _Checked(key=key, parent=parent, tokens=tokens, facts=facts, payload=payload)
 
 
 def decode_block(blob: bytes, expected_key: bytes | None = None,
@@ -237,10 +349,10 @@ def decode_block(blob: bytes, expected_key: bytes | None = None,
     checked = _check(blob, expected_key, layout)
     if isinstance(checked, Corrupt):
         return checked
-    header, facts, payload = checked
-    return Block(key=header["key"], parent=header["par"], tokens=header["tok"],
+    facts = checked.facts
+    return Block(key=checked.key, parent=checked.parent, tokens=checked.tokens,
                  layout_fingerprint=facts.fingerprint, dtype=facts.layout.dtype,
-                 shape=facts.shape, payload=payload.toreadonly())
+                 shape=facts.shape, payload=checked.payload.toreadonly())
 
 
 def verify_block(blob: bytes, key: bytes) -> bool:
