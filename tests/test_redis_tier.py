@@ -253,6 +253,19 @@ def test_concurrent_threads(redis_server: RedisServer):
         assert tier.stats().errors == 0
 
 
+def test_bad_values_are_type_errors_not_outages(redis_server: RedisServer):
+    items = make_blocks(2)
+    with RedisTier(redis_server.url, **STEADY) as tier:
+        with pytest.raises(TypeError):
+            tier.put([(items[0][0], None)])
+        with pytest.raises(TypeError):
+            tier.get(["not bytes"])
+        tier.put(items)
+        assert tier.get(keys_of(items)) == [v for _, v in items]
+        s = tier.stats()
+        assert (s.errors, s.extra["outages"]) == (0, 0)
+
+
 def test_closed_tier_answers_misses(redis_server: RedisServer):
     items = make_blocks(2)
     tier = RedisTier(redis_server.url, **STEADY)
@@ -411,6 +424,23 @@ def test_cluster_from_one_seed(redis_cluster: RedisCluster, parallel: bool):
         assert tier.get(keys_of(items)) == [v for _, v in items]
         assert tier.stats().errors == 0
     assert all(n > 0 for n in redis_cluster.dbsizes())
+
+
+def test_cluster_with_no_reachable_seed_answers_misses(caplog):
+    caplog.set_level(logging.WARNING, logger="tiers.redis")
+    items = make_blocks(8)
+    url = f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    with RedisTier(url, backoff_s=30, backoff_max_s=60) as tier:
+        for _ in range(5):
+            assert tier.get(keys_of(items)) == [None] * 8
+            assert tier.contains_prefix(keys_of(items)) == 0
+            tier.put(items)
+            tier.delete(keys_of(items))
+        s = tier.stats()
+        assert s.errors == 1 and s.extra["outages"] == 1
+        assert s.misses == 40
+    messages = [r.getMessage() for r in caplog.records if r.name == "tiers.redis"]
+    assert len(messages) == 1 and "CLUSTER SLOTS" in messages[0], messages
 
 
 def _node_id(server: RedisServer) -> bytes:

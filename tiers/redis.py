@@ -414,10 +414,15 @@ class RedisTier:
         """Store ``(key, encoded block)`` pairs (SET, with ``PX`` when ``ttl_s`` is set).
 
         Best effort: a write that fails is dropped and counted in ``stats().errors``.
+        A key that is not ``bytes`` or a value that is not bytes-like is a programming
+        error: ``TypeError``, raised before anything is sent.
         """
         if not items or self._closed:
             return
         rkeys = [self._prefix + k for k, _ in items]
+        for _, value in items:
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise TypeError(f"block values must be bytes-like, got {type(value).__name__}")
         px = self._px
         if px is None:
             done = self._run(rkeys, lambda i: ("SET", rkeys[i], items[i][1]))
@@ -510,6 +515,7 @@ class RedisTier:
             return {self._single: list(indices)}
         slots = self._topology()
         if slots is None:
+            self._bump("short_circuited")
             return None
         groups: dict[_Node, list[int]] = {}
         for i in indices:
