@@ -91,9 +91,10 @@ def chat_ids(smollm2: LoadedModel, prompt: str) -> list[int]:
     return smollm2.tokenizer.encode_chat([{"role": "user", "content": prompt}])
 
 
-def hf_logits(hf, ids: list[int]) -> torch.Tensor:
+def hf_logits(hf, ids: list[int], last_only: bool = False) -> torch.Tensor:
+    """transformers' fp32 logits ``[len(ids), vocab]`` (or ``[1, vocab]`` if ``last_only``)."""
     with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0].float()
+        return hf(torch.tensor([ids]), logits_to_keep=1 if last_only else 0).logits[0].float()
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
@@ -130,7 +131,7 @@ def test_smollm2_mixed_batch_matches_transformers(smollm2: LoadedModel, ours: Ca
     runner.step({0: seqs[0][:-1], 1: seqs[1][:20], 2: seqs[2][:-3]})
     last = runner.step({1: seqs[1][20:], 0: seqs[0][-1:], 2: seqs[2][-3:-2]})
     for seq, ids in ((0, seqs[0]), (1, seqs[1]), (2, seqs[2][:-2])):
-        assert_close(last[seq], hf_logits(hf_gguf, ids)[-1])
+        assert_close(last[seq], hf_logits(hf_gguf, ids, last_only=True)[-1])
 
 
 def greedy_paged(runner: PagedRunner, prompts: list[list[int]], stop: frozenset[int],
@@ -237,6 +238,6 @@ def test_tiny_random_models_match_transformers(kind: str, tmp_path: Path) -> Non
     runner = PagedRunner(model, block_size=8, seed=3)
     runner.step({0: seqs[0][:-1], 1: seqs[1][:30], 2: seqs[2]})
     last = runner.step({0: seqs[0][-1:], 1: seqs[1][30:]})
-    expected = {b: hf_logits(hf, seqs[b])[-1] for b in (0, 1)}
+    expected = {b: hf_logits(hf, seqs[b], last_only=True)[-1] for b in (0, 1)}
     for b in (0, 1):
         assert_close(last[b], expected[b])
