@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import lmdb
@@ -272,3 +273,38 @@ def test_keys_must_be_16_bytes(tmp_path: Path) -> None:
             with pytest.raises(ValueError, match="16 bytes"):
                 tier.delete([bad])  # type: ignore[list-item]
         assert tier.stats().blocks == 0
+
+
+def test_close_while_other_threads_call_is_safe(tmp_path: Path) -> None:
+    """Calls racing with close either complete normally or answer misses; none raises."""
+    items = blocks(64)
+    tier = LMDBTier(tmp_path, capacity_bytes=1 << 20)
+    tier.put(items)
+    keys = [k for k, _ in items]
+    values = {k: v for k, v in items}
+    failures: list[BaseException] = []
+    wrong: list[bytes] = []
+    started = threading.Barrier(5)
+
+    def hammer() -> None:
+        started.wait()
+        try:
+            for _ in range(200):
+                for key, value in zip(keys, tier.get(keys), strict=True):
+                    if value is not None and value != values[key]:
+                        wrong.append(key)
+                tier.contains_prefix(keys)
+                tier.put(items[:4])
+        except BaseException as exc:  # any exception at all fails the test
+            failures.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    tier.close()
+    for t in threads:
+        t.join()
+    assert failures == [] and wrong == []
+    assert tier.get(keys[:1]) == [None]
+    audit(tmp_path)
