@@ -87,8 +87,6 @@ class _Txn:
         raw = txn.get(_BYTES_USED, db=tier._meta)
         self.bytes_used = _U64.unpack(raw)[0] if raw is not None else 0
         self.evictions = 0
-        self.removed = 0
-        self.added = 0
         cursor = txn.cursor(db=self.lru)
         self.lru_cursor = cursor
         last = _STAMP.unpack(cursor.key()[:8])[0] if cursor.last() else 0
@@ -104,7 +102,6 @@ class _Txn:
         self.txn.delete(_STAMP.pack(stamp) + key, db=self.lru)
         self.txn.delete(key, db=self.blocks)
         self.bytes_used -= size
-        self.removed += 1
         return True
 
     def evict_oldest(self) -> bool:
@@ -118,7 +115,6 @@ class _Txn:
         self.txn.delete(key, db=self.blocks)
         if record is not None:
             self.bytes_used -= _INDEX.unpack(record)[1]
-        self.removed += 1
         self.evictions += 1
         return True
 
@@ -141,7 +137,6 @@ class _Txn:
         self.txn.put(key, _INDEX.pack(stamp, size), db=self.index)
         self.txn.put(_STAMP.pack(stamp) + key, b"", db=self.lru)
         self.bytes_used += size
-        self.added += 1
 
 
 class LMDBTier:
@@ -263,8 +258,9 @@ class LMDBTier:
             self._exit()
 
     def put(self, items: Sequence[tuple[bytes, bytes]]) -> None:
-        """Store ``(key, encoded block)`` pairs in one write transaction, evicting
-        least-recently-used blocks to stay within ``capacity_bytes``. A key already
+        """Store ``(key, encoded block)`` pairs in one write transaction (split only when
+        the LMDB map is full), evicting least-recently-used blocks to stay within
+        ``capacity_bytes``. A key already
         stored is replaced; within a batch the last pair for a key wins. Values are
         stored as given (``get`` verifies them). Never raises for LMDB errors."""
         _check_keys(key for key, _ in items)
@@ -442,6 +438,9 @@ class LMDBTier:
         """Insert ``items`` evicting LRU blocks as needed; returns (stored, bytes)."""
         capacity = self.capacity_bytes
         stored = nbytes = rejected = 0
+        with self._state:
+            stamp = self._next_stamp
+            self._next_stamp += len(items)
         for key, value in items:
             size = len(value)
             txn.remove(key)
@@ -450,10 +449,8 @@ class LMDBTier:
                 continue
             while txn.bytes_used + size > capacity and txn.evict_oldest():
                 pass
-            with self._state:
-                stamp = self._next_stamp
-                self._next_stamp += 1
             txn.insert(key, value, stamp)
+            stamp += 1
             stored += 1
             nbytes += size
         if rejected:
