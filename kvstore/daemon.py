@@ -646,6 +646,7 @@ class _State:
     metrics: Metrics
     executor: ThreadPoolExecutor
     started: float
+    stopping: asyncio.Event
     inflight: int = 0
     requests: int = 0
     rejected: int = 0
@@ -746,18 +747,33 @@ async def _limit_middleware(request: web.Request,
 
 
 async def _read_body(request: web.Request, state: _State) -> bytes:
+    """The whole body, within the size limit and ``body_timeout_s``. A body still
+    arriving when shutdown starts is abandoned with a 503 (aiohttp stops reading then)."""
     limit = state.config.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise RequestError(413, f"body of {request.content_length} bytes exceeds the limit "
                            f"of {limit} bytes (--max-body-bytes)")
+    read = asyncio.ensure_future(request.read())
+    stopping = asyncio.ensure_future(state.stopping.wait())
     try:
-        body = await asyncio.wait_for(request.read(), state.config.body_timeout_s)
+        done, _ = await asyncio.wait({read, stopping}, timeout=state.config.body_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if read not in done:
+        read.cancel()
+        with contextlib.suppress(asyncio.CancelledError, web.HTTPException):
+            await read
+        if state.stopping.is_set():
+            raise RequestError(503, "daemon is shutting down; retry on another replica or "
+                               "after its restart", {"Retry-After": "1", "Connection": "close"})
+        raise RequestError(408, f"body not received within {state.config.body_timeout_s} s "
+                           "(--body-timeout)", {"Connection": "close"})
+    try:
+        body = read.result()
     except web.HTTPRequestEntityTooLarge:
         raise RequestError(413, f"body exceeds the limit of {limit} bytes "
                            "(--max-body-bytes)") from None
-    except asyncio.TimeoutError:
-        raise RequestError(408, f"body not received within {state.config.body_timeout_s} s "
-                           "(--body-timeout)", {"Connection": "close"}) from None
     state.metrics.body_bytes.inc(len(body))
     return body
 
@@ -843,6 +859,11 @@ async def _metrics(request: web.Request) -> web.Response:
     return resp
 
 
+async def _on_shutdown(app: web.Application) -> None:
+    """Shutdown started: requests still receiving their body are answered 503."""
+    app[STATE].stopping.set()
+
+
 async def _on_cleanup(app: web.Application) -> None:
     """After in-flight requests finished: stop the workers, close (flush) every tier."""
     state = app[STATE]
@@ -869,13 +890,14 @@ def build_app(config: DaemonConfig, backend: Backend | None = None) -> web.Appli
     state = _State(config=config, backend=backend, metrics=Metrics(backend),
                    executor=ThreadPoolExecutor(max_workers=config.max_concurrency,
                                                thread_name_prefix="kvstore-daemon"),
-                   started=time.monotonic())
+                   started=time.monotonic(), stopping=asyncio.Event())
     app[STATE] = state
     for op in DATA_OPS:
         app.router.add_post(f"/v1/{{namespace}}/{op}", _data_handler(op), name=op)
     app.router.add_get("/v1/stats", _stats, name="stats", allow_head=False)
     app.router.add_get("/metrics", _metrics, name="metrics", allow_head=False)
     app.router.add_get("/healthz", _healthz, name="healthz", allow_head=False)
+    app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_on_cleanup)
     return app
 
@@ -919,12 +941,12 @@ async def serve(config: DaemonConfig, ready: Callable[[list[Any]], None] | None 
     app = build_app(config, backend)
     access_log = logging.getLogger("kvstore.daemon.access")
     runner = web.AppRunner(app, handle_signals=False,
+                           shutdown_timeout=config.shutdown_timeout_s,
                            access_log=access_log if access_log.isEnabledFor(logging.DEBUG)
                            else None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port,
-                           shutdown_timeout=config.shutdown_timeout_s)
+        site = web.TCPSite(runner, config.host, config.port)
         await site.start()
         stop = asyncio.Event()
         received: list[str] = []
