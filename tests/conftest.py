@@ -23,6 +23,13 @@ if str(ROOT) not in sys.path:
 
 from bench.servers import REDIS_SERVER, RedisCluster, RedisServer  # noqa: E402
 
+try:  # One intra-op thread: small CPU models run faster, and never collapse under load.
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:
+    pass
+
 
 def _need_redis() -> None:
     if shutil.which(REDIS_SERVER) is None:

@@ -1,0 +1,59 @@
+"""The chat demo in scripted mode: per-turn statistics, reuse within a session, and a
+restarted demo resuming its conversation from the disk tier."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TURN = re.compile(r"\[turn (\d+)\] prompt (\d+) tok \| cached (\d+) tok \((.*?)\) \| "
+                  r"TTFT (\d+) ms \| (\d+) tok at ([0-9.]+|nan) tok/s")
+
+
+def chat(tmp_path: Path, cache: Path, lines: list[str], *extra: str) -> list[tuple]:
+    script = tmp_path / "script.txt"
+    script.write_text("\n".join(lines) + "\n")
+    env = dict(os.environ, KVSTORE_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "kvstore", "chat", "--script", str(script), "--device", "cpu",
+         "--max-tokens", "12", "--gpu-blocks", "128", "--model-cache-dir", str(cache), *extra],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    print(out.stdout)
+    return [m.groups() for m in TURN.finditer(out.stdout)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp() / "models"
+
+
+def test_scripted_chat_reports_cached_tokens_and_resumes_from_disk(tmp_path, cache):
+    turns = chat(tmp_path, cache, ["What is the capital of France?", "/stats",
+                                   "And of Italy?", "/quit", "never sent"])
+    assert [t[0] for t in turns] == ["1", "2"]
+    (_, p1, c1, _, _, _, _), (_, p2, c2, tiers2, _, n2, _) = turns
+    assert int(c1) == 0 and int(c2) >= int(p1) // 16 * 16 > 0
+    assert "gpu" in tiers2 and int(n2) > 0
+    # A new process resuming the session: the history comes back from the disk tier.
+    turns = chat(tmp_path, cache, ["Thanks!"], "--resume")
+    (_, p3, c3, tiers3, _, _, _), = turns
+    assert int(c3) >= int(p2) // 16 * 16 and "disk" in tiers3
+
+
+def test_bad_flags_are_clear_errors(tmp_path, cache):
+    env = dict(os.environ, KVSTORE_HOME=str(tmp_path / "home"))
+    out = subprocess.run([sys.executable, "-m", "kvstore", "chat", "--disk-bytes", "lots"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert out.returncode == 2 and "not a size" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "kvstore", "chat", "--script", "/nonexistent",
+                          "--model-cache-dir", str(cache), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode != 0 and "cannot read --script" in out.stderr
+    assert "Traceback" not in out.stderr
