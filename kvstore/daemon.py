@@ -85,7 +85,13 @@ from kvstore import __version__
 from radix.hashing import KEY_BYTES
 from tiers.base import HashTier, TierStats
 from tiers.codec import verify_block
-from tiers.http import CONTENT_TYPE, NAMESPACE_PATTERN, TOKEN_RE, valid_namespace
+from tiers.http import (
+    CONTENT_TYPE,
+    NAMESPACE_PATTERN,
+    TOKEN_RE,
+    encode_get_reply,
+    valid_namespace,
+)
 from tiers.memory import MemoryTier
 
 logger = logging.getLogger("kvstore.daemon")
@@ -331,7 +337,7 @@ class Backend:
                 raise OSError(f"disk path {config.disk_path} is not writable")
         try:
             for ns in config.namespaces or ():
-                self.stack(ns)
+                self._stacks[ns] = self._open(ns)
         except BaseException:
             self.close()
             raise
@@ -351,7 +357,13 @@ class Backend:
                 raise RequestError(403, f"namespace limit reached: {len(self._stacks)} "
                                    "namespaces are open (raise --max-namespaces or list "
                                    "them with --namespaces)")
-            stack = self._open(namespace)
+            try:
+                stack = self._open(namespace)
+            except OSError as exc:
+                logger.error("cannot open namespace %r: %s", namespace, exc)
+                raise RequestError(503, f"cannot open the storage of namespace "
+                                   f"{namespace!r} (logged by the daemon)",
+                                   {"Retry-After": "5"}) from None
             self._stacks[namespace] = stack
             logger.info("opened namespace %r", namespace)
             return stack
@@ -795,22 +807,20 @@ def _run_op(state: _State, op: str, ns: str, body: bytes) -> bytes:
     backend, limit = state.backend, state.config.max_batch
     if op == "put":
         items = parse_items(body, limit)
-        stack = backend.stack(ns)
-        reply: dict[str, Any] = {"stored": backend.put(stack, items)}
         n = len(items)
+        reply = msgpack.packb({"stored": backend.put(backend.stack(ns), items)})
     else:
         keys = parse_keys(body, limit)
-        stack = backend.stack(ns)
         n = len(keys)
-        if op == "exists":
-            reply = {"count": backend.exists(stack, keys)}
-        elif op == "get":
-            values, corrupt = backend.get(stack, keys)
-            reply = {"values": values, "corrupt": corrupt}
+        stack = backend.stack(ns)
+        if op == "get":
+            reply = encode_get_reply(*backend.get(stack, keys))
+        elif op == "exists":
+            reply = msgpack.packb({"count": backend.exists(stack, keys)})
         else:
-            reply = {"deleted": backend.delete(stack, keys)}
+            reply = msgpack.packb({"deleted": backend.delete(stack, keys)})
     state.metrics.keys.labels(op).inc(n)
-    return msgpack.packb(reply, use_bin_type=True)
+    return reply
 
 
 def _data_handler(op: str) -> Callable[[web.Request], Awaitable[web.Response]]:

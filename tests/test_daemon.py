@@ -45,7 +45,7 @@ from kvstore.daemon import (
 )
 from radix.hashing import Namespace, hash_blocks
 from tiers.codec import encode_block
-from tiers.http import HTTPTier
+from tiers.http import HTTPTier, encode_get_reply, encode_put_body
 from tiers.layout import KVLayout
 from tiers.memory import MemoryTier
 
@@ -831,6 +831,28 @@ def test_startup_failures_are_clear_messages(tmp_path: Path) -> None:
             assert "Traceback" not in busy.log_text()
         finally:
             busy.close()
+
+
+def test_namespace_whose_storage_cannot_open_is_a_503(tmp_path: Path) -> None:
+    (tmp_path / "blocked").write_text("a file where the LMDB directory would go")
+    with DaemonProcess(["--disk", str(tmp_path), "--disk-bytes", "1MiB"], token=TOKEN) as d:
+        reply = request(d.port, "POST", "/v1/blocked/get", pack({"keys": [K0]}))
+        assert reply.status == 503 and reply.headers["Retry-After"] == "5"
+        assert "cannot open the storage of namespace 'blocked'" in reply.json()["error"]
+        assert "cannot open namespace 'blocked'" in d.log_text()
+        tier = tier_for(d, "fine")
+        tier.put(FRESH[:1])
+        assert tier.get([K0]) == [V0]
+        tier.close()
+
+
+def test_wire_encoders_match_msgpack() -> None:
+    for n in (0, 1, 15, 16, 17, 65535, 65536):
+        values = [None if i % 3 == 0 else os.urandom(i % 7) for i in range(n)]
+        assert encode_get_reply(values, n) == pack({"values": values, "corrupt": n})
+    for size in (0, 1, 255, 256, 65535, 65536, 70000):
+        items = [(os.urandom(16), os.urandom(size)), (b"k" * 16, b"")]
+        assert encode_put_body(items) == pack({"items": [list(p) for p in items]})
 
 
 # ============================================================ redis behind the daemon

@@ -314,7 +314,7 @@ class HTTPTier:
         for chunk in self._put_chunks(items):
             if self._closed:
                 return
-            reply = self._call("put", {"items": [[k, v] for k, v in chunk]})
+            reply = self._call("put", encode_put_body(chunk))
             if reply is None:
                 continue
             stored = reply.get("stored")
@@ -393,15 +393,16 @@ class HTTPTier:
         if chunk:
             yield chunk
 
-    def _call(self, op: str, payload: dict[str, Any]) -> dict[str, Any] | None:
-        """One request to endpoint ``op``; the decoded reply map, or ``None`` after a
-        counted failure or when the breaker refused the call."""
+    def _call(self, op: str, payload: dict[str, Any] | bytes) -> dict[str, Any] | None:
+        """One request to endpoint ``op`` with ``payload`` (a map, or a body already
+        encoded); the decoded reply map, or ``None`` after a counted failure or when the
+        breaker refused the call."""
         if self._closed:
             return None
         if not self._breaker.allow():
             self._bump("short_circuited")
             return None
-        body = msgpack.packb(payload, use_bin_type=True)
+        body = payload if isinstance(payload, bytes) else msgpack.packb(payload, use_bin_type=True)
         try:
             status, data = self._round_trip(self._paths[op], body)
         except _Failure as fail:
@@ -513,6 +514,48 @@ class HTTPTier:
         logger.warning("%s (logged once per error type)", message)
 
 
+# -- wire format -------------------------------------------------------------------------
+# The two large messages (a put body, a get reply) are framed by hand: one join of the
+# blocks instead of msgpack's growing buffer (about 2.5 copies of every block). The bytes
+# are exactly what ``msgpack.packb(..., use_bin_type=True)`` writes.
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def encode_put_body(items: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """The msgpack body of a put request: ``{"items": [[key, block], ...]}``."""
+    parts = [b"\x81\xa5items", _array_header(len(items))]
+    for key, value in items:
+        parts += (b"\x92", _bin_header(len(key)), key, _bin_header(len(value)), value)
+    return b"".join(parts)
+
+
+def encode_get_reply(values: Sequence[bytes | None], corrupt: int) -> bytes:
+    """The msgpack reply of a get: ``{"values": [block | nil, ...], "corrupt": n}``."""
+    parts = [b"\x82\xa6values", _array_header(len(values))]
+    for value in values:
+        if value is None:
+            parts.append(b"\xc0")
+        else:
+            parts += (_bin_header(len(value)), value)
+    parts += (b"\xa7corrupt", msgpack.packb(corrupt))
+    return b"".join(parts)
+
+
 def _check_keys(keys: Any) -> None:
     for key in keys:
         if type(key) is not bytes or len(key) != KEY_BYTES:
@@ -533,4 +576,5 @@ def _error_text(data: bytes) -> str:
     return str(message)[:500]
 
 
-__all__ = ["HTTPTier", "NAMESPACE_PATTERN", "NAMESPACE_RE", "TOKEN_RE", "valid_namespace"]
+__all__ = ["HTTPTier", "NAMESPACE_PATTERN", "NAMESPACE_RE", "TOKEN_RE", "encode_get_reply",
+           "encode_put_body", "valid_namespace"]
