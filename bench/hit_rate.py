@@ -155,14 +155,20 @@ def sweep(workload: wl.Workload, factors: Sequence[float], full_mooncake: bool
     whose share holds it; duplicates are dropped.
     """
     ref = reference_blocks(workload, full_mooncake)
+    total = sum(ref)
     largest = max(len(r.keys) for r in workload.requests)
-    f_min = largest / ref[0]
+    f_min = largest * sum(SPLIT) / (SPLIT[0] * total)
     caps: dict[float, Capacity] = {}
     for f in sorted(factors):
         f = max(f, f_min)
-        if f not in caps:
-            gpu, host, disk = (max(0, round(n * f)) for n in ref)
-            caps[f] = Capacity(f, max(gpu, largest), host, disk)
+        if f in caps:
+            continue
+        if full_mooncake:
+            gpu, host, disk = (round(n * f) for n in ref)
+            cap = Capacity(f, gpu, host, disk)
+        else:
+            cap = split_capacity(round(total * f), f)
+        caps[f] = Capacity(f, max(cap.gpu, largest), cap.host, cap.disk)
     return list(caps.values()), f_min
 
 
