@@ -20,8 +20,9 @@ loopback, so it measures the client software path and the server, not a network:
   ``blocks_per_s = 64 / latency``, so latency (ms) = ``1e3 * n / blocks_per_s``; the
   GB/s and ratio fields are 0 and NaN.
 
-Best of ``repeats`` runs, ours and raw taking turns to go first, the database flushed
-before every put run. Throughput rows run the tier with a 1 s read timeout (and check it
+Ours and raw alternate batch by batch (each on its own copy of the blocks, keys
+``kv:`` and ``raw:``), taking turns to go first, so both see the same machine load; the
+best total of ``repeats`` rounds counts, the database flushed before each put round. Throughput rows run the tier with a 1 s read timeout (and check it
 counted no error), so a loaded benchmark machine cannot trip the default 0.1 s stall
 detection and turn a measurement into misses; timeouts cost nothing when not tripped.
 GB/s counts encoded block bytes, 1 GB = 1e9 bytes.
@@ -34,6 +35,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import redis
 from redis.cluster import RedisCluster as RawCluster
@@ -61,40 +63,43 @@ def _batches(seq: Sequence, size: int) -> list[Sequence]:
     return [seq[i:i + size] for i in range(0, len(seq), size)]
 
 
-def _seconds(fn: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+RAW_PREFIX = b"raw:"
+"""Key prefix of the raw baseline's copy of the blocks (ours use ``NAMESPACE:``)."""
 
 
-def _raw_put(client: redis.Redis | RawCluster, batches: list[Items]) -> None:
-    prefix = NAMESPACE.encode() + b":"
-    for chunk in batches:
-        pipe = client.pipeline(transaction=False)
-        for key, value in chunk:
-            pipe.set(prefix + key, value)
-        pipe.execute()
+def _raw_put(client: redis.Redis | RawCluster, chunk: Items) -> None:
+    pipe = client.pipeline(transaction=False)
+    for key, value in chunk:
+        pipe.set(RAW_PREFIX + key, value)
+    pipe.execute()
 
 
-def _raw_get(client: redis.Redis | RawCluster, key_batches: list[Sequence[bytes]]) -> None:
-    prefix = NAMESPACE.encode() + b":"
-    for chunk in key_batches:
-        pipe = client.pipeline(transaction=False)
-        for key in chunk:
-            pipe.get(prefix + key)
-        if any(v is None for v in pipe.execute()):
-            raise RuntimeError("raw redis-py lost a block during the benchmark")
+def _raw_get(client: redis.Redis | RawCluster, chunk: Sequence[bytes]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for key in chunk:
+        pipe.get(RAW_PREFIX + key)
+    if any(v is None for v in pipe.execute()):
+        raise RuntimeError("raw redis-py lost a block during the benchmark")
 
 
-def _tier_put(tier: RedisTier, batches: list[Items]) -> None:
-    for chunk in batches:
-        tier.put(chunk)
+def _tier_get(tier: RedisTier, chunk: Sequence[bytes]) -> None:
+    if any(v is None for v in tier.get(chunk)):
+        raise RuntimeError(f"RedisTier lost a block during the benchmark: {tier.stats()}")
 
 
-def _tier_get(tier: RedisTier, key_batches: list[Sequence[bytes]]) -> None:
-    for chunk in key_batches:
-        if any(v is None for v in tier.get(chunk)):
-            raise RuntimeError(f"RedisTier lost a block during the benchmark: {tier.stats()}")
+def _interleaved(chunks: Sequence, raw_op: Callable[[Any], None],
+                 our_op: Callable[[Any], None], rep: int) -> tuple[float, float]:
+    """Run both ops on every chunk, taking turns to go first; total seconds of each."""
+    raw_s = ours_s = 0.0
+    for j, chunk in enumerate(chunks):
+        for ours in ((False, True) if (j + rep) % 2 == 0 else (True, False)):
+            t0 = time.perf_counter()
+            (our_op if ours else raw_op)(chunk)
+            if ours:
+                ours_s += time.perf_counter() - t0
+            else:
+                raw_s += time.perf_counter() - t0
+    return raw_s, ours_s
 
 
 def _row(tier: str, op: str, block_bytes: int, total: int, n: int, ours_s: float,
@@ -107,24 +112,24 @@ def _row(tier: str, op: str, block_bytes: int, total: int, n: int, ours_s: float
 def _compare(label: str, tier: RedisTier, raw: redis.Redis | RawCluster,
              flush: Callable[[], None], items: Items, block_bytes: int, repeats: int,
              batch: int) -> list[Row]:
-    """Put and get rows of ``tier`` against ``raw`` on the same server(s)."""
+    """Put and get rows of ``tier`` against ``raw`` on the same server(s).
+
+    Ours and raw alternate batch by batch, each on its own copy of the blocks (keys
+    ``NAMESPACE:`` and ``raw:``), so both see the same machine load; best total of
+    ``repeats``, the database flushed before each put round.
+    """
     batches = _batches(items, batch)
     key_batches = _batches([k for k, _ in items], batch)
     total, n = sum(len(v) for _, v in items), len(items)
     put_raw = put_ours = get_raw = get_ours = math.inf
     for rep in range(repeats):
-        for ours in ((False, True) if rep % 2 == 0 else (True, False)):
-            flush()
-            if ours:
-                put_ours = min(put_ours, _seconds(lambda: _tier_put(tier, batches)))
-            else:
-                put_raw = min(put_raw, _seconds(lambda: _raw_put(raw, batches)))
+        flush()
+        raw_s, ours_s = _interleaved(batches, lambda c: _raw_put(raw, c), tier.put, rep)
+        put_raw, put_ours = min(put_raw, raw_s), min(put_ours, ours_s)
     for rep in range(repeats):
-        for ours in ((False, True) if rep % 2 == 0 else (True, False)):
-            if ours:
-                get_ours = min(get_ours, _seconds(lambda: _tier_get(tier, key_batches)))
-            else:
-                get_raw = min(get_raw, _seconds(lambda: _raw_get(raw, key_batches)))
+        raw_s, ours_s = _interleaved(key_batches, lambda c: _raw_get(raw, c),
+                                     lambda c: _tier_get(tier, c), rep)
+        get_raw, get_ours = min(get_raw, raw_s), min(get_ours, ours_s)
     errors = tier.stats().errors
     if errors:
         raise RuntimeError(f"{label}: RedisTier counted {errors} errors during the benchmark")
