@@ -702,7 +702,7 @@ def test_killed_daemon_misses_fast_and_recovers_with_the_same_client(
     with DaemonProcess(["--memory-bytes", "1MiB", "--disk", str(tmp_path),
                         "--disk-bytes", "64MiB"], token=TOKEN) as daemon:
         tier = HTTPTier(daemon.url, token=TOKEN, timeout_s=5.0, connect_timeout_s=1.0,
-                        backoff_s=0.05, backoff_max_s=0.2)
+                        backoff_s=0.5, backoff_max_s=1.0)
         items = make_blocks(10, seed=15)
         tier.put(items)
         assert tier.get(keys_of(items)) == values_of(items)
