@@ -355,23 +355,25 @@ class LMDBTier:
         """Verified copies of the stored values and the keys whose values failed
         verification (one read transaction). All misses, counted, on an LMDB failure.
 
-        Each value is verified right after it is copied, while the copy is still in the
-        CPU cache: verifying a whole batch after copying it reads it back from memory.
-        The copy is LMDB's own (``buffers=False``): a zero-copy view verified before
-        copying measured no faster, since the copy has to happen anyway and the checksum
-        then reads the map a second time. ``contains_prefix`` is where views pay.
+        Each value is verified in place, as a zero-copy view into the map, and copied out
+        only if it passed, before the transaction ends. Measured against copying first
+        and verifying the copy: 3-6 % faster (the checksum pulls the value into the CPU
+        cache the copy then reads from), and a corrupt value is never copied.
         """
         out: list[bytes | None] = []
         corrupt: list[bytes] = []
         try:
-            with self._env.begin(db=self._blocks) as txn:
+            with self._env.begin(db=self._blocks, buffers=True) as txn:
                 get = txn.get
                 for key in keys:
-                    value = get(key)
-                    if value is not None and not verify_block(value, key):
+                    view = get(key)
+                    if view is None:
+                        out.append(None)
+                    elif verify_block(view, key):
+                        out.append(bytes(view))
+                    else:
                         corrupt.append(key)
-                        value = None
-                    out.append(value)
+                        out.append(None)
         except lmdb.Error:
             self._count_error()
             return [None] * len(keys), []
