@@ -212,6 +212,11 @@ class BlockMover:
         with self._lock:
             self.moved[direction] += n
 
+    def flush(self) -> None:
+        """Wait until every queued background write has reached its tier."""
+        self._worker.submit(lambda: None).result()
+        self.host_barrier()
+
     def close(self) -> None:
         """Finish queued writes, then stop the worker."""
         self._worker.shutdown(wait=True)

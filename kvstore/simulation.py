@@ -106,5 +106,8 @@ class NullMover:
     def wait_ready(self, transfer: Any) -> bool:
         return True
 
+    def flush(self) -> None:
+        return None
+
     def close(self) -> None:
         return None

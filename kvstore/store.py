@@ -543,21 +543,24 @@ class KVStore:
 
     def _make_room_host(self, need: int) -> None:
         short = need - self.host.num_free
-        if short <= 0:
-            return
+        if short > 0:
+            self._demote_host(short)
+
+    def _demote_host(self, count: int) -> None:
+        """Move up to ``count`` LRU host blocks to the next tier (or drop them)."""
         host_t = self._t["host"]
         if self._shared:
             nxt = self._shared[0]
-            self._make_room_shared(nxt, short)
-            d = self.tree.demote(host_t, self._t[nxt], short, [True] * self._room(nxt))
+            self._make_room_shared(nxt, count)
+            d = self.tree.demote(host_t, self._t[nxt], count, [True] * self._room(nxt))
             self.mover.host_to_shared(nxt, [m.node for m in d.moved], [m.src for m in d.moved])
             freed = [m.src for m in d.moved] + [e.location for e in d.dropped]
             self.host.free(freed)
             self._demotions["host"] += len(d.moved)
             self._evictions["host"] += len(freed)
-            short -= len(freed)
-        if short > 0:
-            ev = self.tree.evict(host_t, short)
+            count -= len(freed)
+        if count > 0:
+            ev = self.tree.evict(host_t, count)
             self.host.free([e.location for e in ev])
             self._evictions["host"] += len(ev)
 
@@ -567,22 +570,42 @@ class KVStore:
 
     def _make_room_shared(self, tier: str, need: int) -> None:
         """Keep the index's record of ``tier`` within its capacity (blocks)."""
+        short = self.tree.num_blocks(self._t[tier]) + need - self.config.shared_capacity(tier)
+        if short > 0:
+            self._demote_shared(tier, short)
+
+    def _demote_shared(self, tier: str, count: int) -> None:
+        """Move up to ``count`` LRU blocks of shared ``tier`` down, or forget them."""
         t = self._t[tier]
-        short = self.tree.num_blocks(t) + need - self.config.shared_capacity(tier)
-        if short <= 0:
-            return
         pos = self._shared.index(tier)
         if pos + 1 < len(self._shared):
             nxt = self._shared[pos + 1]
-            self._make_room_shared(nxt, short)
-            d = self.tree.demote(t, self._t[nxt], short, [True] * self._room(nxt))
+            self._make_room_shared(nxt, count)
+            d = self.tree.demote(t, self._t[nxt], count, [True] * self._room(nxt))
             self.mover.shared_to_shared(tier, nxt, [m.node for m in d.moved])
             self._demotions[tier] += len(d.moved)
             done = len(d.moved) + len(d.dropped)
             self._evictions[tier] += done
-            short -= done
-        if short > 0:
-            self._evictions[tier] += len(self.tree.evict(t, short))
+            count -= done
+        if count > 0:
+            self._evictions[tier] += len(self.tree.evict(t, count))
+
+    def drop(self, tier: str, count: int | None = None) -> int:
+        """Evict up to ``count`` (default: all) unlocked blocks of ``tier`` now, demoting
+        them down the cascade as write-back would. Returns the blocks that left ``tier``.
+
+        For benchmarks and operators (``/stats`` shows the effect); locked blocks stay.
+        """
+        t = self._t[tier]
+        before = self.tree.num_blocks(t)
+        count = before if count is None else count
+        if tier == "gpu":
+            self._make_room_gpu(count)
+        elif tier == "host":
+            self._demote_host(count)
+        else:
+            self._demote_shared(tier, count)
+        return before - self.tree.num_blocks(t)
 
     # ------------------------------------------------------------ simulation
 
@@ -658,6 +681,10 @@ class KVStore:
                 raise IntegrityError(
                     f"host pool: free {self.host.num_free} + cached {len(hcached)} != total "
                     f"{self.host.num_slots}")
+
+    def flush(self) -> None:
+        """Wait until background copies (write-through, demotion) have landed."""
+        self.mover.flush()
 
     def close(self) -> None:
         """Finish background writes and close every tier."""

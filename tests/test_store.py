@@ -138,11 +138,22 @@ def test_write_through_copies_down_at_commit(tmp_path):
     store = make_store(tmp_path, gpu_blocks=8, host_blocks=8, disk=True, policy="write-through")
     toks = tokens(5, 3 * BS)
     serve(store, toks)
-    store.mover.close()  # flush the background writes
+    store.flush()
     s = store.stats()
     assert s.index.blocks == {"gpu": 3, "host": 3, "disk": 3}
     chain = hash_blocks(NS.root(), toks, BS)
     assert store.shared_tiers["disk"].contains_prefix(chain.keys) == 3
+
+
+def test_drop_demotes_a_whole_tier(tmp_path):
+    store = make_store(tmp_path, gpu_blocks=8, host_blocks=8, disk=True)
+    toks = tokens(6, 3 * BS)
+    serve(store, toks)
+    assert store.drop("gpu") == 3
+    assert serve(store, toks) == {"host": 3 * BS}
+    assert store.drop("gpu") == 3 and store.drop("host") == 3
+    assert serve(store, toks) == {"disk": 3 * BS}
+    store.close()
 
 
 def test_pinned_prefix_is_evicted_last():
@@ -199,7 +210,7 @@ def test_corrupt_disk_block_truncates_hit_and_rest_is_recomputed(tmp_path):
                        policy="write-through")
     toks = tokens(3, 4 * BS)
     serve(store, toks)
-    store.mover.close()
+    store.flush()
     store.close()
     chain = hash_blocks(NS.root(), toks, BS)
     env = lmdb.open(str(tmp_path / "disk"), max_dbs=16)
@@ -224,7 +235,7 @@ def test_redis_tier_promotion_and_dead_redis_misses(redis_server):
     store = make_store(gpu_blocks=4, redis_url=redis_server.url, policy="write-through")
     toks = tokens(4, 4 * BS)
     serve(store, toks)
-    store.mover.close()
+    store.flush()
     other = make_store(gpu_blocks=4, redis_url=redis_server.url)  # another engine
     assert serve(other, toks) == {"redis": 4 * BS}
     redis_server.kill()

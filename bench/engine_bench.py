@@ -1,0 +1,287 @@
+"""Engine benchmark: TTFT cold vs cached from each tier, and offline throughput.
+
+Run: ``python -m kvstore bench engine`` (``--help``). Two parts:
+
+1. **TTFT** (any device; SmolLM2): a question after a long system prompt (2,000 tokens
+   by default). "cold" runs with prefix reuse off; each other row first puts the system
+   prompt's blocks in exactly one tier (GPU pool, host DRAM, LMDB disk, Redis) and then
+   asks a new question, so the prefix is served from that tier and only the question is
+   computed. Median of several questions.
+2. **Throughput** (CUDA only; ``--throughput``): ShareGPT-like requests (prompt and reply
+   lengths from the real ShareGPT conversations, or from ``--requests-file``) through
+   the engine (continuous batching, paged attention) next to Hugging Face transformers
+   ``generate`` with static batching on the same model and GPU, in the same run, for
+   SmolLM2 and a random-weight Llama-3-8B-shaped model in bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+SYSTEM_WORDS = ["policy", "refund", "shipping", "warranty", "account", "password", "order",
+                "invoice", "delivery", "support", "product", "return", "exchange", "customer",
+                "service", "billing"]
+QUESTIONS = ["How do I reset my password?", "Can I return an opened item?",
+             "When will my order arrive?", "Do you ship abroad?", "How do I get an invoice?",
+             "Is the warranty transferable?", "Can I change my delivery address?"]
+
+
+def system_prompt(tokenizer, n_tokens: int) -> str:
+    rng = random.Random(0)
+    words: list[str] = []
+    while len(tokenizer.encode(" ".join(words))) < n_tokens:
+        words += [rng.choice(SYSTEM_WORDS) for _ in range(64)]
+    return "You are a support assistant. Rules: " + " ".join(words)
+
+
+def _ttft(llm, messages, params) -> tuple[float, dict[str, int]]:
+    out = llm.chat(messages, params)
+    assert out.ttft_s is not None
+    return out.ttft_s, out.cached_tokens
+
+
+def bench_ttft(args: argparse.Namespace) -> list[tuple[str, float, dict[str, int]]]:
+    from bench.servers import RedisServer
+    from engine.llm import LLM
+    from engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=1)
+    rows: list[tuple[str, float, dict[str, int]]] = []
+    with tempfile.TemporaryDirectory() as tmp, RedisServer() as redis:
+        redis.start()
+        common = dict(device=args.device, dtype=args.dtype, model_cache_dir=args.model_cache_dir,
+                      gpu_blocks=1024)
+        llm = LLM(args.model, host_blocks=1024, disk_path=f"{tmp}/disk", disk_bytes=4 << 30,
+                  redis_url=redis.url, policy="write-through", **common)
+        cold = LLM(args.model, enable_cache=False, **common)
+        system = system_prompt(llm.tokenizer, args.system_tokens)
+        conv = [{"role": "system", "content": system}]
+        llm.chat(conv + [{"role": "user", "content": "Hello"}], params)  # warm everything
+        cold.chat(conv + [{"role": "user", "content": "Hello"}], params)
+        llm.store.flush()  # let write-through reach disk and Redis
+        qs = QUESTIONS[:args.repeat]
+        times = [_ttft(cold, conv + [{"role": "user", "content": q}], params)[0] for q in qs]
+        rows.append(("cold (cache off)", statistics.median(times), {}))
+        for tier in ("gpu", "host", "disk", "redis"):
+            measured = []
+            hits: dict[str, int] = {}
+            order = ("gpu", "host", "disk", "redis")
+            for q in qs:
+                for upper in order[:order.index(tier)]:
+                    llm.store.drop(upper)
+                t, hits = _ttft(llm, conv + [{"role": "user", "content": q}], params)
+                measured.append(t)
+            rows.append((f"cached: {tier}", statistics.median(measured), hits))
+        llm.close()
+        cold.close()
+    return rows
+
+
+def sharegpt_requests(n: int, tokenizer, max_input: int, max_output: int) -> list[tuple[list[int], int]]:
+    """``n`` (prompt ids, reply length) pairs from the first turns of ShareGPT chats."""
+    from bench.workloads import load_sharegpt_records, sharegpt_turns
+
+    out: list[tuple[list[int], int]] = []
+    for rec in load_sharegpt_records():
+        turns = sharegpt_turns(rec)
+        if not turns:
+            continue
+        user, reply = turns[0]
+        ids = tokenizer.encode_chat([{"role": "user", "content": user}])
+        n_out = len(tokenizer.encode(reply, add_special_tokens=False))
+        if 4 <= len(ids) <= max_input and n_out >= 4:
+            out.append((ids, min(n_out, max_output)))
+        if len(out) == n:
+            break
+    return out
+
+
+def llama3_8b_config() -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+            "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+            "max_position_embeddings": 8192, "bos_token_id": 128000, "eos_token_id": 128001,
+            "torch_dtype": "bfloat16"}
+
+
+def bench_throughput(args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    """Rows of (model, engine output tok/s, transformers output tok/s)."""
+    import transformers
+
+    from engine.config import ModelConfig
+    from engine.engine import Engine
+    from engine.loader import resolve_model
+    from engine.model import CausalLM
+    from engine.scheduler import SchedulerConfig
+    from kvstore.config import StoreConfig
+    from kvstore.store import KVStore
+    from radix import Namespace
+    from tiers.layout import KVLayout
+
+    dev = torch.device("cuda")
+    smol = resolve_model("smollm2", cache_dir=args.model_cache_dir, dtype="bfloat16", device=dev)
+    if args.requests_file:
+        data = json.loads(Path(args.requests_file).read_text())
+        reqs = [(r["prompt"], r["output_len"]) for r in data][: args.num_requests]
+    else:
+        reqs = sharegpt_requests(args.num_requests, smol.tokenizer, 1024, 256)
+    rows = []
+    for name in args.models:
+        if name == "smollm2":
+            cfg_dict = json.loads((smol.path / "config.json").read_text())
+            model = CausalLM.from_loaded(smol, dtype=torch.bfloat16, device=dev)
+        else:
+            cfg_dict = llama3_8b_config()
+            model = CausalLM.empty(ModelConfig.from_hf_dict(cfg_dict), dtype=torch.bfloat16,
+                                   device=dev)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0, 0.02)
+        mc = model.config
+        vocab = mc.vocab_size
+        ids = [([t % vocab for t in p], n) for p, n in reqs]
+        layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, 16, "bfloat16")
+        free, _ = torch.cuda.mem_get_info(dev)
+        store = KVStore(StoreConfig(layout=layout, gpu_blocks=int(free * 0.6) // layout.block_bytes,
+                                    device="cuda"))
+        engine = Engine(model, None, store, Namespace(f"bench-{name}", "bfloat16", 16),
+                        frozenset(), SchedulerConfig(max_num_seqs=256,
+                                                     max_num_batched_tokens=8192,
+                                                     enable_cache=False))
+
+        if name == "smollm2":
+            _run_engine(engine, ids)  # warm-up (kernel compilation, allocator)
+        ours = _run_engine(engine, ids)
+        n_out = sum(n for _, n in ids)
+        store.close()
+        del engine, store
+        torch.cuda.empty_cache()
+        # transformers, same weights, static batches of --hf-batch with left padding.
+        hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg_dict.items()
+                                                      if k != "architectures"})
+        with torch.device("meta"):
+            hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16)
+        hf = hf.to_empty(device=dev)
+        _copy_weights(model, hf)
+        del model
+        torch.cuda.empty_cache()
+        hf.eval()
+        t0 = time.perf_counter()
+        for start in range(0, len(ids), args.hf_batch):
+            chunk = ids[start:start + args.hf_batch]
+            width = max(len(p) for p, _ in chunk)
+            inp = torch.zeros(len(chunk), width, dtype=torch.long, device=dev)
+            mask = torch.zeros_like(inp)
+            for j, (p, _) in enumerate(chunk):
+                inp[j, width - len(p):] = torch.tensor(p, device=dev)
+                mask[j, width - len(p):] = 1
+            with torch.no_grad():
+                hf.generate(input_ids=inp, attention_mask=mask, do_sample=False,
+                            max_new_tokens=max(n for _, n in chunk), min_new_tokens=max(n for _, n in chunk),
+                            pad_token_id=0)
+        torch.cuda.synchronize()
+        theirs = time.perf_counter() - t0
+        rows.append((name, n_out / ours, n_out / theirs))
+        del hf
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _run_engine(engine, ids: list[tuple[list[int], int]]) -> float:
+    """Seconds to run every request to its output length (EOS ignored)."""
+    from engine.sampling import SamplingParams
+
+    for i, (prompt, n) in enumerate(ids):
+        engine.add_request(f"r{time.perf_counter_ns()}-{i}", prompt,
+                           SamplingParams(max_tokens=n, ignore_eos=True))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in engine.run():
+        pass
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _copy_weights(model, hf) -> None:
+    """Copy our fused weights into a transformers Llama model (same values)."""
+    c = model.config
+    q = c.num_heads * c.head_dim
+    kv = c.num_kv_heads * c.head_dim
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(model.embed_tokens.weight)
+        hf.model.norm.weight.copy_(model.norm.weight)
+        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        hf.lm_head.weight.copy_(head)
+        for ours, theirs in zip(model.layers, hf.model.layers):
+            w = ours.self_attn.qkv_proj.weight
+            theirs.self_attn.q_proj.weight.copy_(w[:q])
+            theirs.self_attn.k_proj.weight.copy_(w[q:q + kv])
+            theirs.self_attn.v_proj.weight.copy_(w[q + kv:])
+            theirs.self_attn.o_proj.weight.copy_(ours.self_attn.o_proj.weight)
+            gu = ours.mlp.gate_up_proj.weight
+            half = gu.shape[0] // 2
+            theirs.mlp.gate_proj.weight.copy_(gu[:half])
+            theirs.mlp.up_proj.weight.copy_(gu[half:])
+            theirs.mlp.down_proj.weight.copy_(ours.mlp.down_proj.weight)
+            theirs.input_layernorm.weight.copy_(ours.input_layernorm.weight)
+            theirs.post_attention_layernorm.weight.copy_(ours.post_attention_layernorm.weight)
+        hf.model.rotary_emb.to(hf.device)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="kvstore bench engine",
+        description="Engine TTFT, cold vs cached from each tier, and (on CUDA) offline "
+                    "throughput next to transformers generate in the same run.")
+    p.add_argument("--model", default="smollm2", help="model for the TTFT part")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--system-tokens", type=int, default=2000,
+                   help="system prompt length in tokens (default 2000)")
+    p.add_argument("--repeat", type=int, default=5, help="questions per row (median)")
+    p.add_argument("--throughput", action="store_true",
+                   help="also run the throughput comparison (needs CUDA)")
+    p.add_argument("--no-ttft", action="store_true", help="skip the TTFT part")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--requests-file", default=None,
+                   help="JSON list of {prompt: [ids], output_len: n} instead of ShareGPT")
+    p.add_argument("--models", nargs="+", default=["smollm2", "llama3-8b"],
+                   choices=["smollm2", "llama3-8b"])
+    p.add_argument("--hf-batch", type=int, default=64, help="transformers static batch size")
+    p.add_argument("--model-cache-dir", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not 1 <= args.repeat <= len(QUESTIONS):
+        p.error(f"--repeat must be 1..{len(QUESTIONS)}")
+    if args.throughput and not torch.cuda.is_available():
+        p.error("--throughput needs a CUDA GPU")
+    if not args.no_ttft:
+        rows = bench_ttft(args)
+        cold = rows[0][1]
+        print(f"\nTTFT of a question after a {args.system_tokens}-token system prompt "
+              f"(median of {args.repeat}; target: cached >= 5x faster than cold)")
+        print(f"{'prefix served from':<20} {'TTFT ms':>10} {'vs cold':>9}  cached tokens")
+        for name, t, hits in rows:
+            print(f"{name:<20} {t * 1e3:10.1f} {cold / t:8.1f}x  {hits or '-'}")
+    if args.throughput:
+        rows2 = bench_throughput(args)
+        print(f"\nOffline throughput, {args.num_requests} ShareGPT-like requests, bf16 "
+              f"(output tokens/s; transformers: static batches of {args.hf_batch})")
+        print(f"{'model':<12} {'engine':>10} {'transformers':>13} {'ratio':>7}")
+        for name, ours, theirs in rows2:
+            print(f"{name:<12} {ours:10.0f} {theirs:13.0f} {ours / theirs:6.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
