@@ -97,6 +97,8 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         return out
     query_lens = [starts[b + 1] - starts[b] for b in range(len(lengths))]
     if all(n == 1 for n in query_lens):
+        if min(lengths) < 1:
+            raise ValueError(f"seq_lens {lengths} must count each sequence's query")
         _decode(q, k_cache, v_cache, block_tables, seq_lens, max(lengths), scale, out)
         return out
     block_size = k_cache.shape[1]

@@ -224,14 +224,15 @@ def import_gguf(gguf_path: str | Path, *, name: str | None = None,
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ValueError(f"model name {name!r} may only use letters, digits, '.', '_' and '-'")
     root = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
-    target = root / f"{name}-{_source_hash(gguf_path)}"
+    source_hash = _source_hash(gguf_path)
+    target = root / f"{name}-{source_hash}"
     converted = False
     if not _is_complete(target):
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
         try:
             tmp.chmod(0o777 & ~_umask())
-            convert_gguf(gguf_path, tmp, name=name)
+            convert_gguf(gguf_path, tmp, name=name, source_hash=source_hash)
             try:
                 os.rename(tmp, target)
                 converted = True
@@ -246,9 +247,11 @@ def import_gguf(gguf_path: str | Path, *, name: str | None = None,
     return loaded
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, name: str | None = None) -> str:
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, name: str | None = None,
+                 source_hash: str | None = None) -> str:
     """Write the Hugging Face checkpoint of a GGUF model into ``out_dir``; return its
-    fingerprint.
+    fingerprint. ``source_hash`` (the cache key of the GGUF file) is computed when not
+    given.
 
     Output: ``model.safetensors`` (fp32), ``config.json``, ``generation_config.json``,
     ``tokenizer.json``, ``tokenizer_config.json`` and the :data:`MANIFEST`.
@@ -306,7 +309,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, name: str | None
         "name": name or gguf_path.name.removesuffix(".gguf"),
         "fingerprint": fingerprint,
         "source": gguf_path.name,
-        "source_hash": _source_hash(gguf_path),
+        "source_hash": source_hash or _source_hash(gguf_path),
         "converter_version": CONVERTER_VERSION,
     })
     return fingerprint
