@@ -228,6 +228,9 @@ def test_large_blocks_mixed_with_small_ones_and_misses(redis_server: RedisServer
         assert tier.get([absent[0], keys[0]]) == [None, stored[0][1]]
         assert tier.stats().corrupt == 1
         assert tier.stats().errors == 0
+        clients = raw.client_list()
+        ours = [c for c in clients if c["cmd"] in ("get", "unlink")]
+        assert ours and all(c["resp"] == "2" for c in ours)  # RESP2: the direct reader
 
 
 def test_concurrent_threads(redis_server: RedisServer):

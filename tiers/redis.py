@@ -18,8 +18,11 @@ rejected.
 Keys: ``{namespace}:`` (UTF-8) followed by the 16 raw key bytes. Namespaces may not
 contain ``{`` or ``}``, so no hash tag ever pins every block to one slot: in a cluster
 blocks spread over all nodes by ``CRC16(key) mod 16384``, and each batch is split by
-node, one pipeline (one round trip) per node, the node pipelines running in parallel
-threads (``parallel=True``) or one after another.
+node, one pipeline (one round trip) per node. The node pipelines run in one thread per
+node (``parallel=True``, the default) or are all sent from the calling thread before
+any reply is read (``parallel=False``); either way the nodes work at the same time.
+Large replies (blocks) are read straight from the socket into one buffer, bypassing
+redis-py's buffered reader (see :func:`_parser_options`).
 
 Values are encoded blocks (``tiers.codec``); ``get`` verifies every value against its
 key with :func:`tiers.codec.verify_block` and deletes and counts a corrupt one.
@@ -68,9 +71,10 @@ try:  # redis-py's pure-Python RESP2 reader, extended below for large bulk repli
 except ImportError:  # a redis-py without these internals: use its default parser
     _RESP2Parser = None  # type: ignore[assignment,misc]
 
-_CLIENT_OPTIONS: dict[str, Any] = {}
-"""redis-py client options that depend on its version: no CLIENT SETINFO round trip on
-connect, and no RESP3 maintenance notifications (this tier speaks RESP2)."""
+_CLIENT_OPTIONS: dict[str, Any] = {"protocol": 2}
+"""redis-py client options: RESP2 (no HELLO round trip on connect, any Redis version;
+this tier's replies are the same in RESP2 and RESP3) and, where this redis-py has them,
+no CLIENT SETINFO round trip on connect and no RESP3 maintenance notifications."""
 try:  # newer redis-py names the CLIENT SETINFO metadata with DriverInfo
     from redis.driver_info import DriverInfo
     _CLIENT_OPTIONS["driver_info"] = DriverInfo(name=None, lib_version=None)
@@ -309,7 +313,7 @@ class RedisTier:
     so large batches need no larger value.
     ``backoff_s``/``backoff_max_s``: circuit-breaker backoff after the first failure
     and its cap, in seconds. ``parallel``: run a cluster batch's node pipelines in
-    parallel threads. ``topology_refresh_s``: least interval between two slot-map
+    one thread per node (else: send all, then read all, from the calling thread). ``topology_refresh_s``: least interval between two slot-map
     refreshes, in seconds. ``max_connections``: per-node connection pool limit.
 
     Construction validates arguments (``ValueError``) but never touches the network.
