@@ -106,6 +106,16 @@ def sharegpt_requests(n: int, tokenizer, max_input: int, max_output: int) -> lis
     return out
 
 
+def smollm2_config() -> dict:
+    """SmolLM2-135M-Instruct's shape (its config.json)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+            "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+            "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+            "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2,
+            "torch_dtype": "bfloat16"}
+
+
 def llama3_8b_config() -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
             "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -130,24 +140,21 @@ def bench_throughput(args: argparse.Namespace) -> list[tuple[str, float, float]]
     from tiers.layout import KVLayout
 
     dev = torch.device("cuda")
-    smol = resolve_model("smollm2", cache_dir=args.model_cache_dir, dtype="bfloat16", device=dev)
     if args.requests_file:
         data = json.loads(Path(args.requests_file).read_text())
         reqs = [(r["prompt"], r["output_len"]) for r in data][: args.num_requests]
     else:
+        smol = resolve_model("smollm2", cache_dir=args.model_cache_dir)
         reqs = sharegpt_requests(args.num_requests, smol.tokenizer, 1024, 256)
     rows = []
     for name in args.models:
-        if name == "smollm2":
-            cfg_dict = json.loads((smol.path / "config.json").read_text())
-            model = CausalLM.from_loaded(smol, dtype=torch.bfloat16, device=dev)
-        else:
-            cfg_dict = llama3_8b_config()
-            model = CausalLM.empty(ModelConfig.from_hf_dict(cfg_dict), dtype=torch.bfloat16,
-                                   device=dev)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.normal_(0, 0.02)
+        # Random weights of the real shapes: throughput does not depend on weight values.
+        cfg_dict = smollm2_config() if name == "smollm2" else llama3_8b_config()
+        model = CausalLM.empty(ModelConfig.from_hf_dict(cfg_dict), dtype=torch.bfloat16,
+                               device=dev)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0, 0.02)
         mc = model.config
         vocab = mc.vocab_size
         ids = [([t % vocab for t in p], n) for p, n in reqs]
@@ -160,8 +167,7 @@ def bench_throughput(args: argparse.Namespace) -> list[tuple[str, float, float]]
                                                      max_num_batched_tokens=8192,
                                                      enable_cache=False))
 
-        if name == "smollm2":
-            _run_engine(engine, ids)  # warm-up (kernel compilation, allocator)
+        _run_engine(engine, ids[:16])  # warm-up (kernel compilation, allocator)
         ours = _run_engine(engine, ids)
         n_out = sum(n for _, n in ids)
         store.close()
@@ -256,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--requests-file", default=None,
                    help="JSON list of {prompt: [ids], output_len: n} instead of ShareGPT")
+    p.add_argument("--save-requests", default=None, metavar="FILE",
+                   help="write the ShareGPT-like requests to FILE (for a machine without "
+                        "the dataset) and exit")
     p.add_argument("--models", nargs="+", default=["smollm2", "llama3-8b"],
                    choices=["smollm2", "llama3-8b"])
     p.add_argument("--hf-batch", type=int, default=64, help="transformers static batch size")
@@ -263,6 +272,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.repeat <= len(QUESTIONS):
         p.error(f"--repeat must be 1..{len(QUESTIONS)}")
+    if args.save_requests:
+        from engine.loader import resolve_model
+
+        smol = resolve_model("smollm2", cache_dir=args.model_cache_dir)
+        reqs = sharegpt_requests(args.num_requests, smol.tokenizer, 1024, 256)
+        Path(args.save_requests).write_text(json.dumps(
+            [{"prompt": p, "output_len": n} for p, n in reqs]))
+        print(f"wrote {len(reqs)} requests to {args.save_requests}")
+        return 0
     if args.throughput and not torch.cuda.is_available():
         p.error("--throughput needs a CUDA GPU")
     if not args.no_ttft:
