@@ -208,7 +208,7 @@ def tiny_configs() -> dict[str, object]:
         "llama3-rope-gqa": transformers.LlamaConfig(
             **TINY, rope_theta=500000.0, rope_scaling={
                 "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
         "llama-bias-tied-mha": transformers.LlamaConfig(
             **{**TINY, "num_key_value_heads": 4}, attention_bias=True, mlp_bias=True,
             tie_word_embeddings=True),
