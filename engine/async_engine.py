@@ -237,7 +237,9 @@ class AsyncEngine:
         if isinstance(command, _Add):
             try:
                 self._engine.add_request(command.request_id, command.prompt_ids, command.params)
-            except ValueError as exc:
+            except Exception as exc:  # refused (ValueError) or a bug: this request only
+                if not isinstance(exc, ValueError):
+                    logger.exception("add_request(%s) failed", command.request_id)
                 self._fail(command.request_id, exc)
                 return
             with self._cond:
@@ -250,7 +252,10 @@ class AsyncEngine:
                 if stream is not None:
                     self._aborted += 1
             if stream is not None and stream.admitted:
-                self._engine.abort(command.request_id)
+                try:
+                    self._engine.abort(command.request_id)
+                except Exception:
+                    logger.exception("abort of %s failed", command.request_id)
         else:
             if not command.future.set_running_or_notify_cancel():
                 return

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -919,8 +920,11 @@ async def serve(llm: Any, config: ServeConfig,
         for line in describe(llm):
             logger.info("%s", line)
         logger.info("model names: %s", ", ".join(names))
-        if config.api_key is None:
-            logger.info("auth: none (any client that reaches the port may generate)")
+        if config.api_key is None and not _is_loopback(config.host):
+            logger.warning("auth: none, and listening beyond loopback: anyone who reaches "
+                           "%s can generate; set $KVSTORE_API_KEY", config.host)
+        elif config.api_key is None:
+            logger.info("auth: none (any local process may generate)")
         else:
             logger.info("auth: bearer API key required (all routes but /healthz)")
         if ready is not None:
@@ -934,6 +938,13 @@ async def serve(llm: Any, config: ServeConfig,
             loop.remove_signal_handler(sig)
         await runner.cleanup()  # runs _on_cleanup: engine stopped, llm closed
     logger.info("stopped")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _address_url(address: Any) -> str:

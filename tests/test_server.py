@@ -12,6 +12,7 @@ flags.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import http.client
@@ -31,6 +32,7 @@ from typing import Any
 import openai
 import pytest
 
+from engine.async_engine import AsyncEngine, EngineStoppedError
 from engine.llm import LLM
 from engine.sampling import SamplingParams
 
@@ -183,7 +185,90 @@ def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-# ---------------------------------------------------------------------------- tests
+# ---------------------------------------------------------------------------- AsyncEngine
+
+
+def test_async_engine_batches_callers_and_matches_the_engine(reference: LLM) -> None:
+    prompts = [reference.encode_chat(user(q)) for q in
+               ("Name a color.", "What is 2 + 2?", "Say hello in French.")]
+    params = SamplingParams(max_tokens=10)
+    expected = [o.token_ids for o in reference.generate(prompts, params)]
+
+    async def collect(engine: AsyncEngine, i: int) -> list[Any]:
+        return [out async for out in engine.generate(prompts[i], params, f"r{i}")]
+
+    async def main(engine: AsyncEngine) -> list[list[Any]]:
+        return await asyncio.gather(*(collect(engine, i) for i in range(len(prompts))))
+
+    engine = AsyncEngine(reference)
+    try:
+        runs = asyncio.run(main(engine))
+        again = asyncio.run(main(engine))  # a second event loop: same engine thread
+        counters = engine.counters()
+    finally:
+        engine.shutdown()
+    for snaps, want in zip(runs, expected):
+        assert snaps[-1].finished and snaps[-1].token_ids == want
+        assert not any(s.finished for s in snaps[:-1])
+        for a, b in zip(snaps, snaps[1:]):  # cumulative: each extends the one before
+            assert b.token_ids[:len(a.token_ids)] == a.token_ids
+    assert [r[-1].token_ids for r in again] == expected
+    assert (counters.submitted, counters.finished, counters.running) == (6, 6, 0)
+    assert counters.steps < sum(len(t) for t in expected) * 2  # batched, not one by one
+
+
+def test_async_engine_refusals_cancellation_and_shutdown(reference: LLM) -> None:
+    prompt = reference.encode("Count to a thousand:")
+    long = SamplingParams(max_tokens=4000, ignore_eos=True)
+
+    async def main(engine: AsyncEngine) -> None:
+        with pytest.raises(ValueError, match="empty"):
+            await anext(engine.generate([], long, "empty"))
+        with pytest.raises(ValueError, match="vocabulary"):
+            await anext(engine.generate([10**9], long, "oov"))
+        first = engine.generate(prompt, long, "dup")
+        await anext(first)
+        with pytest.raises(ValueError, match="already running"):
+            await anext(engine.generate(prompt, long, "dup"))
+        await first.aclose()  # closing early aborts
+
+        started = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in engine.generate(prompt, long, "cancelled"):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await engine.run_on_engine(lambda llm: llm.engine.has_unfinished) is False
+        assert engine.counters().aborted == 2
+        with pytest.raises(ZeroDivisionError):
+            await engine.run_on_engine(lambda llm: 1 / 0)
+
+        running = engine.generate(prompt, long, "cut-off")
+        await anext(running)
+        await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+        with pytest.raises(EngineStoppedError):
+            async for _ in running:
+                pass
+        with pytest.raises(EngineStoppedError):
+            await anext(engine.generate(prompt, long, "late"))
+        with pytest.raises(EngineStoppedError):
+            await engine.run_on_engine(lambda llm: None)
+
+    engine = AsyncEngine(reference)
+    try:
+        asyncio.run(main(engine))
+    finally:
+        engine.shutdown()
+    assert not engine.running and not reference.engine.has_unfinished
+    assert reference.generate("Hi", SamplingParams(max_tokens=2))[0].finished
+
+
+# ---------------------------------------------------------------------------- server
 
 
 def test_models_lists_the_served_names(client: openai.OpenAI) -> None:
