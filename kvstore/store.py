@@ -158,6 +158,9 @@ class KVStore:
         self.tree = RadixTree(names)
         self._t = {name: i for i, name in enumerate(names)}
         self._host = "host" in self._t
+        # Write-back moves blocks between tiers (the index records one tier per block);
+        # write-through keeps the lower copies it made at commit.
+        self._exclusive = config.policy == "write-back"
         self._shared = [n for n in names if n in SHARED_TIERS]
         self._refs: dict[int, int] = {}  # private GPU slot -> leases referencing it
         self._hit_tokens: Counter[str] = Counter()
@@ -327,6 +330,13 @@ class KVStore:
             else:  # promoted meanwhile by another sequence: use that copy
                 self._drop_private(slots[i])
                 slots[i] = existing
+            if self._exclusive:
+                # Write-back moves a block up (one copy, more distinct blocks cached);
+                # a shared tier's bytes stay where they are, findable past the index.
+                src = m.sources[i]
+                loc = self.tree.clear_location(node, self._t[src])
+                if src == "host":
+                    self.host.free([loc])
         last = m.nodes[tree_n - 1] if tree_n else None
         if hit > tree_n:
             chain = m.chain
@@ -340,7 +350,7 @@ class KVStore:
                     self._drop_private(slots[i])
                     slots[i] = node.locs[gpu_t]
                 src_t = self._t[m.sources[i]]
-                if node.locs[src_t] is None:
+                if not self._exclusive and node.locs[src_t] is None:
                     self._make_room_shared(m.sources[i], 1)
                     if self._room(m.sources[i]):
                         self.tree.set_location(node, src_t, True)
@@ -521,21 +531,27 @@ class KVStore:
         return list(self.gpu.alloc(k).slots) if k else []
 
     def _make_room_gpu(self, need: int) -> None:
+        """Free ``need`` GPU slots: demote LRU blocks to host (write-back), else evict."""
         gpu_t = self._t["gpu"]
-        if self._host and self.tree.num_evictable(gpu_t):
+        if self._host:
             host_t = self._t["host"]
-            self._make_room_host(need)
-            k = min(need, self.host.num_free)
-            hslots = list(self.host.alloc(k).slots)
-            d = self.tree.demote(gpu_t, host_t, need, hslots)
-            self.mover.gpu_to_host([m.src for m in d.moved], [m.dst for m in d.moved])
-            if d.unused:
-                self.host.free(d.unused)
-            freed = [m.src for m in d.moved] + [e.location for e in d.dropped]
-            self.gpu.free(freed)
-            self._demotions["gpu"] += len(d.moved)
-            self._evictions["gpu"] += len(freed)
-            need -= len(freed)
+            while need > 0 and self.tree.num_evictable(gpu_t):
+                # Room below is made only once a victim needs it, so victims already
+                # held there (write-through copies) never push other blocks out.
+                hslots = list(self.host.alloc(min(need, self.host.num_free)).slots)
+                d = self.tree.demote(gpu_t, host_t, need, hslots)
+                self.mover.gpu_to_host([m.src for m in d.moved], [m.dst for m in d.moved])
+                if d.unused:
+                    self.host.free(d.unused)
+                freed = [m.src for m in d.moved] + [e.location for e in d.dropped]
+                self.gpu.free(freed)
+                self._demotions["gpu"] += len(d.moved)
+                self._evictions["gpu"] += len(freed)
+                need -= len(freed)
+                if not freed:
+                    self._demote_host(need)
+                    if not self.host.num_free:
+                        break
         if need > 0:
             ev = self.tree.evict(gpu_t, need)
             self.gpu.free([e.location for e in ev])
@@ -551,14 +567,19 @@ class KVStore:
         host_t = self._t["host"]
         if self._shared:
             nxt = self._shared[0]
-            self._make_room_shared(nxt, count)
-            d = self.tree.demote(host_t, self._t[nxt], count, [True] * self._room(nxt))
-            self.mover.host_to_shared(nxt, [m.node for m in d.moved], [m.src for m in d.moved])
-            freed = [m.src for m in d.moved] + [e.location for e in d.dropped]
-            self.host.free(freed)
-            self._demotions["host"] += len(d.moved)
-            self._evictions["host"] += len(freed)
-            count -= len(freed)
+            while count > 0 and self.tree.num_evictable(host_t):
+                d = self.tree.demote(host_t, self._t[nxt], count, [True] * self._room(nxt))
+                self.mover.host_to_shared(nxt, [m.node for m in d.moved],
+                                          [m.src for m in d.moved])
+                freed = [m.src for m in d.moved] + [e.location for e in d.dropped]
+                self.host.free(freed)
+                self._demotions["host"] += len(d.moved)
+                self._evictions["host"] += len(freed)
+                count -= len(freed)
+                if not freed:
+                    self._demote_shared(nxt, count)
+                    if not self._room(nxt):
+                        break
         if count > 0:
             ev = self.tree.evict(host_t, count)
             self.host.free([e.location for e in ev])
@@ -580,13 +601,17 @@ class KVStore:
         pos = self._shared.index(tier)
         if pos + 1 < len(self._shared):
             nxt = self._shared[pos + 1]
-            self._make_room_shared(nxt, count)
-            d = self.tree.demote(t, self._t[nxt], count, [True] * self._room(nxt))
-            self.mover.shared_to_shared(tier, nxt, [m.node for m in d.moved])
-            self._demotions[tier] += len(d.moved)
-            done = len(d.moved) + len(d.dropped)
-            self._evictions[tier] += done
-            count -= done
+            while count > 0 and self.tree.num_evictable(t):
+                d = self.tree.demote(t, self._t[nxt], count, [True] * self._room(nxt))
+                self.mover.shared_to_shared(tier, nxt, [m.node for m in d.moved])
+                self._demotions[tier] += len(d.moved)
+                done = len(d.moved) + len(d.dropped)
+                self._evictions[tier] += done
+                count -= done
+                if not done:
+                    self._demote_shared(nxt, count)
+                    if not self._room(nxt):
+                        break
         if count > 0:
             self._evictions[tier] += len(self.tree.evict(t, count))
 

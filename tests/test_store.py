@@ -125,13 +125,26 @@ def test_write_back_cascade_gpu_host_disk_and_promotion_back(tmp_path):
     store.close()
 
 
-def test_host_promotion_is_exact_and_keeps_host_copy(tmp_path):
+def test_write_back_moves_blocks_between_gpu_and_host():
     store = make_store(gpu_blocks=4, host_blocks=8)
     a, b = tokens(1, 4 * BS), tokens(2, 4 * BS)
     serve(store, a)
     serve(store, b)
     assert serve(store, a) == {"host": 4 * BS}
-    assert store.stats().index.blocks["host"] == 8
+    # a moved up, b moved down: each block has one copy.
+    assert store.stats().index.blocks == {"gpu": 4, "host": 4}
+    assert serve(store, b) == {"host": 4 * BS}
+    assert store.stats().host_free == 4
+
+
+def test_write_through_keeps_the_host_copy_on_promotion():
+    store = make_store(gpu_blocks=4, host_blocks=8, policy="write-through")
+    a, b = tokens(1, 4 * BS), tokens(2, 4 * BS)
+    serve(store, a)
+    serve(store, b)
+    assert serve(store, a) == {"host": 4 * BS}
+    assert store.stats().index.blocks == {"gpu": 4, "host": 8}
+    assert store.stats().blocks_moved["gpu->host"] == 8  # demotions cost no copies
 
 
 def test_write_through_copies_down_at_commit(tmp_path):
