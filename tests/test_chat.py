@@ -57,3 +57,31 @@ def test_bad_flags_are_clear_errors(tmp_path, cache):
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode != 0 and "cannot read --script" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("shared", ["daemon", "redis"])
+def test_two_processes_share_a_conversation(tmp_path, cache, shared, redis_server):
+    """Process 1 begins a chat; process 2 (no disk tier, empty index) continues it and
+    fetches the earlier turn's KV from the shared daemon or Redis."""
+    from kvstore.daemon import DaemonProcess
+
+    daemon = None
+    if shared == "daemon":
+        daemon = DaemonProcess(["--memory-bytes", "256MiB"]).start()
+        flags = ["--remote", daemon.url]
+        tier = "remote"
+    else:
+        flags = ["--redis", redis_server.url]
+        tier = "redis"
+    try:
+        first = chat(tmp_path, cache, ["Name three colors."], "--no-disk", "--host-blocks", "0",
+                     "--session", "shared", *flags)
+        (_, p1, _, _, _, n1, _), = first
+        second = chat(tmp_path, cache, ["Which one is the darkest?"], "--no-disk",
+                      "--host-blocks", "0", "--session", "shared", "--resume", *flags)
+        (_, p2, c2, tiers2, _, _, _), = second
+        assert int(p2) > int(p1)
+        assert int(c2) >= int(p1) // 16 * 16 and tier in tiers2
+    finally:
+        if daemon is not None:
+            daemon.close()
