@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,6 +36,8 @@ from types import TracebackType
 
 import redis
 
+from kvstore.process import die_with_parent, free_port
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 """Path of the ``redis-server`` binary used by :class:`RedisServer`."""
 
@@ -47,21 +46,6 @@ CLUSTER_SLOTS = 16384
 
 _live: weakref.WeakSet[RedisServer] = weakref.WeakSet()
 _live_lock = threading.Lock()
-
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port that was free on ``host`` a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """``preexec_fn``: ask Linux to SIGKILL the child when its parent thread exits."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _stop_all() -> None:
@@ -147,7 +131,7 @@ class RedisServer:
                 self.port = free_port()
             self.proc = subprocess.Popen(self._args(), stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=die_with_parent)
             with _live_lock:
                 _live.add(self)
             if self._wait_ready():

@@ -50,14 +50,12 @@ import argparse
 import asyncio
 import atexit
 import contextlib
-import ctypes
 import hmac
 import http.client
 import ipaddress
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import socket
@@ -82,6 +80,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from kvstore import __version__
+from kvstore.process import die_with_parent, free_port
+from kvstore.units import format_size, parse_size
 from radix.hashing import KEY_BYTES
 from tiers.base import HashTier, TierStats
 from tiers.codec import verify_block
@@ -106,36 +106,6 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    2.5, 5.0, 10.0)
 
 # ---------------------------------------------------------------------------- sizes
-
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1,
-          "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
-          "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40,
-          "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a human-friendly size: ``4096``, ``512MiB``, ``8GiB``, ``1.5G``, ``10GB``.
-
-    Binary units (``KiB MiB GiB TiB`` and the bare ``K M G T``) are powers of 1024,
-    decimal units (``kB MB GB TB``) powers of 1000; case-insensitive. Fractions round
-    down to whole bytes. Raises ``ValueError`` naming the problem.
-    """
-    match = _SIZE_RE.fullmatch(text) if isinstance(text, str) else None
-    if match is None or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (examples: 4096, 512MiB, 8GiB, 10GB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def format_size(n: int) -> str:
-    """``n`` bytes in binary units, for logs (``1.0 GiB``)."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
-
 
 def is_loopback(host: str) -> bool:
     """True when ``host`` (an address or a name) reaches this machine only.
@@ -1163,21 +1133,6 @@ _ROOT = Path(__file__).resolve().parents[1]
 _live: weakref.WeakSet[DaemonProcess] = weakref.WeakSet()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """``preexec_fn``: ask Linux to SIGKILL the child when its parent thread exits."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _kill_all() -> None:
     for proc in list(_live):
         proc.close()
@@ -1250,7 +1205,7 @@ class DaemonProcess:
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(cmd, cwd=_ROOT, env=env, stdin=subprocess.DEVNULL,
                                              stdout=log, stderr=log,
-                                             preexec_fn=_die_with_parent)
+                                             preexec_fn=die_with_parent)
             if self._wait_ready():
                 return self
             text = self.log_text()[offset:]

@@ -38,11 +38,9 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import random
 import re
 import ssl
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -51,6 +49,7 @@ import msgpack
 
 from radix.hashing import KEY_BYTES
 from tiers.base import TierStats
+from tiers.breaker import CircuitBreaker
 from tiers.codec import verify_block
 
 logger = logging.getLogger(__name__)
@@ -76,62 +75,6 @@ _ITEM_OVERHEAD = 32
 def valid_namespace(namespace: object) -> bool:
     """True when ``namespace`` is a str matching :data:`NAMESPACE_PATTERN`."""
     return isinstance(namespace, str) and NAMESPACE_RE.fullmatch(namespace) is not None
-
-
-class _Breaker:
-    """Circuit breaker: closed -> open (backoff) -> half-open (one probe) -> closed.
-
-    Backoff after the ``n``-th consecutive failure: ``base_s * 2**(n-1)`` seconds, at most
-    ``max_s``, shortened by up to 20 % jitter so many clients do not probe in step.
-    """
-
-    def __init__(self, base_s: float, max_s: float) -> None:
-        self.base_s, self.max_s = base_s, max_s
-        self._lock = threading.Lock()
-        self._state = "closed"
-        self._failures = 0
-        self._retry_at = 0.0
-        self._opened_at = 0.0
-
-    @property
-    def is_open(self) -> bool:
-        """True during an outage (calls refused or being probed)."""
-        return self._state != "closed"
-
-    def allow(self) -> bool:
-        """True if a call may use the network now (closed, or the half-open probe)."""
-        with self._lock:
-            if self._state == "closed":
-                return True
-            if self._state == "open" and time.monotonic() >= self._retry_at:
-                self._state = "half-open"
-                return True
-            return False
-
-    def success(self) -> float | None:
-        """Record a reply; returns the outage length (s) if this reply ended one."""
-        with self._lock:
-            if self._state == "half-open":
-                self._state, self._failures = "closed", 0
-                return time.monotonic() - self._opened_at
-            if self._state == "closed":
-                self._failures = 0
-            return None
-
-    def failure(self) -> tuple[bool, float]:
-        """Record a failed round trip; returns (this started an outage, backoff in s)."""
-        with self._lock:
-            now = time.monotonic()
-            if self._state == "open":  # a call that started before the breaker opened
-                return False, self._retry_at - now
-            started = self._state == "closed"
-            if started:
-                self._opened_at = now
-            self._failures += 1
-            delay = min(self.max_s, self.base_s * 2 ** min(self._failures - 1, 30))
-            delay *= random.uniform(0.8, 1.0)
-            self._state, self._retry_at = "open", now + delay
-            return started, delay
 
 
 class _Connection(http.client.HTTPConnection):
@@ -239,7 +182,7 @@ class HTTPTier:
         self._headers = {"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE}
         if token is not None:
             self._headers["Authorization"] = f"Bearer {token}"
-        self._breaker = _Breaker(float(backoff_s), float(backoff_max_s))
+        self._breaker = CircuitBreaker(float(backoff_s), float(backoff_max_s))
         self._lock = threading.Lock()
         self._idle: list[http.client.HTTPConnection] = []
         self._closed = False

@@ -45,7 +45,6 @@ Thread-safe: any number of threads may call one tier at once.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +61,7 @@ from redis.exceptions import MovedError, RedisError, ResponseError
 from redis.retry import Retry
 
 from tiers.base import TierStats
+from tiers.breaker import CircuitBreaker
 from tiers.codec import verify_block
 
 try:  # redis-py's pure-Python RESP2 reader, extended below for large bulk replies
@@ -230,67 +230,10 @@ def _parser_options() -> dict[str, Any]:
 _PARSER = _parser_options()
 
 
-class _Breaker:
-    """Circuit breaker: closed -> open (backoff) -> half-open (one probe) -> closed.
-
-    ``allow()`` says whether a call may touch the network; the caller then reports
-    ``success()`` or ``failure()``. Backoff: ``base_s * 2**(n-1)`` seconds after the
-    ``n``-th consecutive failure, at most ``max_s``, shortened by up to 20 % jitter.
-    """
-
-    def __init__(self, base_s: float, max_s: float) -> None:
-        self.base_s, self.max_s = base_s, max_s
-        self._lock = threading.Lock()
-        self._state = "closed"
-        self._failures = 0
-        self._retry_at = 0.0
-        self._opened_at = 0.0
-
-    @property
-    def is_open(self) -> bool:
-        """True while calls are being refused or probed (an outage is going on)."""
-        return self._state != "closed"
-
-    def allow(self) -> bool:
-        """True if a call may go to the network now (closed, or the half-open probe)."""
-        with self._lock:
-            if self._state == "closed":
-                return True
-            if self._state == "open" and time.monotonic() >= self._retry_at:
-                self._state = "half-open"
-                return True
-            return False
-
-    def success(self) -> float | None:
-        """Record a successful round trip; returns the outage length (s) if this ended one."""
-        with self._lock:
-            if self._state == "half-open":
-                self._state, self._failures = "closed", 0
-                return time.monotonic() - self._opened_at
-            if self._state == "closed":
-                self._failures = 0
-            return None
-
-    def failure(self) -> tuple[bool, float]:
-        """Record a failed round trip; returns (this started an outage, backoff in s)."""
-        with self._lock:
-            now = time.monotonic()
-            if self._state == "open":  # a call that started before the breaker opened
-                return False, self._retry_at - now
-            started = self._state == "closed"
-            if started:
-                self._opened_at = now
-            self._failures += 1
-            delay = min(self.max_s, self.base_s * 2 ** min(self._failures - 1, 30))
-            delay *= random.uniform(0.8, 1.0)
-            self._state, self._retry_at = "open", now + delay
-            return started, delay
-
-
 class _Node:
     """One Redis server: its client (connection pool) and its circuit breaker."""
 
-    def __init__(self, host: str, port: int, client: redis.Redis, breaker: _Breaker) -> None:
+    def __init__(self, host: str, port: int, client: redis.Redis, breaker: CircuitBreaker) -> None:
         self.host, self.port = host, port
         self.client = client
         self.breaker = breaker
@@ -359,7 +302,7 @@ class RedisTier:
         self._nodes: dict[tuple[str, int], _Node] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._topo_lock = threading.Lock()
-        self._topo_breaker = _Breaker(backoff_s, backoff_max_s)
+        self._topo_breaker = CircuitBreaker(backoff_s, backoff_max_s)
         self._slots: list[_Node] | None = None
         self._topo_at = 0.0
         self._topo_stale = True
@@ -507,7 +450,7 @@ class RedisTier:
                     retry=Retry(NoBackoff(), 0), max_connections=self.max_connections,
                     **_CLIENT_OPTIONS, **tls)
                 client.connection_pool.connection_kwargs.update(_PARSER)
-                node = _Node(host, port, client, _Breaker(self.backoff_s, self.backoff_max_s))
+                node = _Node(host, port, client, CircuitBreaker(self.backoff_s, self.backoff_max_s))
                 self._nodes[(host, port)] = node
             return node
 
