@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from engine.batch import build_batch
 from engine.model import CausalLM
+from engine.runner import ModelRunner
 from engine.sampling import SamplingParams, make_generator, sample
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import CompletionOutput, RequestOutput, Sequence, Status
@@ -38,13 +39,16 @@ class Engine:
 
     ``namespace`` roots every block key (model fingerprint, dtype, block size, tenant).
     ``stop_ids`` are the model's end-of-sequence ids. ``id_source`` makes sequence ids
-    (injected for determinism in tests).
+    (injected for determinism in tests). ``cuda_graphs`` is
+    :class:`engine.runner.ModelRunner`'s switch (``None``: on for CUDA with Triton
+    attention); it changes speed only, never the tokens.
     """
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, store: KVStore,
                  namespace: Namespace, stop_ids: frozenset[int],
                  config: SchedulerConfig | None = None,
-                 id_source: Callable[[], int] | None = None) -> None:
+                 id_source: Callable[[], int] | None = None,
+                 cuda_graphs: bool | None = None) -> None:
         if namespace.block_size != store.block_size:
             raise ValueError("namespace and store disagree on the block size")
         self.model = model
@@ -57,6 +61,8 @@ class Engine:
         self._next_id = id_source or itertools.count().__next__
         self._requests: dict[str, _Request] = {}
         self.steps = 0
+        self._cuda_graphs = cuda_graphs
+        self._runner: ModelRunner | None = None
 
     # -------------------------------------------------------------- requests
 
@@ -119,19 +125,15 @@ class Engine:
                 sched.wait_loading()
             return [self._output(self._requests[r]) for r in touched if r in self._requests]
         self.steps += 1
-        tables = []
-        seq_lens = []
+        tables: list[list[int]] = []
+        seq_lens: list[int] = []
         ids: list[int] = []
         for seq, n in zip(step.seqs, step.query_lens):
             assert seq.lease is not None
             tables.append(seq.lease.slots)
             seq_lens.append(seq.num_computed + n)
-            ids += seq.token_ids[seq.num_computed:seq.num_computed + n]
-        device = self.model.device
-        batch, positions = build_batch(tables, step.query_lens, seq_lens,
-                                       self.store.block_size, device)
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=device)
-        logits = self.model(input_ids, positions, batch, self.store.gpu.tensor)
+            _extend_tokens(ids, seq, seq.num_computed, n)
+        logits = self.runner.run(ids, tables, step.query_lens, seq_lens)
         rows = []
         samplers = []
         for i, (seq, n) in enumerate(zip(step.seqs, step.query_lens)):
@@ -144,16 +146,32 @@ class Engine:
                 samplers.append(seq)
             touched.add(seq.request_id)
         if rows:
-            self._sample(logits[rows], samplers)
+            self._sample(logits, rows, samplers)
         return [self._output(self._requests[r]) for r in touched if r in self._requests]
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    @property
+    def runner(self) -> ModelRunner:
+        """The model runner (made on first use: it sizes its buffers from the store's
+        GPU pool and the scheduler's limits)."""
+        if self._runner is None:
+            cfg = self.scheduler.config
+            self._runner = ModelRunner(self.model, self.store.gpu.tensor, self.store.block_size,
+                                       cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                       cuda_graphs=self._cuda_graphs)
+        return self._runner
+
+    def _sample(self, logits: Tensor, rows: list[int], seqs: list[Sequence]) -> None:
+        """Sample one token for ``seqs[j]`` from ``logits[rows[j]]`` and append it.
+
+        Greedy rows take one argmax over the whole batch (one device sync); other rows
+        go through :func:`engine.sampling.sample` with their own generators.
+        """
         # n > 1: a request's first sequence forks once its prompt is done; every fork
         # samples its own first token from the same logits row.
-        rows: list[int] = []
+        all_rows: list[int] = []
         all_seqs: list[Sequence] = []
-        for i, seq in enumerate(seqs):
-            rows.append(i)
+        for row, seq in zip(rows, seqs):
+            all_rows.append(row)
             all_seqs.append(seq)
             if seq.params.n > 1 and not seq.output_ids and seq.index == 0:
                 req = self._requests[seq.request_id]
@@ -161,10 +179,21 @@ class Engine:
                     for k in range(1, seq.params.n):
                         child = self._fork(seq, k)
                         req.seqs.append(child)
-                        rows.append(i)
+                        all_rows.append(row)
                         all_seqs.append(child)
-        tokens = sample(logits[rows], [s.params for s in all_seqs],
-                        [s.generator for s in all_seqs])
+        tokens = [0] * len(all_seqs)
+        if any(s.params.greedy for s in all_seqs):
+            picks = logits.argmax(dim=-1).tolist()
+            for j, (row, seq) in enumerate(zip(all_rows, all_seqs)):
+                if seq.params.greedy:
+                    tokens[j] = picks[row]
+        drawn_rows = [j for j, s in enumerate(all_seqs) if not s.params.greedy]
+        if drawn_rows:
+            idx = torch.tensor([all_rows[j] for j in drawn_rows], device=logits.device)
+            drawn = sample(logits.index_select(0, idx), [all_seqs[j].params for j in drawn_rows],
+                           [all_seqs[j].generator for j in drawn_rows])
+            for j, tok in zip(drawn_rows, drawn):
+                tokens[j] = tok
         for seq, tok in zip(all_seqs, tokens):
             self._append(seq, tok)
 
@@ -209,14 +238,18 @@ class Engine:
         self.scheduler.finish(seq)
 
     def _output(self, req: _Request) -> RequestOutput:
-        done = all(s.status is Status.FINISHED for s in req.seqs) and \
-            len(req.seqs) == req.params.n
-        first = [s.first_token_time for s in req.seqs if s.first_token_time is not None]
-        last = [s.finish_time for s in req.seqs if s.finish_time is not None]
+        """A snapshot of ``req`` (its own copies of the token lists); a finished request
+        leaves the engine."""
+        seqs = req.seqs
+        if len(seqs) > 1:
+            seqs = sorted(seqs, key=lambda s: s.index)
+        done = len(seqs) == req.params.n and all(s.status is Status.FINISHED for s in seqs)
+        first = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        last = [s.finish_time for s in seqs if s.finish_time is not None]
         ttft = min(first) - req.arrival if first else None
         decode = max(last) - min(first) if first and last and done else None
-        outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason)
-                for s in sorted(req.seqs, key=lambda s: s.index)]
+        outs = [CompletionOutput(s.index, s.text, s.output_ids[:], s.finish_reason)
+                for s in seqs]
         out = RequestOutput(req.request_id, req.prompt_ids, outs, dict(req.seqs[0].cached_tokens),
                             ttft, decode, done)
         if done:
@@ -227,3 +260,17 @@ class Engine:
         """Step until every request is finished, yielding snapshots as they progress."""
         while self.has_unfinished:
             yield from self.step()
+
+
+def _extend_tokens(out: list[int], seq: Sequence, start: int, n: int) -> None:
+    """Append ``seq.token_ids[start:start + n]`` to ``out`` without building the whole
+    prompt + output list."""
+    prompt = seq.prompt_ids
+    end = start + n
+    if end <= len(prompt):
+        out += prompt[start:end]
+    elif start >= len(prompt):
+        out += seq.output_ids[start - len(prompt):end - len(prompt)]
+    else:
+        out += prompt[start:]
+        out += seq.output_ids[:end - len(prompt)]

@@ -1,0 +1,147 @@
+"""Runs the model for one scheduled step: staged metadata, CUDA graphs for decode steps.
+
+:class:`ModelRunner` sits between the engine loop and :class:`engine.model.CausalLM`.
+Each step's metadata is built on the host in one buffer and moved with one
+non-blocking copy (:class:`engine.batch.BatchStager`). On CUDA with the Triton attention
+backend, a step made only of one-query sequences (pure decode, the common case) replays
+a CUDA graph captured for the next batch size up (``1, 2, 4, ..., 64, 96, 128, ...``,
+up to ``max_num_seqs``); the graph reads static input buffers whose block tables are
+``graph_width`` columns wide. Padding rows (up to the captured size) compute on token 0
+at position 0 over pool block 0 and write no KV (slot mapping ``-1``); every operation
+of the model is row-independent, so they cannot change the real rows, and their logits
+are dropped. Prefill, mixed steps, steps wider than the graphs and every step on CPU run
+the eager forward.
+
+The graphs are captured, all sizes at once, on the first step that can use them (or by
+:meth:`ModelRunner.capture`); a capture failure turns graphs off with a warning and the
+engine goes on eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from engine.batch import BatchStager
+from engine.model import CausalLM
+
+log = logging.getLogger(__name__)
+
+GRAPH_MAX_CONTEXT = 8192
+"""Default longest context (tokens) a graph-replayed decode step may have."""
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes to capture: powers of two up to 64, then every 32, then
+    ``max_num_seqs`` itself; none larger than ``max_num_seqs``. Ascending."""
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    sizes = [s for s in (1, 2, 4, 8, 16, 32, 48, 64) if s <= max_num_seqs]
+    sizes += range(96, max_num_seqs + 1, 32)
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class ModelRunner:
+    """Runs ``model`` over ``kv_pool`` one step at a time (see the module docstring).
+
+    ``max_num_seqs`` and ``max_num_tokens`` size the buffers (larger steps still run,
+    eagerly, on buffers grown to fit). ``cuda_graphs`` ``None`` enables graphs exactly
+    when the model is on CUDA with the Triton backend; ``True`` requires that and raises
+    ``ValueError`` otherwise; ``False`` disables them. ``graph_max_context`` bounds the
+    context (tokens) of a graph-replayed step. Called from one thread.
+    """
+
+    def __init__(self, model: CausalLM, kv_pool: Tensor, block_size: int, max_num_seqs: int,
+                 max_num_tokens: int, *, cuda_graphs: bool | None = None,
+                 graph_max_context: int = GRAPH_MAX_CONTEXT) -> None:
+        model.check_kv_pool(kv_pool)
+        capable = model.device.type == "cuda" and model.backend.name == "triton"
+        if cuda_graphs and not capable:
+            raise ValueError("CUDA graphs need a CUDA model with the Triton attention backend")
+        self.model = model
+        self.kv_pool = kv_pool
+        self.block_size = block_size
+        self.use_graphs = capable if cuda_graphs is None else cuda_graphs
+        self.graph_sizes = graph_batch_sizes(max_num_seqs)
+        context = min(model.config.max_position_embeddings, graph_max_context)
+        self.graph_width = -(-context // block_size)
+        self.graph_steps = 0
+        self.eager_steps = 0
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._graph_stager: BatchStager | None = None
+        self._eager = BatchStager(block_size, model.device, max(1, max_num_tokens),
+                                  max_num_seqs, max_num_seqs * 64)
+
+    @property
+    def captured(self) -> bool:
+        """Whether the decode graphs exist."""
+        return bool(self._graphs)
+
+    def run(self, token_ids: Sequence[int], block_tables: Sequence[Sequence[int]],
+            query_lens: Sequence[int], seq_lens: Sequence[int]) -> Tensor:
+        """fp32 logits ``[B, vocab]`` of the last query of each of the ``B`` sequences.
+
+        Arguments are those of :meth:`engine.batch.BatchStager.stage` (``token_ids`` the
+        step's query tokens in batch order). The step's K/V is written to the pool. The
+        returned tensor may be a graph's output buffer: read it before the next call.
+        """
+        num_seqs = len(seq_lens)
+        if (self.use_graphs and 0 < num_seqs == len(token_ids)
+                and num_seqs <= self.graph_sizes[-1]
+                and max(seq_lens) <= self.graph_width * self.block_size):
+            if not self._graphs:
+                self.capture()
+            if self._graphs:
+                size = next(s for s in self.graph_sizes if s >= num_seqs)
+                assert self._graph_stager is not None
+                self._graph_stager.stage(token_ids, block_tables, query_lens, seq_lens,
+                                         pad_seqs=size, width=self.graph_width)
+                graph, logits = self._graphs[size]
+                graph.replay()
+                self.graph_steps += 1
+                return logits[:num_seqs]
+        width = max((-(-length // self.block_size) for length in seq_lens), default=0)
+        stager = self._eager
+        if not stager.fits(len(token_ids), num_seqs, width):
+            stager = self._eager = BatchStager(
+                self.block_size, self.model.device, max(stager.max_tokens, len(token_ids)),
+                max(stager.max_seqs, num_seqs),
+                max(stager.max_cells, num_seqs * width, 2 * stager.max_cells))
+        input_ids, positions, batch = stager.stage(token_ids, block_tables, query_lens,
+                                                   seq_lens)
+        self.eager_steps += 1
+        return self.model(input_ids, positions, batch, self.kv_pool)
+
+    def capture(self) -> None:
+        """Capture the decode graph of every size in :attr:`graph_sizes` (largest first,
+        one shared memory pool). Each size first runs once eagerly on padding-only
+        inputs, which compiles its kernels and writes no KV. On failure graphs are turned
+        off (logged) and steps run eagerly."""
+        if not self.use_graphs or self._graphs:
+            return
+        largest = self.graph_sizes[-1]
+        width = self.graph_width
+        stager = BatchStager(self.block_size, self.model.device, largest, largest,
+                             largest * width)
+        pool = torch.cuda.graph_pool_handle()
+        graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        try:
+            for size in reversed(self.graph_sizes):
+                input_ids, positions, batch = stager.stage([], [], [], [], pad_seqs=size,
+                                                           width=width)
+                self.model(input_ids, positions, batch, self.kv_pool)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    logits = self.model(input_ids, positions, batch, self.kv_pool)
+                graphs[size] = (graph, logits)
+        except RuntimeError as exc:
+            log.warning("CUDA graph capture failed (%s); running every step eagerly", exc)
+            self.use_graphs = False
+            return
+        self._graph_stager = stager
+        self._graphs = graphs
