@@ -77,6 +77,10 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token ids out of the vocabulary (0..{vocab - 1}): {bad[:5]}")
+        limit = self.model.config.max_context_len
+        if len(prompt_ids) >= limit:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model's context "
+                             f"holds {limit} (prompt and reply together)")
         now = time.perf_counter()
         seq = self._new_sequence(request_id, 0, list(prompt_ids), params, now)
         self._requests[request_id] = _Request(request_id, list(prompt_ids), params, [seq], now)
@@ -227,7 +231,8 @@ class Engine:
                     seq.text = seq.text[:cut]
                     self._finish(seq, "stop")
                     return
-        if len(seq.output_ids) >= params.max_tokens:
+        if len(seq.output_ids) >= params.max_tokens or \
+                seq.num_tokens >= self.model.config.max_context_len:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:

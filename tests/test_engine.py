@@ -184,6 +184,8 @@ def test_bad_requests_are_clear_errors(smollm2, model):
         engine.add_request("x", [], GREEDY)
     with pytest.raises(ValueError, match="vocabulary"):
         engine.add_request("y", [10**9], GREEDY)
+    with pytest.raises(ValueError, match="context"):
+        engine.add_request("z", [5] * model.config.max_context_len, GREEDY)
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
