@@ -263,7 +263,9 @@ class RedisCluster:
         return self
 
     def wait_ok(self) -> None:
-        """Wait until every node knows all ``n`` nodes and reports ``cluster_state:ok``.
+        """Wait until every node knows all ``n`` nodes, reports ``cluster_state:ok`` and
+        sees every slot assigned and served (nodes run with full coverage not required,
+        so ``cluster_state`` alone can be ok while a restarted node lacks the slot map).
 
         Raises ``RuntimeError`` after ``start_timeout_s`` seconds.
         """
@@ -278,6 +280,8 @@ class RedisCluster:
                     infos = []
                 if infos and all(info.get("cluster_state") == "ok"
                                  and int(info.get("cluster_known_nodes", 0)) == n
+                                 and int(info.get("cluster_slots_assigned", 0)) == 16384
+                                 and int(info.get("cluster_slots_ok", 0)) == 16384
                                  for info in infos):
                     return
                 time.sleep(0.05)
@@ -289,11 +293,10 @@ class RedisCluster:
     def heal(self) -> None:
         """Restart any node that is not running (same port, same ``nodes.conf``) and
         wait for ``cluster_state:ok``. Data of a restarted node is gone."""
-        down = [node for node in self.nodes if not node.running]
-        for node in down:
-            node.start()
-        if down:
-            self.wait_ok()
+        for node in self.nodes:
+            if not node.running:
+                node.start()
+        self.wait_ok()
 
     def flushall(self) -> None:
         """Delete every key on every node."""
