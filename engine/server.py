@@ -56,6 +56,10 @@ MAX_STOP = 16
 """Most stop strings in one request."""
 MAX_CHOICES = 128
 """Most sequences one request may generate (prompts x ``n``)."""
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this are greedy (dividing logits by less overflows to NaN)."""
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1 - 64)
+"""Seeds torch accepts, leaving room for ``seed + i`` of ``n`` sequences."""
 
 _CHAT_ROLES = {"system": "system", "developer": "system", "user": "user",
                "assistant": "assistant"}
@@ -256,11 +260,12 @@ def parse_options(body: Mapping[str, Any], kind: str, state: ServerState) -> Opt
         best_of = _integer(body, "best_of", lo=1)
         if best_of is not None and best_of != (n or 1):
             raise _unsupported("best_of", " (other than equal to 'n')")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     return Options(
         model=model, stream=stream, include_usage=include_usage, max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        top_k=0 if top_k in (None, -1) else int(top_k), seed=_integer(body, "seed"),
+        top_k=0 if top_k in (None, -1) else int(top_k), seed=_integer(body, "seed", *SEED_RANGE),
         n=n or 1, stop=_stop_strings(body.get("stop")),
         stop_token_ids=_token_list(body.get("stop_token_ids"), "stop_token_ids",
                                    allow_empty=True),
@@ -888,7 +893,8 @@ async def serve(llm: Any, config: ServeConfig,
                 ready: Callable[[list[str]], None] | None = None) -> None:
     """Serve ``llm`` until SIGINT or SIGTERM, then shut down gracefully: stop accepting,
     let requests in flight finish (up to ``shutdown_timeout_s``; streams still open
-    after that are cut), stop the engine, close ``llm``. ``ready(urls)`` is called once
+    after that are cut), stop the engine, close ``llm``. A second signal stops the
+    engine at once: requests still in flight end with a 503 (or an error event). ``ready(urls)`` is called once
     listening. Raises ``OSError`` when the address cannot be bound (``llm`` is closed)."""
     from engine.async_engine import AsyncEngine
 
@@ -910,6 +916,10 @@ async def serve(llm: Any, config: ServeConfig,
 
         def on_signal(sig: signal.Signals) -> None:
             received.append(sig.name)
+            if len(received) == 2:  # again while draining: cut off what is in flight
+                logger.warning("received %s again: stopping the engine now; requests in "
+                               "flight end with an error", sig.name)
+                loop.run_in_executor(None, state.engine.shutdown)
             stop.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -934,9 +944,11 @@ async def serve(llm: Any, config: ServeConfig,
                     "closing", received[0], state.engine.counters().running,
                     config.shutdown_timeout_s)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await runner.cleanup()  # runs _on_cleanup: engine stopped, llm closed
+        try:
+            await runner.cleanup()  # runs _on_cleanup: engine stopped, llm closed
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
     logger.info("stopped")
 
 
@@ -1112,7 +1124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         logger.error("cannot start: %s", exc)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
         return 130
     return 0
 

@@ -297,6 +297,8 @@ def test_greedy_chat_equals_the_engine_streamed_or_not(client: openai.OpenAI,
     assert full.usage.prompt_tokens == expected.prompt_tokens
     assert full.usage.completion_tokens == len(expected.token_ids)
     assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    tiny = chat(client, messages, temperature=1e-40)  # would overflow: treated as greedy
+    assert tiny.choices[0].message.content == expected.text
 
     texts, reasons, chunks = stream_chat(client, messages,
                                          stream_options={"include_usage": True})
@@ -444,6 +446,8 @@ BAD_REQUESTS: list[tuple[str, str, str, Any, int, str | None]] = [
     ("n zero", "POST", "/v1/chat/completions", {**GOOD_CHAT, "n": 0}, 400, "n"),
     ("n huge", "POST", "/v1/chat/completions", {**GOOD_CHAT, "n": 1000}, 400, "n"),
     ("seed float", "POST", "/v1/chat/completions", {**GOOD_CHAT, "seed": 1.5}, 400, "seed"),
+    ("seed too large", "POST", "/v1/chat/completions", {**GOOD_CHAT, "seed": 2**64}, 400,
+     "seed"),
     ("stop number", "POST", "/v1/chat/completions", {**GOOD_CHAT, "stop": 5}, 400, "stop"),
     ("stop empty string", "POST", "/v1/chat/completions", {**GOOD_CHAT, "stop": [""]}, 400,
      "stop"),
@@ -553,7 +557,7 @@ def test_a_client_that_disconnects_aborts_its_request(server: Server) -> None:
     assert after["running"] == 0 and after["finished"] == before["finished"]
 
 
-def test_sigterm_finishes_requests_in_flight_and_the_disk_tier_survives(
+def test_sigterm_drains_requests_a_second_one_cuts_them_and_the_disk_survives(
         reference: LLM, cache: Path, tmp_path: Path) -> None:
     disk = tmp_path / "disk"
     flags = ("--disk", str(disk), "--disk-bytes", "64MiB", "--host-blocks", "32",
@@ -585,6 +589,24 @@ def test_sigterm_finishes_requests_in_flight_and_the_disk_tier_survives(
         details = again.usage.prompt_tokens_details
         assert (details.model_extra or {})["cached_tokens_by_tier"].get("disk", 0) \
             >= again.usage.prompt_tokens // 16 * 16 > 0
+        # A second signal while draining cuts the request off with an error event.
+        host, port = srv.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        conn.request("POST", "/v1/completions", body=json.dumps({
+            "model": "tiny", "prompt": "Count:", "max_tokens": 4000, "ignore_eos": True,
+            "stream": True}))
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        srv.proc.send_signal(signal.SIGTERM)
+        _wait_for(lambda: "received SIGTERM:" in srv.log_text(), "the first SIGTERM")
+        srv.proc.send_signal(signal.SIGTERM)
+        events = [line for line in resp.read().decode().splitlines() if line]
+        conn.close()
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["type"] == "server_error" and "shutting down" in error["message"]
+        assert srv.proc.wait(timeout=120) == 0
+        assert "received SIGTERM again" in srv.log_text()
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
