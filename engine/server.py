@@ -120,7 +120,8 @@ class ServerState:
 
     ``model_names``: the first is the canonical name (listed first by ``/v1/models``);
     any of them is accepted as a request's ``model``. ``max_context``: the most tokens
-    (prompt + completion) one sequence may hold.
+    (prompt + completion) one sequence may hold: the model's context window, or the KV
+    pool's capacity when that is smaller (a sequence must fit in the pool on its own).
     """
 
     engine: Any  # engine.async_engine.AsyncEngine (imported lazily: --help stays fast)
@@ -401,16 +402,16 @@ def sampling_params(opts: Options, prompt_lens: Sequence[int], max_context: int,
 
     longest = max(prompt_lens)
     room = max_context - longest
+    if room < 1:
+        raise _bad(f"This server's maximum context length is {max_context} tokens; your "
+                   f"prompt has {longest} tokens, leaving no room for a completion",
+                   prompt_param)
     if opts.max_tokens is None:
-        if room < 1:
-            raise _bad(f"This model's maximum context length is {max_context} tokens; your "
-                       f"prompt has {longest} tokens, leaving no room for a completion",
-                       prompt_param)
         max_tokens = room
     else:
         max_tokens = opts.max_tokens
-        if longest + max_tokens > max_context:
-            raise _bad(f"This model's maximum context length is {max_context} tokens. "
+        if max_tokens > room:
+            raise _bad(f"This server's maximum context length is {max_context} tokens. "
                        f"However, you requested {longest + max_tokens} tokens ({longest} in "
                        f"the prompt, {max_tokens} for the completion). Please reduce the "
                        "prompt or the completion length.", "max_tokens")
@@ -847,6 +848,13 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
 
 
+def max_sequence_tokens(llm: Any) -> int:
+    """The longest sequence (prompt + completion, tokens) ``llm`` can run: its model's
+    context window, capped by the KV pool (a longer one could never be scheduled)."""
+    store = llm.store.config
+    return min(llm.loaded.config.max_context_len, store.gpu_blocks * store.block_size)
+
+
 def describe(llm: Any) -> list[str]:
     """Log lines about the model and the cache tiers (no secrets)."""
     cfg = llm.config
@@ -854,8 +862,8 @@ def describe(llm: Any) -> list[str]:
     block = store.layout.block_bytes if store.layout is not None else 0
     lines = [f"model {llm.loaded.name} ({llm.loaded.fingerprint[:12]}) on {llm.model.device}, "
              f"{str(llm.model.dtype).removeprefix('torch.')}, context "
-             f"{llm.loaded.config.max_context_len} tokens, up to {cfg.max_num_seqs} "
-             "sequences per batch"]
+             f"{llm.loaded.config.max_context_len} tokens (longest sequence served: "
+             f"{max_sequence_tokens(llm)}), up to {cfg.max_num_seqs} sequences per batch"]
     for tier in llm.store.tiers:
         if tier == "gpu":
             where = "GPU" if llm.model.device.type == "cuda" else "device (CPU)"
@@ -901,7 +909,7 @@ async def serve(llm: Any, config: ServeConfig,
     names = config.served_model_names or tuple(dict.fromkeys(
         [llm.config.model, llm.loaded.name]))
     state = ServerState(engine=AsyncEngine(llm), model_names=names, api_key=config.api_key,
-                        max_context=llm.loaded.config.max_context_len,
+                        max_context=max_sequence_tokens(llm),
                         fingerprint=f"fp_{llm.loaded.fingerprint[:12]}")
     app = build_app(state)
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
