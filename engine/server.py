@@ -615,7 +615,7 @@ async def _stream(request: web.Request, state: ServerState, reply: _Reply,
                         if c.finish_reason:
                             ended.add(index)
                             await chunk(index, "", c.finish_reason)
-            except (ConnectionResetError, asyncio.CancelledError):
+            except ConnectionResetError:  # the client left: not an engine error
                 raise
             except Exception as exc:
                 err = _engine_error(exc)
