@@ -248,7 +248,10 @@ class Engine:
         seqs = req.seqs
         if len(seqs) > 1:
             seqs = sorted(seqs, key=lambda s: s.index)
-        done = len(seqs) == req.params.n and all(s.status is Status.FINISHED for s in seqs)
+        # A request forks its n sequences when it samples its first token; one that
+        # ended before that (too large for the pool) never forks.
+        done = all(s.status is Status.FINISHED for s in seqs) and (
+            len(seqs) == req.params.n or not seqs[0].output_ids)
         first = [s.first_token_time for s in seqs if s.first_token_time is not None]
         last = [s.finish_time for s in seqs if s.finish_time is not None]
         ttft = min(first) - req.arrival if first else None

@@ -178,6 +178,15 @@ def test_stop_strings_and_max_tokens(smollm2, model, reference):
     assert out.outputs[0].finish_reason == "length" and len(out.token_ids) == 3
 
 
+def test_request_larger_than_the_pool_ends_with_length(smollm2, model):
+    engine = make_engine(smollm2, model, gpu_blocks=4)
+    long_prompt = prompts(smollm2)[0]
+    assert len(long_prompt) > 4 * 16
+    out = run(engine, [long_prompt], SamplingParams(max_tokens=4, n=2))[0]
+    assert out.outputs[0].finish_reason == "length" and out.token_ids == []
+    assert not engine.has_unfinished
+
+
 def test_bad_requests_are_clear_errors(smollm2, model):
     engine = make_engine(smollm2, model)
     with pytest.raises(ValueError, match="empty"):
