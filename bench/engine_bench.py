@@ -252,6 +252,8 @@ def profile_decode(args: argparse.Namespace, out_dir: Path | None) -> None:
 
     dev = torch.device("cuda")
     reqs = _load_requests(args)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
     for name in args.models:
         model, _ = _random_model(name, dev)

@@ -108,10 +108,12 @@ class Attention(nn.Module):
                 k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """``x`` ``[T, hidden]`` -> ``[T, hidden]``; writes this step's K/V to the caches."""
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        # RoPE on Q and K in one pass (the same elementwise ops, half the kernels).
+        qk = qkv[:, :self.q_size + self.kv_size].view(
+            num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         self.backend.write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
         out = self.backend.paged_attention(q, k_cache, v_cache, batch.block_tables,
                                            batch.query_start_loc, batch.seq_lens, self.scale)

@@ -170,7 +170,8 @@ def test_graph_logits_match_eager_and_padding_writes_nothing(models):
     after_graph = pool.clone()
     b = eager.run(decode_ids, tables, [1] * len(ps), lens)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
-    assert torch.equal(pool, after_graph)  # both wrote the same K/V
+    # Both wrote the same K/V (up to the rounding of GEMMs of 8 rows vs 5).
+    assert torch.allclose(pool, after_graph, rtol=1e-5, atol=1e-5)
     changed = (after_graph != before).flatten(1).any(1).nonzero().flatten().tolist()
     written = sorted({tables[i][(n - 1) // 16] for i, n in enumerate(lens)})
     assert changed == written  # padding rows (slot mapping -1) wrote nothing
