@@ -64,7 +64,7 @@ WORKLOADS = ("mooncake", "sharegpt", "generated")
 
 TIERED = "tiered"
 GPU_ONLY = "one-tier LRU, total size"
-GPU_SHARE = "GPU-only LRU"
+GPU_SHARE = "GPU-only LRU, same GPU"
 FLAT = "flat FIFO"
 INFINITE = "infinite"
 
