@@ -11,7 +11,12 @@ Run: ``python -m kvstore bench engine`` (``--help``). Two parts:
    lengths from the real ShareGPT conversations, or from ``--requests-file``) through
    the engine (continuous batching, paged attention) next to Hugging Face transformers
    ``generate`` with static batching on the same model and GPU, in the same run, for
-   SmolLM2 and a random-weight Llama-3-8B-shaped model in bf16.
+   SmolLM2 and a random-weight Llama-3-8B-shaped model in bf16. ``--compare-eager`` adds
+   the engine with CUDA graphs off.
+
+``--profile`` instead breaks a decode step down (host and GPU time, kernels, top ops and
+Python functions) at the workload's full batch; docs/kernels.md, "Engine step", has the
+findings.
 """
 
 from __future__ import annotations
@@ -188,7 +193,8 @@ def bench_throughput(args: argparse.Namespace) -> list[tuple[str, float, float |
         rates: list[float | None] = []
         for graphs in modes:
             engine = _bench_engine(model, name, graphs)
-            _run_engine(engine, ids[:16])  # warm-up (kernel compilation, graph capture)
+            _capture(engine)
+            _run_engine(engine, ids[:16])  # warm-up (kernel compilation, allocator)
             rates.append(n_out / _run_engine(engine, ids))
             engine.store.close()
             del engine
@@ -260,6 +266,7 @@ def profile_decode(args: argparse.Namespace, out_dir: Path | None) -> None:
         vocab = model.config.vocab_size
         ids = [([t % vocab for t in p], n) for p, n in reqs]
         engine = _bench_engine(model, name, graphs)
+        capture_s = _capture(engine)
         _run_engine(engine, ids[:16])
         for i, (prompt, _) in enumerate(ids):
             engine.add_request(f"p{i}", prompt, _params(10_000))
@@ -295,9 +302,10 @@ def profile_decode(args: argparse.Namespace, out_dir: Path | None) -> None:
         by_dev = events.table(sort_by="self_device_time_total", row_limit=15)
         runner = getattr(engine, "_runner", None)
         mode = "eager" if runner is None or not runner.graph_steps else "graphs"
+        captured = getattr(runner, "captured", [])
         print(f"\n[{name}] decode B={batch} mean context {ctx:.0f} ({mode}): host "
               f"{host_ms:.2f} ms/step, GPU busy {busy_ms:.2f} ms/step, {kernels:.0f} "
-              f"kernels/step")
+              f"kernels/step; {len(captured)} graphs captured in {capture_s:.2f} s")
         print(by_dev)
         print("\n".join(py.getvalue().splitlines()[:40]))
         if out_dir is not None:
@@ -306,6 +314,17 @@ def profile_decode(args: argparse.Namespace, out_dir: Path | None) -> None:
         engine.store.close()
         del engine, model
         torch.cuda.empty_cache()
+
+
+def _capture(engine) -> float:
+    """Capture every decode graph up front (an engine without graphs does nothing);
+    returns the seconds it took."""
+    t0 = time.perf_counter()
+    runner = getattr(engine, "runner", None)
+    if runner is not None:
+        runner.capture()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def _params(max_tokens: int):

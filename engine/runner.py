@@ -4,17 +4,17 @@
 Each step's metadata is built on the host in one buffer and moved with one
 non-blocking copy (:class:`engine.batch.BatchStager`). On CUDA with the Triton attention
 backend, a step made only of one-query sequences (pure decode, the common case) replays
-a CUDA graph captured for the next batch size up (``1, 2, 4, ..., 64, 96, 128, ...``,
-up to ``max_num_seqs``); the graph reads static input buffers whose block tables are
+a CUDA graph captured for the next batch size up (``1, 2, 4, 8, 16, 32, 48, 64``,
+then every 32 up to ``max_num_seqs``); the graph reads static input buffers whose block tables are
 ``graph_width`` columns wide. Padding rows (up to the captured size) compute on token 0
 at position 0 over pool block 0 and write no KV (slot mapping ``-1``); every operation
 of the model is row-independent, so they cannot change the real rows, and their logits
 are dropped. Prefill, mixed steps, steps wider than the graphs and every step on CPU run
 the eager forward.
 
-The graphs are captured, all sizes at once, on the first step that can use them (or by
-:meth:`ModelRunner.capture`); a capture failure turns graphs off with a warning and the
-engine goes on eagerly.
+A size's graph is captured the first time a step needs it (a fraction of a second each),
+or up front for every size by :meth:`ModelRunner.capture`; a capture failure turns graphs
+off with a warning and the engine goes on eagerly.
 """
 
 from __future__ import annotations
@@ -74,13 +74,14 @@ class ModelRunner:
         self.eager_steps = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._graph_stager: BatchStager | None = None
+        self._graph_pool: tuple[int, int] | None = None
         self._eager = BatchStager(block_size, model.device, max(1, max_num_tokens),
                                   max_num_seqs, max_num_seqs * 64)
 
     @property
-    def captured(self) -> bool:
-        """Whether the decode graphs exist."""
-        return bool(self._graphs)
+    def captured(self) -> list[int]:
+        """Batch sizes whose decode graph exists, ascending."""
+        return sorted(self._graphs)
 
     def run(self, token_ids: Sequence[int], block_tables: Sequence[Sequence[int]],
             query_lens: Sequence[int], seq_lens: Sequence[int]) -> Tensor:
@@ -94,10 +95,10 @@ class ModelRunner:
         if (self.use_graphs and 0 < num_seqs == len(token_ids)
                 and num_seqs <= self.graph_sizes[-1]
                 and max(seq_lens) <= self.graph_width * self.block_size):
-            if not self._graphs:
-                self.capture()
-            if self._graphs:
-                size = next(s for s in self.graph_sizes if s >= num_seqs)
+            size = next(s for s in self.graph_sizes if s >= num_seqs)
+            if size not in self._graphs:
+                self.capture([size])
+            if size in self._graphs:
                 assert self._graph_stager is not None
                 self._graph_stager.stage(token_ids, block_tables, query_lens, seq_lens,
                                          pad_seqs=size, width=self.graph_width)
@@ -117,31 +118,35 @@ class ModelRunner:
         self.eager_steps += 1
         return self.model(input_ids, positions, batch, self.kv_pool)
 
-    def capture(self) -> None:
-        """Capture the decode graph of every size in :attr:`graph_sizes` (largest first,
-        one shared memory pool). Each size first runs once eagerly on padding-only
-        inputs, which compiles its kernels and writes no KV. On failure graphs are turned
-        off (logged) and steps run eagerly."""
-        if not self.use_graphs or self._graphs:
+    def capture(self, sizes: Sequence[int] | None = None) -> None:
+        """Capture the decode graph of each of ``sizes`` (default: every size in
+        :attr:`graph_sizes`) not captured yet, largest first, into one shared memory pool
+        (replays never overlap, and each step reads its logits before the next). Each
+        size first runs once eagerly on padding-only inputs, which compiles its kernels
+        and writes no KV. ``ValueError`` for a size not in :attr:`graph_sizes`. On a
+        capture failure graphs are turned off (logged) and steps run eagerly."""
+        if not self.use_graphs:
             return
-        largest = self.graph_sizes[-1]
+        todo = set(self.graph_sizes if sizes is None else sizes)
+        if not todo <= set(self.graph_sizes):
+            raise ValueError(f"sizes {sorted(todo)} are not all in {self.graph_sizes}")
         width = self.graph_width
-        stager = BatchStager(self.block_size, self.model.device, largest, largest,
-                             largest * width)
-        pool = torch.cuda.graph_pool_handle()
-        graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        if self._graph_stager is None:
+            largest = self.graph_sizes[-1]
+            self._graph_stager = BatchStager(self.block_size, self.model.device, largest,
+                                             largest, largest * width)
+            self._graph_pool = torch.cuda.graph_pool_handle()
         try:
-            for size in reversed(self.graph_sizes):
-                input_ids, positions, batch = stager.stage([], [], [], [], pad_seqs=size,
-                                                           width=width)
+            for size in sorted(todo - set(self._graphs), reverse=True):
+                input_ids, positions, batch = self._graph_stager.stage(
+                    [], [], [], [], pad_seqs=size, width=width)
                 self.model(input_ids, positions, batch, self.kv_pool)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, pool=self._graph_pool,
+                                      capture_error_mode="thread_local"):
                     logits = self.model(input_ids, positions, batch, self.kv_pool)
-                graphs[size] = (graph, logits)
+                self._graphs[size] = (graph, logits)
         except RuntimeError as exc:
             log.warning("CUDA graph capture failed (%s); running every step eagerly", exc)
             self.use_graphs = False
-            return
-        self._graph_stager = stager
-        self._graphs = graphs
+            self._graphs.clear()

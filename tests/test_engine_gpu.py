@@ -166,7 +166,7 @@ def test_graph_logits_match_eager_and_padding_writes_nothing(models):
     lens = [len(p) + 1 for p in ps]
     before = pool.clone()
     a = graphs.run(decode_ids, tables, [1] * len(ps), lens).clone()
-    assert graphs.graph_steps == 1
+    assert graphs.graph_steps == 1 and graphs.captured == [8]  # captured on first use
     after_graph = pool.clone()
     b = eager.run(decode_ids, tables, [1] * len(ps), lens)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
