@@ -10,9 +10,10 @@ Run from the repository root on a CUDA machine (about a minute)::
 2. Runs ``tests/test_pool_conformance.py`` (every pool kind, CUDA ones included).
 3. Prints :func:`bench.tiers_bench_pools.bench_pools` for the SmolLM2-135M (360 KiB)
    and Llama-3-8B (2 MiB) blocks, batches of 64 and 256 scattered blocks, every
-   strategy, next to a raw pinned copy of the same bytes; then, per direction, block
-   size and batch, the fastest strategy and whether ``"auto"`` reaches
-   :data:`TARGET_RATIO` of the raw copy.
+   strategy in one call and ``"auto"`` sustained (calls back to back), next to a raw
+   pinned copy of the same bytes measured the same way; then, per direction, block size
+   and batch, the fastest strategy in one call and whether ``"auto"`` sustained reaches
+   :data:`TARGET_RATIO` of the raw copy's bandwidth.
 
 Exit status: 0 when the tests pass (and CUDA is present), 1 otherwise.
 """
@@ -57,20 +58,24 @@ def describe_device() -> None:
 
 
 def summarize(rows: Sequence[Row]) -> list[str]:
-    """Per (direction, block, batch): the fastest scattered strategy and auto's ratio."""
+    """Per (direction, block, batch): the fastest scattered strategy in one call, auto's
+    ratio in one call, and auto's sustained ratio (judged against the target)."""
     lines = []
     groups: dict[tuple[str, int, int], list[Row]] = {}
     for row in rows:
         if row.op.startswith("scattered"):
             groups.setdefault((row.tier, row.block_bytes, row.n), []).append(row)
     for (tier, block_bytes, n), group in groups.items():
-        best = max(group, key=lambda r: r.gbps)
-        auto = next((r for r in group if r.op.endswith("[auto]")), None)
-        verdict = "n/a" if auto is None else (
-            f"auto {auto.ratio:.2f} of raw: "
-            f"{'meets' if auto.ratio >= TARGET_RATIO else 'MISSES'} {TARGET_RATIO}")
+        single = [r for r in group if not r.op.endswith("sustained")]
+        best = max(single, key=lambda r: r.gbps)
+        auto = next((r for r in single if r.op.endswith("[auto]")), None)
+        sustained = next((r for r in group if r.op.endswith("sustained")), None)
+        verdict = "n/a" if sustained is None else (
+            f"sustained {sustained.ratio:.2f} of raw: "
+            f"{'meets' if sustained.ratio >= TARGET_RATIO else 'MISSES'} {TARGET_RATIO}")
+        one = "" if auto is None else f"; auto one call {auto.ratio:.2f}"
         lines.append(f"{tier:9s} {block_bytes / 1024:7.0f} KiB  n={n:<4d} "
-                     f"fastest {best.op} {best.gbps:.1f} GB/s ({best.ratio:.2f}); {verdict}")
+                     f"fastest one call {best.op} {best.ratio:.2f}{one}; {verdict}")
     return lines
 
 

@@ -8,10 +8,18 @@ scattered at random over pools twice its size on both sides (the worst case), pl
 same run, is one raw ``copy_`` of the same total bytes between one contiguous pinned host
 tensor and one device tensor: what the PCIe link gives at best.
 
-With CUDA: CUDA events around each call (the call, including its host-side work, and
-the wait for its completion), after warm-up; median of repeats. Without CUDA the
-"GPU" pool is on the CPU, the baseline is a contiguous CPU ``copy_`` and times are wall
-clock. GB/s are 1e9 bytes/s of block payload.
+Two measures with CUDA, each with its own baseline from the same run:
+
+- one call (op ``scattered [<strategy>]``): CUDA events around one call, including its
+  host-side work (validation, index upload, launch) and the wait for its completion,
+  next to one raw copy; median of repeats after warm-up. This is a promotion's latency.
+- sustained (op ``scattered [auto] sustained``): :data:`IN_FLIGHT` calls issued back to
+  back and one wait for the last, next to as many raw copies back to back. This is the
+  bandwidth the store gets when promotions and demotions overlap, as they do in the
+  engine (``acquire`` starts a copy and returns; ``poll`` finds it done later).
+
+Without CUDA the "GPU" pool is on the CPU, the baseline is a contiguous CPU ``copy_``
+and times are wall clock. GB/s are 1e9 bytes/s of block payload.
 
 Run alone: ``python -m bench.tiers_bench_pools [--blocks N]``.
 """
@@ -34,6 +42,8 @@ SMALL_BATCH = 64
 """Batch size (blocks) measured besides ``n_blocks`` when ``n_blocks`` is larger."""
 WARMUP = 3
 REPEATS = 15
+IN_FLIGHT = 8
+"""Calls in flight for the sustained measure."""
 
 
 def _time_cuda(fn: Callable[[], None], repeats: int, warmup: int) -> float:
@@ -148,6 +158,25 @@ def bench_pools(block_bytes: int, n_blocks: int, *, repeats: int = REPEATS,
                     continue
                 rows.append(_row(name, f"{pattern} [{strategy}]", block_bytes, n, seconds,
                                  base))
+        if not cuda:
+            continue
+        for name, raw_src, raw_dst, src, s_slots, dst, d_slots in (
+                (names[0], raw_in, raw_out, host, host_slots, gpu, gpu_slots),
+                (names[1], raw_out, raw_in, gpu, gpu_slots, host, host_slots)):
+            def raw_burst(a: torch.Tensor = raw_dst, b: torch.Tensor = raw_src) -> None:
+                for _ in range(IN_FLIGHT):
+                    a.copy_(b, non_blocking=True)
+
+            def burst(src: SlotPool = src, s_slots: list[int] = s_slots,
+                      dst: SlotPool = dst, d_slots: list[int] = d_slots) -> None:
+                transfers = [copy_slots(src, s_slots, dst, d_slots)
+                             for _ in range(IN_FLIGHT)]
+                transfers[-1].wait()  # one side stream: the last completes last
+
+            base = timer(raw_burst, repeats, warmup)
+            seconds = timer(burst, repeats, warmup)
+            rows.append(_row(name, "scattered [auto] sustained", block_bytes,
+                             n, seconds / IN_FLIGHT, base / IN_FLIGHT))
     return rows
 
 

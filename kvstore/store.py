@@ -333,9 +333,10 @@ class KVStore:
             if self._exclusive:
                 # Write-back moves a block up (one copy, more distinct blocks cached);
                 # a shared tier's bytes stay where they are, findable past the index.
+                # Another lease promoting the same block may have moved it up first.
                 src = m.sources[i]
                 loc = self.tree.clear_location(node, self._t[src])
-                if src == "host":
+                if src == "host" and loc is not None:
                     self.host.free([loc])
         last = m.nodes[tree_n - 1] if tree_n else None
         if hit > tree_n:

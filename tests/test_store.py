@@ -169,6 +169,34 @@ def test_drop_demotes_a_whole_tier(tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs CUDA"))])
+def test_two_leases_promote_the_same_host_blocks_at_once(device):
+    """Both leases start promoting before either finishes (on CUDA the copies wait
+    behind a busy compute stream); the second to finish uses the first's GPU copy."""
+    store = make_store(gpu_blocks=16, host_blocks=16, device=device)
+    toks = tokens(8, 4 * BS)
+    serve(store, toks)
+    assert store.drop("gpu") == 4
+    chain = hash_blocks(NS.root(), toks, BS)
+    if device == "cuda":
+        torch.cuda._sleep(200_000_000)  # keep the current stream busy: copies stay pending
+    leases = [store.acquire(store.match(chain.fork())) for _ in range(2)]
+    for lease in leases:
+        store.wait(lease)
+        assert lease.cached_tokens in ({"host": 4 * BS}, {"gpu": 4 * BS})
+        for i, slot in enumerate(lease.slots):
+            assert torch.equal(store.gpu.block(slot).cpu(), expected(chain.keys[i])), i
+    assert leases[0].slots == leases[1].slots
+    store.check_integrity()
+    for lease in leases:
+        store.release(lease)
+    s = store.stats()
+    assert s.index.blocks == {"gpu": 4, "host": 0} and s.host_free == 16
+    store.check_integrity()
+
+
 def test_pinned_prefix_is_evicted_last():
     store = make_store(gpu_blocks=6)
     system = tokens(9, 2 * BS)
