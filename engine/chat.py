@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tiers = ", ".join(llm.store.tiers)
     print(f"ready in {time.perf_counter() - t0:.1f} s: model {llm.loaded.name} on "
           f"{llm.model.device} ({llm.model.dtype}), cache tiers: {tiers}"
-          + (f", disk at {disk}" if disk else ""), file=sys.stderr, flush=True)
+          + (f" (disk at {disk})" if disk else ""), file=sys.stderr, flush=True)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             seed=args.seed)
     session = ChatSession(llm, args.system, home / "chat" / f"{args.session}.json", params,

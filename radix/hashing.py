@@ -15,6 +15,7 @@ Everything else in the project imports its hashing from here.
 
 from __future__ import annotations
 
+import functools
 import struct
 import sys
 from array import array
@@ -33,6 +34,12 @@ _xxh3_128 = xxhash.xxh3_128_digest
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
+@functools.lru_cache(maxsize=256)
+def _int32_struct(n: int) -> struct.Struct:
+    """Compiled little-endian int32 packer for ``n`` values (prompts repeat lengths)."""
+    return struct.Struct(f"<{n}i")
+
+
 def token_bytes(token_ids: Iterable[int]) -> bytes:
     """Token ids as little-endian int32 bytes (4 bytes a token).
 
@@ -41,7 +48,7 @@ def token_bytes(token_ids: Iterable[int]) -> bytes:
     if not isinstance(token_ids, list | tuple):
         token_ids = list(token_ids)
     try:
-        return struct.pack(f"<{len(token_ids)}i", *token_ids)
+        return _int32_struct(len(token_ids)).pack(*token_ids)
     except struct.error as exc:
         raise ValueError(f"token ids must be integers within int32: {exc}") from None
 
