@@ -194,6 +194,37 @@ def test_corrupt_values_are_misses_counted_and_deleted(redis_server: RedisServer
         assert tier.stats().errors == 0
 
 
+@pytest.mark.parametrize("policy", ["allkeys-lru", "noeviction"])
+def test_a_full_server_evicts_or_refuses_writes_and_reads_go_on(policy: str):
+    """Capacity is the server's ``maxmemory``. With an LRU policy old blocks make room;
+    with ``noeviction`` writes beyond it are refused (counted, logged once) while reads
+    and the breaker carry on: a full Redis is never an outage."""
+    layout = big_layout(64)
+    items = make_blocks(120, layout=layout)  # about 7.6 MB of blocks, 3 MB of memory
+    server = RedisServer(extra_args=["--maxmemory", "3mb", "--maxmemory-policy", policy])
+    try:
+        server.start()
+        with RedisTier(server.url, **STEADY) as tier:
+            for i in range(0, len(items), 10):
+                tier.put(items[i:i + 10])
+            # EXISTS, not GET: replies to a large pipelined GET count against maxmemory
+            # and would evict blocks while they are being read.
+            stored = [tier.contains_prefix([k]) == 1 for k in keys_of(items)]
+            s = tier.stats()
+            assert 0 < sum(stored) < len(items)
+            assert s.extra["short_circuited"] == 0 and s.extra["nodes_down"] == 0
+            assert s.corrupt == 0
+            if policy == "allkeys-lru":
+                assert s.errors == 0 and stored[-1]  # the newest blocks are kept
+                assert not stored[0]                 # the oldest made room
+            else:
+                assert s.errors > 0 and stored[0]    # what fitted stays readable
+                assert not stored[-1]                # the rest was refused
+            assert tier.get(keys_of(items[:1]))[0] == (items[0][1] if stored[0] else None)
+    finally:
+        server.close()
+
+
 def test_contains_prefix_counts_from_the_start(redis_server: RedisServer):
     items = make_blocks(6)
     with RedisTier(redis_server.url, **STEADY) as tier:
