@@ -197,7 +197,7 @@ def test_corrupt_values_are_misses_counted_and_deleted(redis_server: RedisServer
 @pytest.mark.parametrize("policy", ["allkeys-lru", "noeviction"])
 def test_a_full_server_evicts_or_refuses_writes_and_reads_go_on(policy: str):
     """Capacity is the server's ``maxmemory``. With an LRU policy old blocks make room;
-    with ``noeviction`` writes beyond it are refused (counted, logged once) while reads
+    with ``noeviction`` writes beyond it are refused (counted as errors) while reads
     and the breaker carry on: a full Redis is never an outage."""
     layout = big_layout(64)
     items = make_blocks(120, layout=layout)  # about 7.6 MB of blocks, 3 MB of memory
