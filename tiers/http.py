@@ -48,7 +48,7 @@ from urllib.parse import quote, urlsplit
 import msgpack
 
 from radix.hashing import KEY_BYTES
-from tiers.base import TierStats
+from tiers.base import PutResult, TierStats
 from tiers.breaker import CircuitBreaker
 from tiers.codec import verify_block
 
@@ -246,25 +246,33 @@ class HTTPTier:
                     bytes_read=sum(len(v) for v in hits), corrupt=corrupt)
         return out
 
-    def put(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+    def put(self, items: Sequence[tuple[bytes, bytes]]) -> PutResult:
         """Store ``(key, encoded block)`` pairs (split into requests within the batch and
-        body limits). Best effort: a request that fails is dropped and counted in
-        ``stats().errors``; the daemon rejects a whole request that holds an invalid
-        block (a counted 400)."""
+        body limits); returns the keys of the requests the daemon acknowledged in full.
+        Best effort: a request that fails is dropped and counted in ``stats().errors``;
+        the daemon rejects a whole request that holds an invalid block (a counted 400).
+        A reply that stored only part of a request counts those blocks in ``puts`` but,
+        since it does not name them, reports none of its keys as stored."""
         _check_keys(key for key, _ in items)
         if not items or self._closed:
-            return
+            return PutResult()
+        held: set[bytes] = set()
         for chunk in self._put_chunks(items):
             if self._closed:
-                return
+                break
             reply = self._call("put", encode_put_body(chunk))
             if reply is None:
                 continue
             stored = reply.get("stored")
-            if type(stored) is not int or stored != len(chunk):
+            if type(stored) is not int or not 0 <= stored <= len(chunk):
                 self._protocol_error("put reply without a valid stored count")
                 continue
-            self._count(puts=stored, bytes_written=sum(len(v) for _, v in chunk))
+            if stored == len(chunk):
+                held.update(key for key, _ in chunk)
+                self._count(puts=stored, bytes_written=sum(len(v) for _, v in chunk))
+            else:
+                self._count(puts=stored)
+        return PutResult.of(items, held)
 
     def delete(self, keys: Sequence[bytes]) -> None:
         """Remove keys; absent keys are ignored, failures dropped and counted."""
