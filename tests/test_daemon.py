@@ -779,8 +779,8 @@ def test_sigterm_lets_in_flight_requests_finish_and_flushes_lmdb(tmp_path: Path)
         # disk write, after it has written the memory tier, until the lock is released.
         env = lmdb.open(str(tmp_path / "kv"), map_size=2 * (64 << 20) + (64 << 20), max_dbs=4)
         txn = env.begin(write=True)
-        result: list[None] = []
-        writer = threading.Thread(target=lambda: result.append(tier.put(held_item)))
+        result: list[int] = []
+        writer = threading.Thread(target=lambda: result.append(tier.put(held_item).count))
         try:
             writer.start()
             wait_until(lambda: stats(daemon.port)["namespaces"]["kv"]["memory"]["puts"] == 2,
@@ -793,7 +793,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_flushes_lmdb(tmp_path: Path)
             txn.abort()
             env.close()
             writer.join(30)
-        assert result == [None]
+        assert result == [1]
         assert tier.stats().puts == 2 and tier.stats().errors == 0  # answered 200
         assert daemon.proc.wait(30) == 0
         log = daemon.log_text()

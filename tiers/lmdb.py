@@ -126,11 +126,12 @@ class _EnvironmentDamaged(Exception):
 
 class _NoRoom(Exception):
     """A write transaction failed for lack of room: ``kind`` is ``"map"`` (LMDB's map is
-    full) or ``"disk"`` (the filesystem is)."""
+    full) or ``"disk"`` (the filesystem is); ``needed``: bytes of values it wrote."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, needed: int = 0) -> None:
         super().__init__(kind)
         self.kind = kind
+        self.needed = needed
 
 
 class _Txn:
@@ -143,6 +144,7 @@ class _Txn:
         self.placed: set[bytes] = set()
         self.evicted: set[bytes] = set()
         self.damaged: list[str] = []
+        self.orphans: set[bytes] = set()
         raw = txn.get(_BYTES_USED, db=tier._meta)
         if raw is None:
             self.bytes_used = 0
@@ -154,9 +156,13 @@ class _Txn:
         cursor = txn.cursor(db=self.lru)
         self.lru_cursor = cursor
         last = 0
-        if cursor.last():
+        while cursor.last():  # the newest stamp; damaged keys on the way are removed
             key = cursor.key()
-            last = _STAMP.unpack(key[:8])[0] if len(key) >= 8 else 0
+            if len(key) == _LRU_KEY_BYTES:
+                last = _STAMP.unpack(key[:8])[0]
+                break
+            cursor.delete()
+            self.damaged.append(f"lru key of {len(key)} bytes")
         with tier._state:
             tier._next_stamp = max(tier._next_stamp, last + 1)
 
@@ -179,6 +185,7 @@ class _Txn:
             self.txn.delete(key, db=self.index)
             self.txn.delete(key, db=self.blocks)
             self.damaged.append(f"index record of {length} bytes for key {key.hex()}")
+            self.orphans.add(key)
         return total
 
     def _forget(self, key: bytes, size: int) -> None:
@@ -186,12 +193,26 @@ class _Txn:
         self.placed.discard(key)
 
     def _remove_damaged(self, key: bytes, raw: bytes) -> None:
-        """Drop ``key`` whose index record ``raw`` does not parse, with its block (its
-        ``lru`` entry cannot be found; eviction discards it when it comes up)."""
+        """Drop ``key`` whose index record ``raw`` does not parse, with its block; its
+        ``lru`` entry (whose stamp is lost) goes in :meth:`finish`."""
         self.txn.delete(key, db=self.index)
         value = self.txn.pop(key, db=self.blocks)
         self._forget(key, len(value) if value is not None else 0)
         self.damaged.append(f"index record of {len(raw)} bytes for key {key.hex()}")
+        self.orphans.add(key)
+
+    def finish(self) -> None:
+        """Before commit: remove the ``lru`` entries of keys dropped for a damaged index
+        record (one scan of the ``lru`` keys; only after damage), unless the key was
+        stored again in this transaction under a new stamp."""
+        orphans = self.orphans - self.placed
+        if not orphans:
+            return
+        cursor = self.txn.cursor(db=self.lru)
+        found = [lru_key for lru_key in cursor.iternext(values=False)
+                 if lru_key[8:] in orphans]
+        for lru_key in found:
+            self.txn.delete(lru_key, db=self.lru)
 
     def remove(self, key: bytes) -> bool:
         """Delete ``key`` from all databases with its accounting; False if absent."""
@@ -315,12 +336,12 @@ class LMDBTier:
         self._damaged_keys: set[bytes] = set()
         """Keys whose index record a read found damaged, removed by the next write."""
         self._stats = TierStats(name=name, blocks=blocks, bytes_used=bytes_used,
-                                capacity_bytes=capacity_bytes)
+                                capacity_bytes=capacity_bytes, corrupt=len(damaged))
         self._extra = {"rejected": 0, "map_full": 0, "disk_full": 0, "touch_flushes": 0}
         self._logged: set[str] = set()
         """Kinds of events already logged once (``damaged``, ``map``, ``disk``)."""
-        self._disk_full_at: int | None = None
-        """``last_pgno`` when the filesystem was found full (``None``: not full)."""
+        self._disk_full_need: int | None = None
+        """While the filesystem is full: free bytes that mean it has room again."""
         if damaged:
             self._note_damaged(damaged)
 
@@ -348,6 +369,7 @@ class LMDBTier:
                                   f"{STORE_FORMAT}")
                 txn = _Txn(raw, self)
                 if txn.damaged:
+                    txn.finish()
                     raw.put(_BYTES_USED, _U64.pack(txn.bytes_used), db=self._meta)
                 blocks = raw.stat(self._index)["entries"]
             return blocks, txn.bytes_used, txn.damaged
@@ -610,6 +632,7 @@ class LMDBTier:
                     for key, stamp in touches.items():
                         txn.touch(key, stamp)
                     result = body(txn)
+                    txn.finish()
                     raw.put(_BYTES_USED, _U64.pack(txn.bytes_used), db=self._meta)
                     blocks = raw.stat(self._index)["entries"]
             except lmdb.Error as exc:
@@ -628,14 +651,14 @@ class LMDBTier:
                         if isinstance(exc, _DAMAGE_ERRORS):
                             self._suspect = True
                 if full is not None:
-                    raise _NoRoom(full) from exc
+                    raise _NoRoom(full, needed) from exc
                 return None
             with self._state:
                 self._stats.bytes_used = txn.bytes_used
                 self._stats.blocks = blocks
                 self._stats.evictions += txn.evictions
                 self._stats.corrupt += len(txn.damaged)
-                recovering = self._disk_full_at is not None
+                recovering = self._disk_full_need is not None
             if txn.damaged:
                 self._note_damaged(txn.damaged)
             if recovering:
@@ -660,20 +683,18 @@ class LMDBTier:
             self.path, "; ".join(what[:3]),
             "; further damaged records are counted in stats().corrupt" if first else "")
 
-    def _note_room(self, kind: str) -> None:
-        """Log the start of a "no room" episode once (``kind``: ``map`` or ``disk``)."""
+    def _note_room(self, full: _NoRoom) -> None:
+        """Log the start of a "no room" episode once (``map`` or ``disk``)."""
         with self._state:
-            first = kind not in self._logged
-            self._logged.add(kind)
+            first = full.kind not in self._logged
+            self._logged.add(full.kind)
+            if full.kind == "disk":
+                # room again: the free space whose absence made this write fail
+                need = full.needed + ROOM_SLACK_BYTES
+                self._disk_full_need = max(self._disk_full_need or 0, need)
         if not first:
             return
-        if kind == "disk":
-            try:
-                last = self._env.info()["last_pgno"]
-            except lmdb.Error:
-                last = 0
-            with self._state:
-                self._disk_full_at = last
+        if full.kind == "disk":
             logger.warning("disk tier %r: the filesystem of %s is full; evicting the oldest "
                            "blocks to make room and serving within the space the file has "
                            "(counted in stats().extra['disk_full'])", self.name, self.path)
@@ -683,16 +704,19 @@ class LMDBTier:
                            "a larger map_size avoids it)", self.name, self.path)
 
     def _check_space_returned(self) -> None:
-        """After a full filesystem: the file grew again, so space has returned (logged;
-        the next full filesystem is logged again)."""
+        """After a full filesystem: once ``statvfs`` shows the free space the failed writes
+        lacked (their values plus :data:`ROOM_SLACK_BYTES`), log that space has returned;
+        the next full filesystem is logged again. The tier's own writes only shrink free
+        space, so only space freed by someone else ends an episode (no flapping)."""
         try:
-            last = self._env.info()["last_pgno"]
-        except lmdb.Error:
+            st = os.statvfs(self.path)
+        except OSError:
             return
         with self._state:
-            if self._disk_full_at is None or last <= self._disk_full_at:
+            need = self._disk_full_need
+            if need is None or st.f_bavail * st.f_frsize < need:
                 return
-            self._disk_full_at = None
+            self._disk_full_need = None
             self._logged.discard("disk")
         logger.warning("disk tier %r: the filesystem of %s has room again; the tier grows "
                        "again", self.name, self.path)
@@ -755,7 +779,7 @@ class LMDBTier:
             try:
                 gone = self._write(body)
             except _NoRoom as exc:
-                self._note_room(exc.kind)
+                self._note_room(exc)
                 continue
             if gone is None:
                 return False
@@ -782,7 +806,7 @@ class LMDBTier:
             try:
                 done = self._write(body, needed=target)
             except _NoRoom as exc:
-                self._note_room(exc.kind)
+                self._note_room(exc)
                 if not self._evict_bytes(target, held):
                     self._count_error()
                     return

@@ -16,8 +16,13 @@ Two checks, the cheap one always:
    and every database root of both metas. The file must hold every page up to the
    largest ``last_pg`` of the two, and every root must lie within it. This catches
    truncation, the cause of the SIGBUS at open, and damaged metas.
-2. **Walk** (:func:`walk`, in a child process ``python -m tiers.lmdb_check PATH``): opens
-   the environment read-only and lets LMDB itself walk every page: a compacting copy to
+2. **Walk** (:func:`walk`, in a child process ``python -m tiers.lmdb_check PATH``): when
+   no process has the environment open and py-lmdb ships its offline verifier
+   (``lmdb.verify``, py-lmdb >= 3.0: reads pages with ``read``, checks every page is
+   reachable once and the free list and the trees are disjoint and cover the file, the
+   damage that would make a later write overwrite a live page), that first; it needs the
+   file at rest, so a shared, open environment skips it. Then it opens the environment
+   read-only and lets LMDB itself walk every page: a compacting copy to
    ``/dev/null`` (``mdb_env_copyfd2(MDB_CP_COMPACT)``: follows every branch, leaf and
    overflow page of every database, and fails when the free list and the used pages do
    not add up to the file), then a cursor pass over every named database touching the
@@ -54,6 +59,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,12 +296,50 @@ def _signal_name(number: int) -> str:
         return "unknown"
 
 
+def _offline_verifier() -> Callable[[str], list[str]] | None:
+    """py-lmdb's pure-Python structural verifier (``lmdb.verify.verify``, py-lmdb 3.0 and
+    later), or ``None`` where the installed py-lmdb has none."""
+    try:
+        from lmdb.verify import verify
+    except ImportError:
+        return None
+    return verify
+
+
+def _at_rest(path: Path) -> bool:
+    """True when no process has the environment open: every LMDB process holds a shared
+    ``fcntl`` lock on the first byte of ``lock.mdb`` while open, so an exclusive lock
+    there can be taken only when none does (taken and released at once)."""
+    import fcntl
+
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+    except OSError:
+        return False
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, 0)
+        return True
+    finally:
+        os.close(fd)
+
+
 def walk(path: str | os.PathLike[str]) -> str:
     """Walk every page and record of the environment at ``path`` (read-only); returns
     what is wrong, or an empty string. May crash the calling process on damage: run it
     through :func:`run_walk`, never in a serving process."""
     import lmdb
 
+    offline = _offline_verifier()
+    if offline is not None and _at_rest(Path(path)):
+        problems = offline(str(path))
+        if problems:
+            return "offline verification: " + "; ".join(problems[:3])
     env = lmdb.open(str(path), readonly=True, lock=True, max_dbs=64, readahead=True,
                     subdir=True, create=False)
     try:
