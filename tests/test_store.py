@@ -106,7 +106,8 @@ def test_out_of_blocks_is_a_typed_result():
 
 
 def test_write_back_cascade_gpu_host_disk_and_promotion_back(tmp_path):
-    store = make_store(tmp_path, gpu_blocks=4, host_blocks=4, disk=True)
+    # Publication off: blocks reach the disk only by demotion, which is what this checks.
+    store = make_store(tmp_path, gpu_blocks=4, host_blocks=4, disk=True, publish=False)
     a, b, c = tokens(1, 4 * BS), tokens(2, 4 * BS), tokens(3, 4 * BS)
     serve(store, a)
     serve(store, b)  # a -> host
