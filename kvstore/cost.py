@@ -17,7 +17,9 @@ not enter the choice. Ties go to the longer hit (it frees compute for other requ
 
 Until a rate is measured the model does not guess: a tier whose load rate is unknown
 costs nothing to load, and an unknown prefill rate makes recompute infinitely
-expensive, so every hit is taken (and the first loads are the measurements).
+expensive, so every hit is taken (and the first loads are the measurements). A learned
+load rate expires :data:`RATE_TTL_S` after its last measurement, so a declined tier is
+measured again now and then.
 Rates can be injected (:class:`LoadRate`, :class:`PrefillRate`) and learning switched
 off, so tests assert exact decisions.
 
@@ -38,6 +40,11 @@ T = TypeVar("T")
 
 DECAY = 0.95
 """Weight kept by past observations at each new one (half-life about 14 observations)."""
+
+RATE_TTL_S = 120.0
+"""A learned load rate not refreshed for this long (seconds) is forgotten: the tier's next
+hit is loaded and measured again. A tier the model declines is never measured, so this
+is what lets a tier that got faster (a warm page cache, a recovered server) win back."""
 
 MIN_PREFILL_TOKENS = 16
 """Steps with fewer new tokens (pure decode steps) do not teach the prefill rate."""
@@ -171,6 +178,7 @@ class CostModel:
         self._fixed = frozenset(self.load_rates)
         self._prefill = self.prefill
         self._load_fits: dict[str, _Fit] = {}
+        self._measured_at: dict[str, float] = {}
         self._prefill_fit = _Fit()
         self._pending: list[_Pending] = []
 
@@ -200,6 +208,7 @@ class CostModel:
             if per_byte <= 0:  # all the time looked like latency: charge it per byte
                 per_byte, latency = seconds / nbytes, 0.0
             self._rates[tier] = LoadRate(1.0 / per_byte, latency)
+            self._measured_at[tier] = time.monotonic()
 
     def observe_prefill(self, query_lens: Sequence[int], seq_lens: Sequence[int],
                         seconds: float) -> None:
@@ -266,6 +275,10 @@ class CostModel:
         """
         n = len(sources)
         with self._lock:
+            now = time.monotonic()
+            for tier, at in list(self._measured_at.items()):
+                if now - at > RATE_TTL_S:  # stale: forget it, measure again
+                    del self._measured_at[tier], self._rates[tier], self._load_fits[tier]
             rates = dict(self._rates)
             prefill = self._prefill
         bs, bb = self.block_size, self.block_bytes

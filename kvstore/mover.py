@@ -12,7 +12,8 @@
   ``tiers.base`` contract), header check against the request (key, parent, tokens,
   layout; no second checksum), payload copy into the worker's pinned staging lane
   (numpy copy: releases the GIL), then one batched host -> GPU copy into the
-  destination slots. Workers overlap: one reads its batch from the tier while another's
+  destination slots (a tier with ``get_into``, LMDB, lends views into its storage: the
+  payload is copied once). Workers overlap: one reads its batch from the tier while another's
   copy runs on the GPU. The first block that is missing or corrupt ends the hit:
   blocks after it are not used (the engine recomputes them); batches wholly after a
   known failure are skipped.
@@ -98,14 +99,14 @@ class Load:
     """A load into GPU slots in flight: host copies on the side stream, shared-tier
     batches on the workers. Poll :meth:`done` from the store's thread."""
 
-    def __init__(self, transfer: Transfer | None, host_blocks: int,
+    def __init__(self, t0: float, transfer: Transfer | None, host_blocks: int,
                  futures: list[Future[_BatchResult]], block_bytes: int, cuda: bool) -> None:
         self._transfer = transfer
         self._host_blocks = host_blocks
         self._futures = futures
         self._block_bytes = block_bytes
         self._cuda = cuda
-        self._t0 = time.perf_counter()
+        self._t0 = t0  # when the load was started (before any batch was submitted)
         self._host_end: float | None = None
         self._ready = False
 
@@ -203,8 +204,11 @@ class BlockMover:
         self._host_pending: list[Transfer] = []
         self._cuda = gpu.device.type == "cuda"
         self._lane_blocks = max(1, cfg.load_batch_bytes // layout.block_bytes)
-        self._staging: _Staging | None = None  # made on the first shared-tier load
-        self._loaders: ThreadPoolExecutor | None = None
+        # Made up front (pinned allocation is slow): a first load pays no set-up.
+        self._staging = _Staging(layout, cfg.load_workers, self._lane_blocks) if shared \
+            else None
+        self._loaders = ThreadPoolExecutor(max_workers=cfg.load_workers,
+                                           thread_name_prefix="kv-load") if shared else None
         pub_slots = cfg.publish_queue_bytes // layout.block_bytes if shared else 0
         self._pub_pool = HostPool(layout, pub_slots) if pub_slots else None
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-publish")
@@ -311,6 +315,7 @@ class BlockMover:
     def load(self, requests: Sequence[LoadRequest]) -> Load:
         """Start loading blocks into GPU slots: host hits on the side stream, shared-tier
         hits on the load workers in batches. Poll the returned :class:`Load`."""
+        t0 = time.perf_counter()
         host = [r for r in requests if r.tier == "host"]
         transfer = None
         if host:
@@ -321,11 +326,7 @@ class BlockMover:
         futures: list[Future[_BatchResult]] = []
         shared = sorted((r for r in requests if r.tier != "host"), key=lambda r: r.index)
         if shared:
-            if self._loaders is None:
-                cfg = self.config
-                self._staging = _Staging(self.layout, cfg.load_workers, self._lane_blocks)
-                self._loaders = ThreadPoolExecutor(max_workers=cfg.load_workers,
-                                                   thread_name_prefix="kv-load")
+            assert self._loaders is not None, "a shared-tier load needs shared tiers"
             state = _LoadState()
             batch: list[LoadRequest] = []
             for r in shared:
@@ -334,45 +335,64 @@ class BlockMover:
                     batch = []
                 batch.append(r)
             futures.append(self._loaders.submit(self._load_batch, batch, state))
-        return Load(transfer, len(host), futures, self.layout.block_bytes, self._cuda)
+        return Load(t0, transfer, len(host), futures, self.layout.block_bytes, self._cuda)
 
     def _load_batch(self, reqs: list[LoadRequest], state: _LoadState) -> _BatchResult:
-        """Worker: read, check and copy one batch; returns what landed."""
-        tier = reqs[0].tier
+        """Worker: read, check and copy one batch; returns what landed.
+
+        Each value is checked against its request (key, parent, tokens, layout; the tier
+        verified the checksum, per the ``tiers.base`` contract) and its payload copied
+        into this worker's staging lane, then the longest good run from the batch's
+        first block goes to the GPU in one copy. A tier with ``get_into`` (LMDB) hands
+        out views into its storage, so the payload is copied once, by numpy, without
+        the GIL; others return ``bytes`` from ``get``.
+        """
+        name = reqs[0].tier
         if state.failed_before(reqs[0].index):
-            return _BatchResult(tier, 0, reqs[0].index, time.perf_counter())
-        blobs = self._get(tier, [r.key for r in reqs])
+            return _BatchResult(name, 0, reqs[0].index, time.perf_counter())
         assert self._staging is not None
         staging = self._staging
         lane = staging.take()
-        failure = None
-        ok = 0
+        good = [False] * len(reqs)
+        bad: list[int] = []
+
+        def take(i: int, blob: bytes | memoryview) -> None:
+            r = reqs[i]
+            blk = decode_block(blob, expected_key=r.key, layout=self.layout,
+                               verify_checksum=False)
+            if isinstance(blk, Corrupt) or blk.tokens != r.tokens or blk.parent != r.parent:
+                bad.append(i)
+                return
+            staging.pool.from_bytes(lane[i], blk.payload)
+            good[i] = True
+
         try:
-            for r, blob in zip(reqs, blobs):
-                if blob is None:
-                    failure = r.index
-                    break
-                # The tier verified the checksum (tiers.base contract); bind the header
-                # to this request: key, parent, tokens and layout.
-                blk = decode_block(blob, expected_key=r.key, layout=self.layout,
-                                   verify_checksum=False)
-                if isinstance(blk, Corrupt) or blk.tokens != r.tokens or blk.parent != r.parent:
-                    with self._lock:
-                        self.corrupt += 1
-                    self.shared[tier].delete([r.key])
-                    failure = r.index
-                    break
-                staging.pool.from_bytes(lane[ok], blk.payload)
-                ok += 1
-            blobs = []  # release the tier's buffers before the copy
+            tier = self.shared[name]
+            keys = [r.key for r in reqs]
+            get_into = getattr(tier, "get_into", None)
+            try:
+                if get_into is not None:
+                    get_into(keys, take)
+                else:
+                    for i, blob in enumerate(tier.get(keys)):
+                        if blob is not None:
+                            take(i, blob)
+            except Exception:  # a tier must not raise; if one does, the rest is a miss
+                logger.exception("tier %s raised on get", name)
+            ok = good.index(False) if False in good else len(good)
+            if bad:
+                with self._lock:
+                    self.corrupt += len(bad)
+                tier.delete([reqs[i].key for i in bad])
             if ok:
                 copy_slots(staging.pool, lane[:ok], self.gpu, [r.slot for r in reqs[:ok]]).wait()
         finally:
             staging.give(lane)
+        failure = reqs[ok].index if ok < len(reqs) else None
         if failure is not None:
             state.fail(failure)
-        self._count(f"{tier}->gpu", ok)
-        return _BatchResult(tier, ok, failure, time.perf_counter())
+        self._count(f"{name}->gpu", ok)
+        return _BatchResult(name, ok, failure, time.perf_counter())
 
     # ------------------------------------------------------------ publication
 

@@ -152,7 +152,9 @@ class StoreStats:
 
     ``blocks_loaded``: hit blocks promoted into GPU slots, by the tier they came from.
     ``blocks_declined``: hit blocks the cost model left to recompute (loading them was
-    predicted slower), by tier. ``publish_dropped``: committed blocks not published to
+    predicted slower), by tier. ``bytes_loaded``/``load_seconds``: bytes that landed in
+    GPU slots per source tier and the measured seconds those loads took (their ratio is
+    the achieved load bandwidth). ``publish_dropped``: committed blocks not published to
     the shared tiers because the publication queue was full.
     """
 
@@ -167,6 +169,8 @@ class StoreStats:
     tier_errors: dict[str, int]
     blocks_loaded: dict[str, int]
     blocks_declined: dict[str, int]
+    bytes_loaded: dict[str, int]
+    load_seconds: dict[str, float]
     publish_dropped: int
     gpu_free: int
     gpu_total: int
@@ -203,6 +207,8 @@ class KVStore:
         self._demotions: Counter[str] = Counter()
         self._loaded: Counter[str] = Counter()
         self._declined: Counter[str] = Counter()
+        self._bytes_loaded: Counter[str] = Counter()
+        self._load_seconds: Counter[str] = Counter()
         self.shared_tiers: dict[str, Any] = {}
         self.gpu: Any
         self.host: Any
@@ -364,6 +370,8 @@ class KVStore:
             failed = p.load.first_failure
             for measure in p.load.measures():
                 self.cost.observe_load(measure.tier, measure.nbytes, measure.seconds)
+                self._bytes_loaded[measure.tier] += measure.nbytes
+                self._load_seconds[measure.tier] += measure.seconds
         if failed is not None and failed < hit:
             hit = failed
             if failed < len(m.nodes):  # the index believed a tier held it: forget that
@@ -523,6 +531,13 @@ class KVStore:
                 self.tree.set_location(node, host.index, hs)
             self.mover.gpu_to_host([s for _, s in fresh], hslots)
         if self._shared and (write_through or self.config.publish):
+            if not self.config.simulated:
+                # A block the index records in every shared tier (a declined hit, now
+                # recomputed) is not written again. (The simulation writes nothing and
+                # keeps its order of events exactly.)
+                kept = [(n, s) for n, s in zip(nodes, gslots)
+                        if any(n.locs[self._t[t]] is None for t in self._shared)]
+                nodes, gslots = [n for n, _ in kept], [s for _, s in kept]
             self.mover.publish(nodes, gslots)
             self._drain_published()
 
@@ -685,7 +700,8 @@ class KVStore:
             bytes_moved={k: v * self._block_bytes for k, v in moved.items()},
             evictions=dict(self._evictions), demotions=dict(self._demotions),
             corrupt_blocks=corrupt, tier_errors=errors, blocks_loaded=dict(self._loaded),
-            blocks_declined=dict(self._declined), publish_dropped=self.mover.publish_dropped,
+            blocks_declined=dict(self._declined), bytes_loaded=dict(self._bytes_loaded),
+            load_seconds=dict(self._load_seconds), publish_dropped=self.mover.publish_dropped,
             gpu_free=self.gpu.num_free, gpu_total=self.gpu.num_slots,
             host_free=self.host.num_free, host_total=self.host.num_slots,
             index=self.tree.stats())

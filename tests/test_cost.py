@@ -136,8 +136,10 @@ def test_store_declines_slow_disk_tail_and_counts_it(tmp_path):
     chain = hash_blocks(NS.root(), toks, BS)
     assert store.match(chain).sources == ["gpu"] * 4 + ["disk"] * 2
     assert serve(store, toks) == {"gpu": 4 * BS}
+    store.flush()
     s = store.stats()
     assert s.blocks_declined == {"disk": 2} and s.blocks_loaded == {}
+    assert s.blocks_moved["gpu->disk"] == 6  # the recomputed blocks were not written again
     store.close()
     fast = CostModel(LAYOUT.block_bytes, BS, load_rates={"disk": LoadRate(1e12)},
                      prefill=PrefillRate(1e-3), learn=False)
