@@ -63,7 +63,7 @@ def test_bad_flags_are_clear_errors(tmp_path, cache):
 def test_two_processes_share_a_conversation(tmp_path, cache, shared, redis_server):
     """Process 1 begins a chat; process 2 (no disk tier, empty index) continues it and
     fetches the earlier turn's KV from the shared daemon or Redis."""
-    from kvstore.daemon import DaemonProcess
+    from bench.servers import DaemonProcess
 
     daemon = None
     if shared == "daemon":
