@@ -24,7 +24,7 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("engine.chat", "multi-turn chat demo on the embedded engine"),
-    "serve": ("engine.server", "OpenAI-compatible HTTP server"),
+    "serve": ("engine.server.cli", "OpenAI-compatible HTTP server"),
     "daemon": ("kvstore.daemon.cli", "standalone cache daemon over HTTP"),
 }
 

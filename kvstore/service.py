@@ -4,11 +4,12 @@
 - :func:`error_middleware`: every refusal, aiohttp's own 404/405/413 and any
   unexpected exception become one error body, rendered by the service (no traceback
   ever reaches a client; unexpected errors are logged and answered 500).
+- :func:`timing_middleware`: every request's endpoint, status and duration, for metrics.
 - :func:`auth_middleware`: a bearer credential checked in constant time on every route
   but the open ones (liveness probes).
 - :func:`is_loopback` and :func:`check_exposure`: one rule for who may listen without
   a credential (loopback addresses and names that resolve only to them).
-- :func:`redact_url`: URLs in logs without their passwords.
+- :func:`redact_url` (from :mod:`kvstore.urls`): URLs in logs without their passwords.
 - :func:`run_until_signal`: listen, run until SIGTERM/SIGINT, then shut down gracefully.
 """
 
@@ -20,10 +21,12 @@ import ipaddress
 import logging
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
+
+from kvstore.urls import redact_url
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -85,6 +88,20 @@ def _from_aiohttp(request: web.Request, exc: web.HTTPException, body_limit: int)
     return HTTPError(exc.status, message, headers)
 
 
+def timing_middleware(record: Callable[[str, web.StreamResponse, float], None]) -> Middleware:
+    """Outermost middleware: ``record(endpoint, response, seconds)`` for every request;
+    ``endpoint`` is the route's name (``"other"`` for unknown routes)."""
+
+    @web.middleware
+    async def timing(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        resp = await handler(request)
+        record(request.match_info.route.name or "other", resp, time.perf_counter() - start)
+        return resp
+
+    return timing
+
+
 def auth_middleware(credential: str | None, open_paths: Collection[str],
                     refuse: Callable[[str], HTTPError]) -> Middleware:
     """Middleware requiring ``Authorization: Bearer <credential>`` (compared in constant
@@ -137,15 +154,6 @@ def check_exposure(host: str, credential: str | None, what: str, how: str) -> No
         raise ValueError(f"refusing to listen on {host} (not a loopback address) without a "
                          f"credential: anyone who can reach it could {what}. Set {how}, or "
                          "bind 127.0.0.1")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
 
 
 def address_url(address: object) -> str:
@@ -205,4 +213,4 @@ async def run_until_signal(app: web.Application, host: str, port: int, *,
 
 
 __all__ = ["HTTPError", "address_url", "auth_middleware", "check_exposure", "error_middleware",
-           "is_loopback", "redact_url", "run_until_signal"]
+           "is_loopback", "redact_url", "run_until_signal", "timing_middleware"]

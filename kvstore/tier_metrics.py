@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator, Mapping
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tiers.base import TierStats
+
 TierCounters = Mapping[str, Mapping[str, object]]
 """Per tier name, the fields of ``TierStats`` (``gets``, ``hits``, ... ``capacity_bytes``)."""
 
@@ -26,6 +28,34 @@ COUNTERS = (("gets", "gets", "Blocks looked up"), ("hits", "hits", "Blocks found
 GAUGES = (("blocks", "blocks", "Blocks held"),
           ("bytes_used", "used_bytes", "Encoded block bytes held"),
           ("capacity_bytes", "capacity_bytes", "Capacity in bytes"))
+
+
+FIELDS = ("blocks", "bytes_used", "gets", "hits", "misses", "puts", "bytes_read",
+          "bytes_written", "evictions", "corrupt", "errors")
+
+
+def _numbers(extra: Mapping[str, float]) -> dict[str, float | int]:
+    return {k: (int(v) if float(v).is_integer() else v) for k, v in extra.items()}
+
+
+def tier_counters(s: TierStats) -> dict[str, object]:
+    """One tier's counters, JSON-ready (``extra`` as a nested map)."""
+    out: dict[str, object] = {f: getattr(s, f) for f in FIELDS}
+    out["capacity_bytes"] = s.capacity_bytes
+    out["extra"] = _numbers(s.extra)
+    return out
+
+
+def sum_counters(snaps: list[TierStats]) -> dict[str, object]:
+    """Counters of several tiers of one kind, summed, JSON-ready."""
+    total: dict[str, object] = {f: sum(getattr(s, f) for s in snaps) for f in FIELDS}
+    total["capacity_bytes"] = None
+    extra: dict[str, float] = {}
+    for s in snaps:
+        for k, v in s.extra.items():
+            extra[k] = extra.get(k, 0.0) + v
+    total["extra"] = _numbers(extra)
+    return total
 
 
 class TierCollector(Collector):

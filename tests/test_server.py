@@ -101,7 +101,7 @@ def running_server(tmp: Path, cache: Path, *flags: str, api_key: str | None = No
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kvstore", "serve", "--port", "0", "--device", "cpu",
-             "--dtype", "float32", "--gpu-blocks", "256", "--max-num-seqs", "16",
+             "--dtype", "float32", "--gpu-kv-bytes", "180MiB", "--max-num-seqs", "16",
              "--model-cache-dir", str(cache), *flags],
             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
             preexec_fn=_die_with_parent)
@@ -565,7 +565,7 @@ def test_a_client_that_disconnects_aborts_its_request(server: Server) -> None:
 def test_sigterm_drains_requests_a_second_one_cuts_them_and_the_disk_survives(
         reference: LLM, cache: Path, tmp_path: Path) -> None:
     disk = tmp_path / "disk"
-    flags = ("--disk", str(disk), "--disk-bytes", "64MiB", "--host-blocks", "32",
+    flags = ("--disk", str(disk), "--disk-bytes", "64MiB", "--host-bytes", "24MiB",
              "--policy", "write-through", "--served-model-name", "tiny")
     messages = [{"role": "system", "content": SYSTEM}, *user("Do you bake rye bread?")]
     with running_server(tmp_path / "a", cache, *flags) as srv:
@@ -622,7 +622,8 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(("args", "message"), [
     (("--disk-bytes", "lots"), "not a size"),
     (("--port", "70000"), "not a TCP port"),
-    (("--gpu-blocks", "0"), "must be >= 1"),
+    (("--gpu-kv-bytes", "lots"), "not a size"),
+    (("--max-num-seqs", "0"), "must be >= 1"),
     (("--dtype", "int3"), "invalid choice"),
 ])
 def test_bad_flags_are_clear_errors(args: Sequence[str], message: str) -> None:
@@ -633,8 +634,8 @@ def test_bad_flags_are_clear_errors(args: Sequence[str], message: str) -> None:
 def test_help_names_every_flag() -> None:
     out = _cli("--help")
     assert out.returncode == 0
-    for flag in ("--model", "--host", "--port", "--device", "--dtype", "--gpu-blocks",
-                 "--host-blocks", "--disk", "--disk-bytes", "--redis", "--remote",
+    for flag in ("--model", "--host", "--port", "--device", "--dtype", "--gpu-kv-bytes",
+                 "--host-bytes", "--disk", "--disk-bytes", "--redis", "--remote",
                  "--max-num-seqs", "--served-model-name", "--api-key", "--model-cache-dir"):
         assert flag in out.stdout
     assert "/v1/chat/completions" in out.stdout and "KVSTORE_API_KEY" in out.stdout
@@ -642,7 +643,8 @@ def test_help_names_every_flag() -> None:
 
 def test_a_port_in_use_fails_cleanly(server: Server, cache: Path) -> None:
     port = server.url.rsplit(":", 1)[1]
-    out = _cli("--port", port, "--device", "cpu", "--dtype", "float32", "--gpu-blocks", "16",
+    out = _cli("--port", port, "--device", "cpu", "--dtype", "float32", "--gpu-kv-bytes", "12MiB",
+               "--no-disk",
                "--model-cache-dir", str(cache), timeout=300)
     assert out.returncode == 1 and "cannot start" in out.stderr
     assert "Traceback" not in out.stderr

@@ -44,6 +44,7 @@ from kvstore.service import (
     error_middleware,
     redact_url,
     run_until_signal,
+    timing_middleware,
 )
 from kvstore.units import format_size
 from tiers.codec import verify_block
@@ -98,23 +99,17 @@ def _endpoint(request: web.Request) -> str:
     return name if name else "other"
 
 
-@web.middleware
-async def _metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost: every request counted by endpoint and status, and timed."""
-    state = request.app[STATE]
-    start = time.perf_counter()
-    resp = await handler(request)
-    state.requests += 1
-    if resp.status >= 400:
-        state.rejected += 1
-        logger.debug("%s %s -> %d", request.method, request.path, resp.status)
-    endpoint = _endpoint(request)
-    m = state.metrics
-    m.requests.labels(endpoint, str(resp.status)).inc()
-    m.latency.labels(endpoint).observe(time.perf_counter() - start)
-    if isinstance(resp, web.Response) and isinstance(resp.body, bytes):
-        m.reply_bytes.inc(len(resp.body))
-    return resp
+def _recorder(state: DaemonState) -> Callable[[str, web.StreamResponse, float], None]:
+    def record(endpoint: str, resp: web.StreamResponse, seconds: float) -> None:
+        state.requests += 1
+        if resp.status >= 400:
+            state.rejected += 1
+        m = state.metrics
+        m.requests.labels(endpoint, str(resp.status)).inc()
+        m.latency.labels(endpoint).observe(seconds)
+        if isinstance(resp, web.Response) and isinstance(resp.body, bytes):
+            m.reply_bytes.inc(len(resp.body))
+    return record
 
 
 @web.middleware
@@ -304,15 +299,16 @@ def build_app(config: DaemonConfig, backend: Backend | None = None) -> web.Appli
     be used.
     """
     backend = backend if backend is not None else Backend(config)
+    state = DaemonState(config=config, backend=backend, metrics=Metrics(backend),
+                        executor=ThreadPoolExecutor(max_workers=config.max_concurrency,
+                                                    thread_name_prefix="kvstore-daemon"),
+                        started=time.monotonic(), stopping=asyncio.Event())
     app = web.Application(
-        middlewares=[_metrics_middleware,
+        middlewares=[timing_middleware(_recorder(state)),
                      error_middleware(_render, body_limit=config.max_body_bytes),
                      auth_middleware(config.token, OPEN_PATHS, _refuse), _limit_middleware],
         client_max_size=config.max_body_bytes)
-    app[STATE] = DaemonState(config=config, backend=backend, metrics=Metrics(backend),
-                             executor=ThreadPoolExecutor(max_workers=config.max_concurrency,
-                                                         thread_name_prefix="kvstore-daemon"),
-                             started=time.monotonic(), stopping=asyncio.Event())
+    app[STATE] = state
     for op in DATA_OPS:
         app.router.add_post(f"/v1/{{namespace}}/{op}", _data_handler(op), name=op)
     app.router.add_get("/v1/stats", _stats, name="stats", allow_head=False)

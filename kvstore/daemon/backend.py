@@ -32,6 +32,7 @@ from pathlib import Path
 
 from kvstore.daemon.config import DaemonConfig
 from kvstore.service import HTTPError
+from kvstore.tier_metrics import sum_counters, tier_counters
 from tiers.base import HashTier, TierStats
 from tiers.memory import MemoryTier
 
@@ -247,7 +248,7 @@ class Backend:
                 per_kind[tier.name].append(tier.stats())
         out: dict[str, StatsDict] = {}
         for name, snaps in per_kind.items():
-            total = sum_stats(snaps)
+            total = sum_counters(snaps)
             if name == "memory" and self.memory is not None:
                 pool = self.memory.stats().extra
                 total["blocks"] = int(pool["pool_blocks"])
@@ -264,7 +265,7 @@ class Backend:
 
     def namespace_stats(self) -> dict[str, dict[str, StatsDict]]:
         """Per open namespace, each tier's own counters (JSON-ready)."""
-        return {name: {tier.name: stats_dict(tier.stats()) for tier in ns.tiers}
+        return {name: {tier.name: tier_counters(tier.stats()) for tier in ns.tiers}
                 for name, ns in sorted(self.namespaces().items())}
 
     def close(self) -> None:
@@ -281,31 +282,3 @@ class Backend:
                                      ns.namespace)
         if self.memory is not None:
             self.memory.close()
-
-
-COUNTER_FIELDS = ("blocks", "bytes_used", "gets", "hits", "misses", "puts", "bytes_read",
-                  "bytes_written", "evictions", "corrupt", "errors")
-
-
-def _numbers(extra: dict[str, float]) -> dict[str, float | int]:
-    return {k: (int(v) if float(v).is_integer() else v) for k, v in extra.items()}
-
-
-def stats_dict(s: TierStats) -> StatsDict:
-    """One tier's counters, JSON-ready."""
-    out: StatsDict = {f: getattr(s, f) for f in COUNTER_FIELDS}
-    out["capacity_bytes"] = s.capacity_bytes
-    out["extra"] = _numbers(s.extra)
-    return out
-
-
-def sum_stats(snaps: list[TierStats]) -> StatsDict:
-    """Counters of several tiers of one kind, summed, JSON-ready."""
-    total: StatsDict = {f: sum(getattr(s, f) for s in snaps) for f in COUNTER_FIELDS}
-    total["capacity_bytes"] = None
-    extra: dict[str, float] = {}
-    for s in snaps:
-        for k, v in s.extra.items():
-            extra[k] = extra.get(k, 0.0) + v
-    total["extra"] = _numbers(extra)
-    return total
