@@ -181,7 +181,7 @@ class ChatSession:
         tiers = _counts(last.cached_tokens, self.device)
         self.out.write(
             f"[turn {self.turn}] prompt {last.prompt_tokens} tok | cached "
-            f"{last.num_cached_tokens} tok ({tiers}) | TTFT {last.ttft_s * 1e3:.0f} ms | "
+            f"{last.num_cached_tokens} tok ({tiers}) | TTFT {(last.ttft_s or 0.0) * 1e3:.0f} ms | "
             f"{n_out} tok at {rate:.1f} tok/s\n")
         self.out.flush()
         return figures

@@ -17,7 +17,7 @@ import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm import tqdm
@@ -154,10 +154,10 @@ class LLM:
                  params: SamplingParams | None = None, *, use_tqdm: bool = False
                  ) -> list[RequestOutput]:
         """Run every prompt (text or token ids) to completion; outputs in input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        return self._run([self.encode(p) for p in prompts], params or SamplingParams(),
-                         use_tqdm)
+        batch = ([prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+                 else prompts)
+        return self._run([self.encode(cast(Prompt, p)) for p in batch],
+                         params or SamplingParams(), use_tqdm)
 
     def chat(self, messages: Messages | Sequence[Messages],
              params: SamplingParams | None = None, *, use_tqdm: bool = False
@@ -168,8 +168,8 @@ class LLM:
         a list of conversations returns a list.
         """
         single = bool(messages) and isinstance(messages[0], Mapping)
-        convs = [messages] if single else list(messages)  # type: ignore[list-item]
-        outs = self._run([self.encode_chat(c) for c in convs],  # type: ignore[arg-type]
+        convs = [messages] if single else list(messages)
+        outs = self._run([self.encode_chat(cast(Messages, c)) for c in convs],
                          params or SamplingParams(), use_tqdm)
         return outs[0] if single else outs
 

@@ -25,11 +25,11 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from kvstore.urls import redact_url
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 logger = logging.getLogger("kvstore.service")
 

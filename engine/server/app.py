@@ -264,7 +264,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if tokenizer is None and any(isinstance(p, str) for p in prompts):
         raise bad("this model has no tokenizer: send the prompt as token ids", "prompt")
     texts = [p for p in prompts if isinstance(p, str)]
-    encoded = iter(await _off_loop(tokenizer.encode_batch, texts) if texts else [])
+    encoded = iter(await _off_loop(tokenizer.encode_batch, texts)
+                   if texts and tokenizer is not None else [])
     ids = [next(encoded) if isinstance(p, str) else p for p in prompts]
     if any(not p for p in ids):
         raise bad("a prompt encodes to no tokens: give at least one token", "prompt")

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ class _Done:
 
 async def merged(engine: AsyncEngine, prompts: Sequence[Sequence[int]],
                  params: SamplingParams, request_id: str
-                 ) -> AsyncIterator[tuple[int, RequestOutput]]:
+                 ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Run every prompt as its own engine request (``{request_id}-{i}``) and yield
     ``(prompt index, RequestOutput)`` as any of them progresses, until all finished.
     Snapshots waiting when the consumer comes back are coalesced to the newest per

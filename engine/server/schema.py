@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from aiohttp import web
 
@@ -315,14 +315,14 @@ def parse_prompts(value: object) -> list[str | list[int]]:
     message = ("'prompt' must be a string, an array of token ids, or an array of strings "
                "or of token-id arrays")
 
-    def is_ids(v: object) -> bool:
+    def is_ids(v: object) -> TypeGuard[list[int]]:
         return isinstance(v, list) and bool(v) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in v)
 
     if isinstance(value, str):
         return [value]
     if is_ids(value):
-        return [list(value)]  # type: ignore[arg-type]
+        return [list(value)]
     if isinstance(value, list) and value and all(isinstance(p, str) or is_ids(p) for p in value):
         return [p if isinstance(p, str) else list(p) for p in value]
     raise bad(message, "prompt")
