@@ -116,7 +116,7 @@ _http_disks: dict[str, Path] = {}
 def http_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, Path]]:
     """One real daemon and its disk directory (disk tier only, so a value damaged in its
     LMDB is what it serves)."""
-    from kvstore.daemon import DaemonProcess
+    from bench.servers import DaemonProcess
     disk = tmp_path_factory.mktemp("daemon-disk")
     with DaemonProcess(["--memory-bytes", "0", "--disk", str(disk), "--disk-bytes",
                         str(HTTP_DISK_BYTES), "--max-namespaces", "1000"],
