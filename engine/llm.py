@@ -30,6 +30,7 @@ from engine.scheduler import SchedulerConfig
 from engine.sequence import RequestOutput
 from kvstore import env
 from kvstore.config import Policy, StoreConfig
+from kvstore.events import open_events
 from kvstore.store import KVStore
 from kvstore.units import format_size
 from kvstore.urls import redact_url
@@ -52,7 +53,9 @@ class EngineConfig:
     given half the free device memory (CUDA) or 1 GiB (CPU). The host tier is
     ``host_blocks`` blocks or ``host_bytes`` bytes (0: none); ``disk_bytes`` is bytes.
     ``auth_token`` ``None`` reads the daemon's token from ``$KVSTORE_DAEMON_TOKEN``;
-    ``model_cache_dir`` ``None`` is ``$KVSTORE_HOME/models``.
+    ``model_cache_dir`` ``None`` is ``$KVSTORE_HOME/models``. ``kv_events_url``: a
+    Redis URL to publish KV events to for routers (``kvstore.events``; ``None``: none),
+    as ``replica_id`` (``""``: hostname and process id).
     """
 
     model: str = "smollm2"
@@ -76,6 +79,8 @@ class EngineConfig:
     attention: str = "auto"
     model_cache_dir: str | None = None
     gpu_memory_fraction: float = 0.5
+    kv_events_url: str | None = None
+    replica_id: str = ""
 
     def __post_init__(self) -> None:
         if self.gpu_blocks is not None and self.gpu_blocks < 1:
@@ -122,9 +127,11 @@ class LLM:
             redis_url=cfg.redis_url, remote_url=cfg.remote_url,
             auth_token=cfg.auth_token if cfg.auth_token is not None else env.daemon_token(),
             policy=cfg.policy, device=str(device))
-        self.store = KVStore(store_cfg)
         self.namespace = Namespace(loaded.fingerprint, layout.dtype, cfg.block_size,
                                    tenant=cfg.tenant)
+        self.replica_id = cfg.replica_id or _default_replica_id()
+        events = open_events(cfg.kv_events_url, self.replica_id, self.namespace.root())
+        self.store = KVStore(store_cfg, events=events)
         self.engine = Engine(self.model, self.tokenizer, self.store, self.namespace,
                              loaded.stop_token_ids,
                              SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
@@ -269,6 +276,14 @@ def check_messages(messages: Messages) -> list[Mapping[str, Any]]:
                 what = "is missing" if key not in m else f"is {type(m[key]).__name__}"
                 raise ValueError(f"messages[{i}]['{key}'] must be a string; it {what}")
     return out
+
+
+def _default_replica_id() -> str:
+    """``hostname:pid``: unique among the engines of one machine."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _check_device(name: str) -> None:

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("engine.chat", "multi-turn chat demo on the embedded engine"),
     "serve": ("engine.server.cli", "OpenAI-compatible HTTP server"),
     "daemon": ("kvstore.daemon.cli", "standalone cache daemon over HTTP"),
+    "router": ("kvstore.router.cli", "OpenAI-compatible router over serve replicas, by prefix"),
 }
 
 

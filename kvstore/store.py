@@ -45,8 +45,9 @@ from typing import Any
 from kvstore.cascade import Level, LoadHandle, LoadRequest, Mover, PoolRoom, SharedRoom
 from kvstore.config import SHARED_TIERS, StoreConfig
 from kvstore.cost import CostModel, Plan
+from kvstore.events import NULL_EVENTS, EventSink
 from kvstore.simulation import CountingPool, NullMover, NullPool
-from radix import BlockChain, IntegrityError, Namespace, Node, RadixTree, TreeStats, hash_blocks
+from radix import BlockChain, IntegrityError, Namespace, Node, TreeStats, hash_blocks
 
 __all__ = ["SHARED_TIERS", "Allocated", "KVStore", "Lease", "OutOfBlocks", "Replayed",
            "StoreMatch", "StoreStats"]
@@ -183,17 +184,21 @@ class KVStore:
     """The tiered KV-cache store (see the module docstring for the lifecycle).
 
     ``cost``: the cost model deciding which hits to load (default: one that learns
-    online from this store's loads and the engine's steps).
+    online from this store's loads and the engine's steps). ``events``: where the
+    index's block changes are published for routers (``kvstore.events``; default:
+    nowhere, at no cost); closed with the store.
     """
 
-    def __init__(self, config: StoreConfig, cost: CostModel | None = None) -> None:
+    def __init__(self, config: StoreConfig, cost: CostModel | None = None,
+                 events: EventSink = NULL_EVENTS) -> None:
         self.config = config
         self.block_size = config.block_size
         self.tiers = config.tier_names()  # configured tiers, fastest first
         self._shared = config.shared_tier_names()
         # The index always has a host column: an absent host tier is a pool of no slots.
         index_names = ["gpu", "host", *self._shared]
-        self.tree = RadixTree(index_names)
+        self.events = events
+        self.tree = events.tree(index_names)
         self._index_names = index_names
         self._t = {name: i for i, name in enumerate(index_names)}
         # Write-back moves blocks between tiers (the index records one tier per block);
@@ -750,3 +755,4 @@ class KVStore:
         self.mover.close()
         for tier in self.shared_tiers.values():
             tier.close()
+        self.events.close()

@@ -2,7 +2,9 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
 ``GET /v1/models/{model}``, ``GET /v1/stats`` (request and store counters),
-``GET /metrics`` (Prometheus, :mod:`engine.server.metrics`), ``GET /healthz``.
+``GET /metrics`` (Prometheus, :mod:`engine.server.metrics`), ``GET /healthz``,
+``GET /v1/kv/namespace`` and ``GET /v1/kv/tokenizer`` (for routers,
+:mod:`engine.server.routing`).
 Errors are OpenAI's error object (:mod:`engine.server.schema`), never a traceback.
 """
 
@@ -28,6 +30,7 @@ from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput
 from engine.server.metrics import RequestTracker, ServeMetrics
 from engine.server.responses import SSE, Reply, merged, sendable_length, usage
+from engine.server.routing import add_routes
 from engine.server.schema import (
     MAX_BODY_BYTES,
     APIError,
@@ -367,6 +370,7 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_get("/v1/stats", stats, name="stats", allow_head=False)
     app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
     app.router.add_get("/healthz", healthz, name="healthz", allow_head=False)
+    add_routes(app, state.engine.llm)
     app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_on_cleanup)
     return app

@@ -169,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
                      default=d.shutdown_timeout_s, metavar="SECONDS",
                      help="on SIGINT/SIGTERM, time requests in flight get to finish "
                           "(default: %(default)s)")
+    route = p.add_argument_group("routing (kvstore router)")
+    route.add_argument("--kv-events", default=None, metavar="URL",
+                       help="publish KV events (blocks stored and removed, per tier) to this "
+                            "Redis, redis://host:port, for `kvstore router` (default: none; "
+                            "nothing is recorded)")
+    route.add_argument("--replica-id", default=None, metavar="ID",
+                       help="this server's name in its KV events (default: hostname:port, "
+                            "or hostname:pid with --port 0)")
     batch = p.add_argument_group("batching")
     batch.add_argument("--max-num-seqs", type=count_arg(1), default=64, metavar="N",
                        help="most sequences in one batch (default: %(default)s)")
@@ -177,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
                                          "are chunked (default: %(default)s)")
     add_log_level(p)
     return p
+
+
+def _replica_id(args: argparse.Namespace) -> str:
+    """``--replica-id``, else ``hostname:port`` (``""``: the engine's hostname:pid)."""
+    import socket
+
+    if args.replica_id is not None:
+        return str(args.replica_id)
+    return f"{socket.gethostname()}:{args.port}" if args.port else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,7 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engine.options import engine_kwargs
 
         llm = LLM(args.model, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens, **engine_kwargs(args))
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  kv_events_url=args.kv_events, replica_id=_replica_id(args),
+                  **engine_kwargs(args))
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError, RuntimeError) as exc:
