@@ -61,6 +61,7 @@ class Child:
     def __init__(self, args: Sequence[str], log: Path, env: dict[str, str]) -> None:
         self.args = list(args)
         self.log = log
+        self._offset = log.stat().st_size if log.exists() else 0  # earlier runs' lines
         with open(log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "kvstore", *self.args],
                                          stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -70,16 +71,21 @@ class Child:
     def wait(self, timeout_s: float) -> Child:
         deadline = time.monotonic() + timeout_s
         while True:
-            found = LISTENING.search(self.log.read_text(errors="replace"))
+            found = LISTENING.search(self._text())
             if found:
                 self.url = found.group(1)
                 return self
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log.read_text(errors="replace")[-3000:]
+                tail = self._text()[-3000:]
                 self.stop()
                 raise RuntimeError(f"kvstore {self.args[0]} did not start (see {self.log}):\n"
                                    f"{tail}")
             time.sleep(0.1)
+
+    def _text(self) -> str:
+        with open(self.log, "rb") as f:
+            f.seek(self._offset)
+            return f.read().decode(errors="replace")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -367,7 +373,7 @@ async def _overhead(direct: str, routed: str, args: argparse.Namespace) -> dict[
 
     model = _model(direct)
     rng = random.Random(args.seed)
-    lat: dict[str, list[float]] = {"direct": [], "router": []}
+    lat: dict[str, list[float]] = {"direct": [], "router": [], "warm": []}
     errors = Counter[str]()
 
     async def one(i: int, url: str, kind: str) -> None:
@@ -389,7 +395,8 @@ async def _overhead(direct: str, routed: str, args: argparse.Namespace) -> dict[
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         for i in range(20):  # warm both paths (connections, tokenizer, graphs)
             await one(i, direct if i % 2 else routed, "warm")
-        lat = {"direct": [], "router": []}
+        lat["direct"].clear()
+        lat["router"].clear()
         tasks = []
         start = time.perf_counter()
         t = 0.0

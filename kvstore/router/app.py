@@ -7,6 +7,10 @@ rotation), ``GET /v1/router`` (replicas, health, load, index), ``GET /metrics``
 (Prometheus), ``GET /healthz`` (200 while some replica is in rotation). Every answer
 from a replica carries ``X-Kvstore-Replica: <replica id>``.
 
+When no replica passed its last health check, the replicas whose namespace is known are
+tried anyway (a replica too busy to answer ``/healthz`` in time still serves) before
+the router answers 503.
+
 Retries: a request whose replica cannot be reached, answers 503 (shutting down) or
 fails before the router sent the client any byte is sent to the next best replica; a
 non-streamed answer is read whole first, a stream once its first chunk arrived. A
@@ -227,6 +231,13 @@ async def _dispatch(request: web.Request, state: RouterState, path: str, raw: by
     while True:
         candidates = [Candidate(r.name, r.in_flight) for r in state.replicas
                       if r.routable and r.name not in tried]
+        if not candidates:
+            # None passed its last check: one may only be too busy to answer /healthz
+            # in time. Try those with a known namespace before refusing (a dead one
+            # fails fast and is skipped).
+            candidates = [Candidate(r.name, r.in_flight) for r in state.replicas
+                          if r.namespace is not None and r.refused is None
+                          and r.name not in tried]
         hits = state.index.match(keys, [c.name for c in candidates]) if keys else None
         decision = state.chooser.choose(candidates, hits)
         if decision is None:

@@ -71,7 +71,9 @@ class HealthChecker:
         try:
             async with self.session.get(replica.url + "/healthz", timeout=self.timeout) as resp:
                 ok = resp.status == 200
-            if ok and replica.namespace is None:
+            if ok and (replica.namespace is None or not replica.healthy):
+                # read at the first answer and whenever it comes back (it may have
+                # restarted with another model or id)
                 async with self.session.get(replica.url + "/v1/kv/namespace",
                                             timeout=self.timeout, headers=self.headers) as resp:
                     if resp.status != 200:
@@ -88,7 +90,6 @@ class HealthChecker:
                     raise
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError,
                 RuntimeError) as exc:
-            replica.namespace = None  # read again when it answers (it may have restarted)
             if replica.healthy:
                 logger.warning("replica %s (%s) stopped answering: %s", replica.name,
                                redact_url(replica.url), exc or type(exc).__name__)
