@@ -282,11 +282,12 @@ class EventPublisher:
 
         payload = b"".join(EVENT.pack(*e) for e in events)
         cfg = self.config
-        fields = {"v": WIRE_VERSION, "r": cfg.replica_id.encode(), "s": str(self._seq),
-                  "e": payload}
+        fields: dict[str | bytes, bytes | str] = {
+            "v": WIRE_VERSION, "r": cfg.replica_id.encode(), "s": str(self._seq), "e": payload}
         self._seq += 1
         try:
-            self._redis.xadd(cfg.stream, fields, maxlen=cfg.maxlen, approximate=True)
+            self._redis.xadd(cfg.stream, fields,  # type: ignore[arg-type]
+                             maxlen=cfg.maxlen, approximate=True)
         except (redis.RedisError, OSError) as exc:
             self._failed += 1
             self._lost += len(events)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from typing import Any
 
 from kvstore.events import decode_events, stream_name
 from kvstore.router.index import GlobalIndex
@@ -57,7 +58,8 @@ class EventFeed:
                     logger.info("KV events: reading %s from %s", stream, redact_url(self.url))
                 self.connected = True
                 warned = False
-                for _name, entries in reply or []:
+                streams: list[Any] = list(reply or [])
+                for _name, entries in streams:
                     for entry_id, fields in entries:
                         last = entry_id
                         self.apply(fields)
