@@ -46,7 +46,10 @@ class EngineConfig:
     ``device`` ``None`` picks CUDA when present, else CPU; ``dtype`` ``None`` picks
     bfloat16 on CUDA and float32 on CPU. ``gpu_blocks`` ``None`` sizes the KV pool from
     free device memory (CUDA) or to 2048 blocks (CPU). Block counts are in blocks of
-    ``block_size`` tokens; ``disk_bytes`` in bytes.
+    ``block_size`` tokens; ``disk_bytes`` in bytes. ``load_format="dummy"`` runs random
+    weights of ``model``'s shape (a name such as ``"llama3-8b"`` or a ``config.json``)
+    with ``tokenizer`` ``None`` (token ids only) or ``"smollm2"``
+    (:func:`engine.loader.dummy_model`).
     """
 
     model: str = "smollm2"
@@ -68,6 +71,8 @@ class EngineConfig:
     attention: str = "auto"
     model_cache_dir: str | None = None
     gpu_memory_fraction: float = 0.5
+    load_format: str = "auto"
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         if self.gpu_blocks is not None and self.gpu_blocks < 1:
@@ -88,7 +93,8 @@ class LLM:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype_name = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         loaded = resolve_model(cfg.model, cache_dir=cfg.model_cache_dir, dtype=dtype_name,
-                               device=device)
+                               device=device, load_format=cfg.load_format,
+                               tokenizer=cfg.tokenizer)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model = CausalLM.from_loaded(loaded, device=device, backend=cfg.attention)

@@ -10,7 +10,10 @@ Endpoints (JSON bodies, OpenAI's shapes):
 
 Every prompt goes through the tiered store: ``usage.prompt_tokens_details.cached_tokens``
 counts the prompt tokens whose KV was reused, and the non-standard
-``usage.prompt_tokens_details.cached_tokens_by_tier`` says from which tier. Errors are
+``usage.prompt_tokens_details.cached_tokens_by_tier`` says from which tier. The
+non-standard request field ``"return_token_ids": true`` adds each choice's generated
+``token_ids`` (streamed: the new ids of each chunk), for clients that send token ids
+(``--load-format dummy`` without a tokenizer has no text). Errors are
 OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status (5xx only
 for engine failures), never a traceback. With an API key (``--api-key`` or
 ``$KVSTORE_API_KEY``) every route but ``/healthz`` needs ``Authorization: Bearer KEY``.
@@ -68,7 +71,7 @@ _IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_too
 _COMMON = frozenset({"model", "stream", "stream_options", "temperature", "top_p", "top_k",
                      "seed", "n", "stop", "max_tokens", "presence_penalty",
                      "frequency_penalty", "logit_bias", "logprobs", "ignore_eos",
-                     "stop_token_ids"}) | _IGNORED
+                     "stop_token_ids", "return_token_ids"}) | _IGNORED
 _CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                           "tool_choice", "functions", "function_call", "response_format",
                           "modalities", "audio", "prediction", "reasoning_effort",
@@ -213,6 +216,7 @@ class Options:
     stop: tuple[str, ...]
     stop_token_ids: tuple[int, ...]
     ignore_eos: bool
+    return_token_ids: bool = False
 
 
 def parse_options(body: Mapping[str, Any], kind: str, state: ServerState) -> Options:
@@ -270,7 +274,7 @@ def parse_options(body: Mapping[str, Any], kind: str, state: ServerState) -> Opt
         n=n or 1, stop=_stop_strings(body.get("stop")),
         stop_token_ids=_token_list(body.get("stop_token_ids"), "stop_token_ids",
                                    allow_empty=True),
-        ignore_eos=_flag(body, "ignore_eos"))
+        ignore_eos=_flag(body, "ignore_eos"), return_token_ids=_flag(body, "return_token_ids"))
 
 
 def _refuse_unsupported(body: Mapping[str, Any], kind: str) -> None:
@@ -571,6 +575,7 @@ async def _generate(request: web.Request, state: ServerState, reply: _Reply,
             raise _engine_error(exc) from None
     ordered = [finals[i] for i in range(len(prompts))]
     choices = [reply.choice(i * opts.n + c.index, c.text, c.finish_reason, False)
+               | ({"token_ids": list(c.token_ids)} if opts.return_token_ids else {})
                for i, out in enumerate(ordered) for c in out.outputs]
     return web.json_response({**reply.envelope(False), "choices": choices,
                               "usage": usage(ordered)})
@@ -586,12 +591,16 @@ async def _stream(request: web.Request, state: ServerState, reply: _Reply,
     n = opts.n
     extra = {"usage": None} if opts.include_usage else {}
     sent: dict[int, int] = {}  # choice index -> characters sent
+    ids_sent: dict[int, int] = {}  # choice index -> token ids sent (return_token_ids)
     ended: set[int] = set()
     finals: dict[int, Any] = {}
 
-    async def chunk(index: int, text: str, finish: str | None, role: bool = False) -> None:
-        await sse.send({**reply.envelope(True), "choices": [
-            reply.choice(index, text, finish, True, role)], **extra})
+    async def chunk(index: int, text: str, finish: str | None, role: bool = False,
+                    ids: Sequence[int] = ()) -> None:
+        choice = reply.choice(index, text, finish, True, role)
+        if opts.return_token_ids:
+            choice["token_ids"] = list(ids)
+        await sse.send({**reply.envelope(True), "choices": [choice], **extra})
 
     try:
         if reply.kind == "chat":
@@ -609,9 +618,12 @@ async def _stream(request: web.Request, state: ServerState, reply: _Reply,
                         start = sent.get(index, 0)
                         end = len(c.text) if c.finish_reason else sendable_length(c.text,
                                                                                   params.stop)
-                        if end > start:
-                            await chunk(index, c.text[start:end], None)
+                        new_ids = (c.token_ids[ids_sent.get(index, 0):]
+                                   if opts.return_token_ids else [])
+                        if end > start or new_ids:
+                            await chunk(index, c.text[start:end], None, ids=new_ids)
                             sent[index] = end
+                            ids_sent[index] = len(c.token_ids)
                         if c.finish_reason:
                             ended.add(index)
                             await chunk(index, "", c.finish_reason)
@@ -1046,7 +1058,18 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--model", default="smollm2",
                        help="'smollm2' (the bundled SmolLM2-135M-Instruct), a local Hugging "
-                            "Face checkpoint directory or a .gguf file (default %(default)s)")
+                            "Face checkpoint directory or a .gguf file (default %(default)s); "
+                            "with --load-format dummy a shape name (llama3-8b, llama3.1-8b, "
+                            "qwen2-7b, mistral-7b, llama2-7b, qwen2-0.5b, smollm2) or a "
+                            "config.json")
+    model.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                       help="auto: the model's weights; dummy: random weights of its shape "
+                            "(deterministic, made on the device in seconds; for benchmarks "
+                            "at real model shapes) (default %(default)s)")
+    model.add_argument("--tokenizer", default=None, metavar="NAME",
+                       help="--load-format dummy only: 'none' (default; clients send token "
+                            "ids to /v1/completions), 'smollm2' or a directory with a "
+                            "tokenizer.json")
     model.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
                        help="name clients pass as 'model' (repeatable; default: the --model "
                             "value and the model's own name)")
@@ -1121,7 +1144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   auth_token=env.daemon_token(), policy=args.policy,
                   enable_cache=not args.no_prefix_reuse, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
-                  model_cache_dir=args.model_cache_dir)
+                  model_cache_dir=args.model_cache_dir, load_format=args.load_format,
+                  tokenizer=args.tokenizer)
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError, RuntimeError) as exc:
