@@ -951,6 +951,15 @@ def _run(args: argparse.Namespace, names: list[str], out: Path,
         print(f"working set <= {ws:,} tokens = {format_size(ws // BLOCK_SIZE * bb)}{ratio}; "
               f"GPU pool {gpu}, host {format_size(sizes.host * bb)}, disk "
               f"{format_size(sizes.disk_bytes)}")
+        longest = max((sum(len(t.delta) + t.max_tokens for t in c.turns) for c in convs_proto),
+                      default=0)
+        running = min(args.max_parallel or len(convs_proto), len(convs_proto)) * longest
+        if sizes.gpu is not None and arrival_mode(args) == "closed" \
+                and running > sizes.gpu * BLOCK_SIZE:
+            print(f"note: {args.max_parallel} requests in flight may hold up to {running:,} "
+                  f"tokens of KV, more than the GPU pool's {sizes.gpu * BLOCK_SIZE:,}: they "
+                  "queue or are preempted; lower --max-parallel to measure the tiers rather "
+                  "than the scheduler")
     rows: list[Summary] = []
     results: dict[str, list[Result]] = {}
     for name in names:
