@@ -761,7 +761,15 @@ examples (see docs/bench_serve.md):
 """
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``kvstore bench serve`` argument parser."""
     p = argparse.ArgumentParser(
         prog="kvstore bench serve",
         description="Serving benchmark over HTTP (OpenAI /v1/completions, streamed): many\n"
@@ -789,14 +797,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     srv.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                      help="weights and KV dtype (default: bfloat16 on GPU, float32 on CPU)")
-    srv.add_argument("--gpu-kv-bytes", type=parse_size, default=None, metavar="SIZE",
+    srv.add_argument("--gpu-kv-bytes", type=_size, default=None, metavar="SIZE",
                      help="cap of the GPU KV pool, the same for every configuration "
                           "(default: the server's, half the free GPU memory); set it so the "
                           "workload's working set (printed first) is several times larger")
-    srv.add_argument("--host-kv-bytes", type=parse_size, default=16 << 30, metavar="SIZE",
+    srv.add_argument("--host-kv-bytes", type=_size, default=16 << 30, metavar="SIZE",
                      help="host DRAM tier (pinned) of the +host configurations "
                           "(default 16GiB)")
-    srv.add_argument("--disk-kv-bytes", type=parse_size, default=32 << 30, metavar="SIZE",
+    srv.add_argument("--disk-kv-bytes", type=_size, default=32 << 30, metavar="SIZE",
                      help="LMDB disk tier of the +disk configurations (default 32GiB)")
     srv.add_argument("--disk-dir", default=None, metavar="DIR",
                      help="where the disk tier's fresh, per-configuration directories go "
