@@ -1034,7 +1034,7 @@ def _sizes(args: argparse.Namespace) -> tuple[ServerSizes, int, int]:
 
 def _server_gpu_blocks(out: Path, name: str) -> int:
     """The GPU pool a server sized itself (from its log), for the simulation."""
-    log = (out / f"server-{name}.log").read_text(errors="replace")
+    log = (out / f"server-{_file_name(name)}.log").read_text(errors="replace")
     m = re.search(r"pool: (\d+) blocks", log)
     return int(m.group(1)) if m else 1
 
@@ -1051,7 +1051,7 @@ def _run_config(name: str, args: argparse.Namespace, sizes: ServerSizes,
         flags = server_flags(name, args, sizes, disk_dir / "lmdb")
         t = time.perf_counter()
         print(f"[{name}] starting kvstore serve {' '.join(flags)}")
-        with started(flags, out / f"server-{name}.log", args.startup_timeout) as url:
+        with started(flags, out / f"server-{_file_name(name)}.log", args.startup_timeout) as url:
             print(f"[{name}] up in {time.perf_counter() - t:.1f} s at {url}")
             return asyncio.run(_measure(url, args, convs, vocab, headers, name))
     finally:
@@ -1062,7 +1062,28 @@ async def _measure(url: str, args: argparse.Namespace, convs: list[Conversation]
                    headers: dict[str, str], name: str) -> tuple[list[Result], int, float]:
     model, max_context = await server_info(url, headers)
     await _warmup(url, model, vocab, args, headers, max_context)
-    return await run_load(url, model, convs, args, max_context, headers, name)
+    out = await run_load(url, model, convs, args, max_context, headers, name)
+    await _save_stats(url, headers, Path(args.out) / f"stats-{_file_name(name)}.json")
+    return out
+
+
+async def _save_stats(url: str, headers: dict[str, str], path: Path) -> None:
+    """The server's ``/v1/stats`` (request and store counters) after the run, as JSON;
+    nothing when the server does not answer it."""
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s, \
+                s.get(f"{url}/v1/stats", headers=headers) as resp:
+            if resp.status == 200:
+                path.write_text(json.dumps(await resp.json(), indent=1))
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        pass
+
+
+def _file_name(config: str) -> str:
+    """A configuration name as a file name part (``gpu+host`` -> ``gpu-host``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", config)
 
 
 if __name__ == "__main__":

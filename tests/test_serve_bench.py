@@ -51,7 +51,8 @@ def test_every_configuration_serves_and_reuses_the_history(
         assert float(summary[name]["sim_hit_rate"]) == pytest.approx(
             int(summary[name]["cached_tokens"]) / int(summary[name]["prompt_tokens"]), abs=1e-4)
     assert (out / "serve_bench.png").stat().st_size > 10_000
-    assert (out / "server-gpu+host+disk+redis.log").is_file()
+    assert (out / "server-gpu-host-disk-redis.log").is_file()
+    assert (out / "stats-gpu-host-disk-redis.json").is_file()
 
 
 def test_bad_arguments_are_refused_with_the_flag_named(
