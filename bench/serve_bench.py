@@ -434,7 +434,7 @@ async def _warmup(url: str, model: str, vocab: int, args: argparse.Namespace,
     if args.warmup <= 0:
         return
     rng = np.random.default_rng(10_000 + args.seed)
-    n = max(1, min(512, max_context // 2))
+    n = max(1, min(2048, max_context // 2))  # long enough to compile the prefill shapes
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
         turns = [Turn(-1, 0, rng.integers(0, vocab, n, dtype=np.int32), 8)
                  for _ in range(args.warmup)]
