@@ -333,8 +333,6 @@ class LMDBTier:
         self._closed = False
         self._active = 0
         self._touches: dict[bytes, int] = {}
-        self._damaged_keys: set[bytes] = set()
-        """Keys whose index record a read found damaged, removed by the next write."""
         self._stats = TierStats(name=name, blocks=blocks, bytes_used=bytes_used,
                                 capacity_bytes=capacity_bytes, corrupt=len(damaged))
         self._extra = {"rejected": 0, "map_full": 0, "disk_full": 0, "touch_flushes": 0}
