@@ -39,6 +39,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import redis
 
@@ -50,7 +51,7 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 HOST = "127.0.0.1"
 CLUSTER_SLOTS = 16384
 
-_live: weakref.WeakSet[RedisServer | DaemonProcess] = weakref.WeakSet()
+_live: weakref.WeakSet[_Launched] = weakref.WeakSet()
 _live_lock = threading.Lock()
 
 
@@ -65,7 +66,36 @@ def _stop_all() -> None:
 atexit.register(_stop_all)
 
 
-class RedisServer:
+class _Launched:
+    """What every launcher shares: a temporary directory, ``close()`` = ``kill()`` and
+    remove it, and use as a context manager (``start()`` on entry, ``close()`` on exit)."""
+
+    dir: Path
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        """Remove the temporary directory (the process must be stopped)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Kill the process if it runs and remove its directory."""
+        self.kill()
+        self.cleanup()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class RedisServer(_Launched):
     """One real ``redis-server`` on a loopback port, in its own temporary directory.
 
     ``port=None`` picks a free port at the first ``start()`` and keeps it for every
@@ -207,22 +237,6 @@ class RedisServer:
         self.stop()
         return self.start()
 
-    def cleanup(self) -> None:
-        """Remove the temporary directory (the server must be stopped)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def close(self) -> None:
-        """Stop the server and remove its directory."""
-        self.kill()
-        self.cleanup()
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"RedisServer(port={self.port}, {state})"
@@ -334,7 +348,7 @@ class RedisCluster:
         return f"RedisCluster({[s.port for s in self.nodes]})"
 
 
-class DaemonProcess:
+class DaemonProcess(_Launched):
     """A real ``python -m kvstore daemon`` child process on a loopback port.
 
     ``args`` are extra daemon flags (tiers, limits); ``--host 127.0.0.1 --port`` are
@@ -447,21 +461,6 @@ class DaemonProcess:
         """Start again on the same port (after ``stop`` or ``kill``)."""
         return self.start()
 
-    def cleanup(self) -> None:
-        """Remove the temporary directory (the daemon must be stopped)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def close(self) -> None:
-        """Kill the process if it runs and remove the temporary directory."""
-        self.kill()
-        self.cleanup()
-
-    def __enter__(self) -> DaemonProcess:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 _ROOT = Path(__file__).resolve().parents[1]

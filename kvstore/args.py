@@ -83,6 +83,27 @@ def dtype_arg(text: str) -> str:
     return name
 
 
+def add_listen_arguments(p: argparse.ArgumentParser, *, host: str, port: int,
+                         shutdown_timeout_s: float, credential: str, env: str,
+                         credential_help: str) -> argparse._ArgumentGroup:
+    """The ``listening`` group of a service: ``--host``, ``--port``, the credential flag
+    (``--token``, ``--api-key``; its value defaults to ``$env``) and
+    ``--shutdown-timeout``. Returns the group."""
+    net = p.add_argument_group("listening")
+    net.add_argument("--host", default=host,
+                     help="address to bind (default: %(default)s; 0.0.0.0 = all interfaces, "
+                          f"needs {credential})")
+    net.add_argument("--port", type=port_arg, default=port,
+                     help="TCP port (default: %(default)s; 0 = any free port, logged)")
+    net.add_argument(credential, default=None, metavar=credential.upper().lstrip("-"),
+                     help=f"{credential_help} (default: ${env}; none)")
+    net.add_argument("--shutdown-timeout", type=seconds_arg(allow_zero=True),
+                     default=shutdown_timeout_s, metavar="SECONDS",
+                     help="on SIGTERM/SIGINT, time requests in flight get to finish "
+                          "(default: %(default)s)")
+    return net
+
+
 def add_log_level(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                   default: str = "info") -> None:
     """``--log-level`` with the same choices in every command."""
@@ -98,5 +119,6 @@ def configure_logging(level: str) -> None:
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-__all__ = ["DTYPES", "LOG_LEVELS", "SIZE_HELP", "add_log_level", "configure_logging",
+__all__ = ["DTYPES", "LOG_LEVELS", "SIZE_HELP", "add_listen_arguments", "add_log_level",
+           "configure_logging",
            "count_arg", "dtype_arg", "port_arg", "seconds_arg", "size_arg"]

@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING
 from kvstore import __version__, env
 from kvstore.args import (
     SIZE_HELP,
+    add_listen_arguments,
     add_log_level,
     configure_logging,
     count_arg,
-    port_arg,
-    seconds_arg,
 )
 
 if TYPE_CHECKING:  # the engine (torch) loads only when serving, so --help stays fast
@@ -157,18 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="name clients pass as 'model' (repeatable; default: the --model value and the "
              "model's own name)")
     d = ServeConfig()
-    net = p.add_argument_group("listening")
-    net.add_argument("--host", default=d.host,
-                     help="address to bind (default: %(default)s; 0.0.0.0 = all interfaces, "
-                          "needs an API key)")
-    net.add_argument("--port", type=port_arg, default=d.port,
-                     help="TCP port (default: %(default)s; 0 = any free port, logged)")
-    net.add_argument("--api-key", default=None, metavar="KEY",
-                     help=f"bearer key clients must send (default: ${API_KEY_ENV}; none)")
-    net.add_argument("--shutdown-timeout", type=seconds_arg(allow_zero=True),
-                     default=d.shutdown_timeout_s, metavar="SECONDS",
-                     help="on SIGINT/SIGTERM, time requests in flight get to finish "
-                          "(default: %(default)s)")
+    add_listen_arguments(p, host=d.host, port=d.port, shutdown_timeout_s=d.shutdown_timeout_s,
+                         credential="--api-key", env=API_KEY_ENV,
+                         credential_help="bearer key clients must send")
     route = p.add_argument_group("routing (kvstore router)")
     route.add_argument("--kv-events", default=None, metavar="URL",
                        help="publish KV events (blocks stored and removed, per tier) to this "

@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 
 from kvstore.args import (
     SIZE_HELP,
+    add_listen_arguments,
     add_log_level,
     configure_logging,
     count_arg,
-    port_arg,
     seconds_arg,
     size_arg,
 )
@@ -65,15 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "GET /v1/stats (JSON), GET /metrics (Prometheus), GET /healthz.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = DaemonConfig()
-    net = p.add_argument_group("listening")
-    net.add_argument("--host", default=d.host,
-                     help="address to bind (default: %(default)s; 0.0.0.0 = all interfaces, "
-                          "needs a token)")
-    net.add_argument("--port", type=port_arg, default=d.port,
-                     help="TCP port (default: %(default)s; 0 = any free port, logged)")
-    net.add_argument("--token", default=None,
-                     help=f"bearer token clients must send (default: ${TOKEN_ENV}; "
-                          f"at least {MIN_TOKEN_CHARS} characters)")
+    add_listen_arguments(p, host=d.host, port=d.port, shutdown_timeout_s=d.shutdown_timeout_s,
+                         credential="--token", env=TOKEN_ENV,
+                         credential_help=f"bearer token clients must send, at least "
+                                         f"{MIN_TOKEN_CHARS} characters")
     tiers = p.add_argument_group("tiers (at least one)")
     tiers.add_argument("--host-bytes", "--memory-bytes", dest="host_bytes", type=size_arg,
                        default=d.memory_bytes, metavar="SIZE",
@@ -107,10 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--body-timeout", type=seconds_arg(allow_zero=False),
                      default=d.body_timeout_s, metavar="SECONDS",
                      help="time to receive a request body (default: %(default)s; slower: 408)")
-    lim.add_argument("--shutdown-timeout", type=seconds_arg(allow_zero=True),
-                     default=d.shutdown_timeout_s, metavar="SECONDS",
-                     help="on SIGTERM/SIGINT, time in-flight requests get to finish "
-                          "(default: %(default)s)")
     add_log_level(p)
     return p
 
