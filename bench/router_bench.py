@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -37,7 +38,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -446,6 +447,144 @@ def run_overhead(args: argparse.Namespace, out: Path) -> int:
         {"args": vars(args), **res, "p50_overhead_ms": overhead, "router_metrics": metrics},
         indent=2, default=str))
     return 0
+
+
+# ------------------------------------------------------------------------- kvstore bench serve
+
+
+POLICIES = ("round-robin", "prefix", "least-load")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """``kvstore bench serve``'s router mode: ``--replicas``, ``--policies``, ``--devices``."""
+    g = p.add_argument_group("router (--replicas: the runs are routing policies)")
+    g.add_argument("--replicas", type=int, default=0, metavar="N",
+                   help="start N replicas of the first --configs configuration, one Redis and "
+                        "a kvstore router per policy, and send the load through the router "
+                        "(default: 0, no router)")
+    g.add_argument("--policies", default="round-robin,prefix,least-load",
+                   help="router policies to compare, round-robin first as the baseline "
+                        "(default: %(default)s)")
+    g.add_argument("--devices", default=None, metavar="D0,D1",
+                   help="devices given to the replicas in turn, e.g. cuda:0,cuda:1 (default: "
+                        "--device for all: cap each pool with --gpu-kv-bytes to share one GPU)")
+
+
+def policy_runs(p: argparse.ArgumentParser, args: argparse.Namespace, configs: list[str]
+                ) -> list[str]:
+    """The runs of the router mode (policies, baseline first); the replicas' cache
+    configuration is ``configs[0]`` (kept in ``args.replica_config``)."""
+    if args.replicas < 1 or args.url:
+        p.error("--replicas needs N >= 1 and no --url")
+    names = [x.strip() for x in args.policies.split(",") if x.strip()]
+    bad = [x for x in names if x not in POLICIES]
+    if bad or not names:
+        p.error(f"--policies: unknown {bad or 'empty list'}; choose from {', '.join(POLICIES)}")
+    args.replica_config = configs[0]
+    args.no_sim = True  # the store's simulation models one server
+    return sorted(dict.fromkeys(names), key=lambda x: x != "round-robin")
+
+
+class _Fleet:
+    def __init__(self) -> None:
+        self.children: list[Any] = []
+        self.redis: RedisServer | None = None
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        if self.redis is not None:
+            self.redis.close()
+
+
+def routed(policy: str, args: argparse.Namespace, flags: Sequence[str], out: Path
+           ) -> contextlib.AbstractContextManager[str]:
+    """A fresh Redis, ``args.replicas`` replicas started with ``flags`` (plus their KV
+    events, ids and ``--devices``) and a router of ``policy``: its URL for the ``with``
+    body; everything stopped afterwards."""
+    from bench.serve_bench import ServeProcess
+
+    @contextlib.contextmanager
+    def run() -> Iterator[str]:
+        fleet = _Fleet()
+        try:
+            fleet.redis = RedisServer().start()
+            devices = [d for d in (args.devices or "").split(",") if d]
+            urls = []
+            for i in range(args.replicas):
+                extra = ["--kv-events", fleet.redis.url, "--replica-id", f"r{i}"]
+                if devices:
+                    extra += ["--device", devices[i % len(devices)]]
+                server = ServeProcess([*flags, *extra], out / f"server-{policy}-r{i}.log")
+                fleet.children.append(server)
+                if i == 0:  # the first converts the model once
+                    urls.append(server.wait_url(args.startup_timeout))
+            urls += [s.wait_url(args.startup_timeout) for s in fleet.children[1:]]
+            router = _RouterChild(["router", "--port", "0", "--policy", policy, "--kv-events",
+                                   fleet.redis.url, *(x for u in urls for x in ("--replica", u))],
+                                  out / f"router-{policy}.log")
+            fleet.children.append(router)
+            url = router.wait(120).url
+            deadline = time.monotonic() + 60
+            while True:
+                status = asyncio.run(_get_json(url + "/v1/router"))
+                if status and all(r["in_rotation"] for r in status["replicas"]):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the router did not put every replica in rotation")
+                time.sleep(0.1)
+            print(f"[{policy}] router {url} over {len(urls)} replicas", flush=True)
+            yield url
+            (out / f"router-{policy}.metrics.json").write_text(json.dumps(_scrape(url), indent=1))
+        finally:
+            fleet.stop()
+
+    return run()
+
+
+class _RouterChild(Child):
+    def __init__(self, args: Sequence[str], log: Path) -> None:
+        super().__init__(args, log, dict(os.environ))
+
+
+def report(rows: Sequence[Any], results: dict[str, list[Any]]) -> list[str]:
+    """Lines for ``kvstore bench serve --replicas``: per policy the hit rate by replica
+    and tier, then each policy against round-robin next to the targets."""
+    lines = ["hit rate by replica (cached / prompt tokens, requests):"]
+    for name, res in results.items():
+        ok = [r for r in res if r.error is None]
+        prompt: Counter[str] = Counter()
+        cached: Counter[str] = Counter()
+        tiers: dict[str, Counter[str]] = {}
+        for r in ok:
+            prompt[r.replica] += r.prompt_tokens
+            cached[r.replica] += r.cached_tokens
+            tiers.setdefault(r.replica, Counter()).update(r.cached_by_tier)
+        parts = []
+        for rep in sorted(prompt):
+            by = " ".join(f"{t}={n / max(1, prompt[rep]):.0%}" for t, n in sorted(tiers[rep].items()))
+            n = sum(1 for r in ok if r.replica == rep)
+            parts.append(f"{rep or '?'}: {cached[rep] / max(1, prompt[rep]):.1%} ({by or '-'}) "
+                         f"of {n}")
+        lines.append(f"  {name:<12} " + "; ".join(parts))
+    by_name = {s.config: s for s in rows}
+    base = by_name.get("round-robin")
+    if base is None or not base.requests:
+        return lines
+    for s in rows:
+        if s is base or not s.requests:
+            continue
+        hit = s.cached_frac / base.cached_frac if base.cached_frac else float("inf")
+        ttft = s.ttft_ms["p50"] / max(base.ttft_ms["p50"], 1e-9)
+        tput = s.output_tok_per_s / max(base.output_tok_per_s, 1e-9)
+        line = (f"{s.config} vs round-robin: hit rate {hit:.2f}x ({s.cached_frac:.1%} vs "
+                f"{base.cached_frac:.1%}), p50 TTFT {ttft:.2f}x, throughput {tput:.2f}x")
+        if s.config == "prefix":
+            ok_all = hit >= TARGET_HIT and ttft <= TARGET_TTFT and tput >= 1.0
+            line += (f"  [targets >= {TARGET_HIT}x, <= {TARGET_TTFT}x, >= 1.00x: "
+                     f"{'met' if ok_all else 'NOT met'}]")
+        lines.append(line)
+    return lines
 
 
 # ------------------------------------------------------------------------- cli

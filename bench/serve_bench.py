@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import router_bench
 from kvstore.units import format_size, parse_size
 
 CONFIGS = ("off", "gpu", "gpu+host", "gpu+host+disk", "gpu+host+disk+redis")
@@ -196,6 +197,7 @@ class Result:
     cached_tokens: int = 0
     cached_by_tier: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    replica: str = ""  # X-Kvstore-Replica: who served it behind a router
 
 
 @dataclass
@@ -287,6 +289,7 @@ async def _one(session: Any, url: str, model: str, turn: Turn, prompt: list[int]
                     text = json.loads(text)["error"]["message"]
                 res.error = f"HTTP {resp.status}: {text[:300]}"
                 return res
+            res.replica = resp.headers.get("X-Kvstore-Replica", "")
             async for raw in resp.content:
                 line = raw.strip()
                 if not line.startswith(b"data:"):
@@ -823,6 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--startup-timeout", type=float, default=900.0, metavar="SECONDS",
                      help="how long a server may take to come up (default %(default)s)")
     srv.add_argument("--model-cache-dir", default=None, help=argparse.SUPPRESS)
+    router_bench.add_serve_arguments(p)
     wl = p.add_argument_group("workload")
     wl.add_argument("--workload", default="multiturn",
                     choices=["multiturn", "sharegpt", "mooncake", "shared-prefix"],
@@ -920,6 +924,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     names = _check(p, args)
+    if args.replicas:
+        names = router_bench.policy_runs(p, args, names)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     headers = {"Authorization": f"Bearer {k}"} if (k := os.environ.get("KVSTORE_API_KEY")) \
@@ -1002,7 +1008,7 @@ def _run(args: argparse.Namespace, names: list[str], out: Path,
     if rounds:
         print()
         print(rounds)
-    for line in compare(rows):
+    for line in compare(rows) + (router_bench.report(rows, results) if args.replicas else []):
         print(line)
     write_csv(rows, results, out)
     if not args.no_plot:
@@ -1048,10 +1054,12 @@ def _run_config(name: str, args: argparse.Namespace, sizes: ServerSizes,
         base.mkdir(parents=True, exist_ok=True)
     disk_dir = Path(tempfile.mkdtemp(prefix=f"serve-bench-{name.replace('+', '-')}-", dir=base))
     try:
-        flags = server_flags(name, args, sizes, disk_dir / "lmdb")
+        flags = server_flags(args.replica_config if args.replicas else name, args, sizes,
+                             disk_dir / "lmdb")
         t = time.perf_counter()
         print(f"[{name}] starting kvstore serve {' '.join(flags)}")
-        with started(flags, out / f"server-{_file_name(name)}.log", args.startup_timeout) as url:
+        with (router_bench.routed(name, args, flags, out) if args.replicas else
+              started(flags, out / f"server-{_file_name(name)}.log", args.startup_timeout)) as url:
             print(f"[{name}] up in {time.perf_counter() - t:.1f} s at {url}")
             return asyncio.run(_measure(url, args, convs, vocab, headers, name))
     finally:
