@@ -45,6 +45,7 @@ logger = logging.getLogger("kvstore.router")
 
 OPEN_PATHS = frozenset({"/healthz"})
 REPLICA_HEADER = "X-Kvstore-Replica"
+ROUTE_TIME_HEADER = "X-Kvstore-Route-Ms"
 OFF_LOOP_BYTES = 32 << 10
 """Bodies larger than this are tokenized off the event loop."""
 _PASS_HEADERS = ("Content-Type", "Retry-After", "WWW-Authenticate", "Cache-Control",
@@ -158,10 +159,13 @@ def _reply_headers(upstream: aiohttp.ClientResponse, replica: Replica) -> dict[s
 
 
 async def _forward(request: web.Request, state: RouterState, replica: Replica, method: str,
-                   path: str, body: bytes | None) -> web.StreamResponse:
+                   path: str, body: bytes | None, arrived: float | None) -> web.StreamResponse:
     """Send one request to ``replica``; ``_Unreachable`` when it failed before the client
-    was sent anything."""
+    was sent anything. A non-streamed answer carries ``X-Kvstore-Route-Ms``: the time
+    from ``arrived`` (``perf_counter``) to sending it to this replica (reading, parsing,
+    tokenizing, hashing, choosing; earlier tries included)."""
     assert state.session is not None
+    sent = time.perf_counter()
     try:
         upstream = await state.session.request(method, replica.url + path, data=body,
                                                headers=_forward_headers(request))
@@ -176,6 +180,8 @@ async def _forward(request: web.Request, state: RouterState, replica: Replica, m
                 data = await upstream.read()
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 raise _Unreachable(str(exc) or type(exc).__name__) from None
+            if arrived is not None:
+                headers[ROUTE_TIME_HEADER] = f"{(sent - arrived) * 1000:.3f}"
             return web.Response(status=upstream.status, body=data, headers=headers)
         try:
             first = await upstream.content.readany()
@@ -257,7 +263,7 @@ async def _dispatch(request: web.Request, state: RouterState, path: str, raw: by
                     m.matched.labels(tier).inc(n * bs)
         replica.in_flight += 1
         try:
-            response = await _forward(request, state, replica, request.method, path, raw)
+            response = await _forward(request, state, replica, request.method, path, raw, start)
         except _Unreachable as exc:
             logger.warning("replica %s: %s; request moved to another replica", replica.name,
                            exc)
