@@ -526,13 +526,14 @@ def server_flags(name: str, args: argparse.Namespace, sizes: ServerSizes,
     if args.model_cache_dir:
         flags += ["--model-cache-dir", args.model_cache_dir]
     if sizes.gpu is not None:
-        flags += ["--gpu-blocks", str(sizes.gpu)]
+        flags += ["--gpu-kv-bytes", str(sizes.gpu * sizes.block_bytes)]
     if name == "off":
         flags.append("--no-prefix-reuse")
-    if "host" in name:
-        flags += ["--host-blocks", str(sizes.host)]
+    flags += ["--host-bytes", str(sizes.host * sizes.block_bytes if "host" in name else 0)]
     if "disk" in name:
         flags += ["--disk", str(disk_dir), "--disk-bytes", str(sizes.disk_bytes)]
+    else:
+        flags.append("--no-disk")
     if "redis" in name:
         flags += ["--redis", args.redis]
     return flags + list(args.server_arg or [])
