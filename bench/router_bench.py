@@ -347,7 +347,11 @@ def report(rows: Sequence[Any], results: dict[str, list[Any]]) -> list[str]:
     for s in rows:
         if s is base or not s.requests:
             continue
-        hit = s.cached_frac / base.cached_frac if base.cached_frac else float("inf")
+        if not base.cached_frac:
+            lines.append(f"{s.config} vs round-robin: round-robin hit nothing (pools too small "
+                         "for the prompts?); no ratio")
+            continue
+        hit = s.cached_frac / base.cached_frac
         ttft = s.ttft_ms["p50"] / max(base.ttft_ms["p50"], 1e-9)
         tput = s.output_tok_per_s / max(base.output_tok_per_s, 1e-9)
         line = (f"{s.config} vs round-robin: hit rate {hit:.2f}x ({s.cached_frac:.1%} vs "
