@@ -167,6 +167,10 @@ def test_policies_choose_by_prefix_against_load() -> None:
     assert prefix.choose([Candidate("a", 0), Candidate("b", 0)], hits).replica == "a"
     # ... until a carries one more request in flight.
     assert prefix.choose([Candidate("a", 1), Candidate("b", 0)], hits).replica == "b"
+    # A long prefix outweighs load, up to the imbalance allowed.
+    capped = Chooser(PolicyConfig("prefix", load_weight=0.1, max_imbalance=2))
+    assert capped.choose([Candidate("a", 2), Candidate("b", 0)], hits).replica == "a"
+    assert capped.choose([Candidate("a", 3), Candidate("b", 0)], hits).replica == "b"
     least = Chooser(PolicyConfig("least-load"))
     assert least.choose([Candidate("a", 3), Candidate("b", 1)]).replica == "b"
     rr = Chooser(PolicyConfig("round-robin"))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvstore import __version__, env
-from kvstore.args import add_log_level, configure_logging, port_arg, seconds_arg
+from kvstore.args import add_log_level, configure_logging, count_arg, port_arg, seconds_arg
 from kvstore.router.policy import DEFAULT_WEIGHTS, POLICIES, PolicyConfig
 
 logger = logging.getLogger("kvstore.router")
@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-weight", type=float, default=d.policy.load_weight, metavar="BLOCKS",
                    help="cached blocks one request in flight is worth against (default: "
                         "%(default)s)")
+    p.add_argument("--max-imbalance", type=count_arg(0), default=d.policy.max_imbalance,
+                   metavar="N", help="a replica with more than N requests in flight beyond the "
+                                     "least loaded one is skipped by the prefix policy "
+                                     "(default: %(default)s)")
     net = p.add_argument_group("listening")
     net.add_argument("--host", default=d.host,
                      help="address to bind (default: %(default)s; beyond loopback needs a key)")
@@ -186,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = RouterConfig(
             replicas=tuple(u.rstrip("/") for u in args.replica), host=args.host, port=args.port,
             api_key=args.api_key if args.api_key is not None else env.api_key(),
-            policy=PolicyConfig(args.policy, args.tier_weights, args.load_weight),
+            policy=PolicyConfig(args.policy, args.tier_weights, args.load_weight,
+                                args.max_imbalance),
             kv_events=args.kv_events, health_interval_s=args.health_interval,
             health_timeout_s=args.health_timeout, shutdown_timeout_s=args.shutdown_timeout)
     except ValueError as exc:

@@ -9,7 +9,10 @@ where the blocks are the request's leading blocks the replica holds (by the KV e
 each block counted in its fastest tier), and ``in_flight`` the requests the router has
 sent it that have not finished. The highest score wins; ties go to the least loaded,
 then round-robin. ``load_weight`` is in blocks: one request in flight costs as much as
-``load_weight`` cached blocks.
+``load_weight`` cached blocks. A long shared prefix (a system prompt cached on one
+replica) would outweigh any load; so a replica with more than ``max_imbalance``
+requests in flight beyond the least loaded one is not chosen while another is in
+reach.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class PolicyConfig:
     policy: str = "prefix"
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     load_weight: float = 4.0
+    max_imbalance: int = 8
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -45,6 +49,8 @@ class PolicyConfig:
                 raise ValueError(f"--tier-weights: {tier} must be >= 0, got {w}")
         if not self.load_weight >= 0:
             raise ValueError(f"--load-weight must be >= 0, got {self.load_weight}")
+        if self.max_imbalance < 0:
+            raise ValueError(f"--max-imbalance must be >= 0, got {self.max_imbalance}")
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,8 @@ class Chooser:
                             -float(c.in_flight))
         weights = self.config.weights
         lw = self.config.load_weight
+        least = min(c.in_flight for c in ordered)
+        ordered = [c for c in ordered if c.in_flight - least <= self.config.max_imbalance]
         best: tuple[float, int] | None = None
         chosen = ordered[0]
         for c in ordered:
