@@ -117,14 +117,17 @@ class Sweep:
                                          gpu_blocks=2 * blocks + 64, device=dev),
                              cost=self.learned)
         self.cold = Engine(model, None, cold_store, self.ns, frozenset(), cold_sched)
+        # Room for every prefix in the GPU and host pools: moving one prefix between tiers
+        # never has to push another one down (which would write it to disk).
         total = sum(-(-(p + QUESTION_TOKENS) // 16) for p in prefixes) + 64 * len(prefixes)
-        disk_store = KVStore(StoreConfig(gpu_blocks=2 * blocks + 64, host_blocks=blocks + 64,
+        pool = max(2 * blocks, total) + 64 * (args.repeat + 2)
+        disk_store = KVStore(StoreConfig(gpu_blocks=pool, host_blocks=pool,
                                          disk_path=f"{tmp}/disk",
                                          disk_bytes=2 * (total + 64 * args.repeat) * (bb + 4096),
                                          **common), cost=self.learned)
         self.engines = {"disk": Engine(model, None, disk_store, self.ns, frozenset(), sched)}
         if args.redis:
-            redis_store = KVStore(StoreConfig(gpu_blocks=2 * blocks + 64, redis_url=args.redis,
+            redis_store = KVStore(StoreConfig(gpu_blocks=pool, redis_url=args.redis,
                                               namespace=f"bench-ttft-{time.time_ns()}",
                                               **common), cost=self.learned)
             self.engines["redis"] = Engine(model, None, redis_store, self.ns, frozenset(), sched)
