@@ -125,7 +125,7 @@ class Load:
         if not all(f.done() for f in self._futures):
             return False
         if t is not None and self._cuda:
-            t.wait_on_stream(torch.cuda.current_stream(t._device))
+            t.wait_on_stream()  # the current stream of the GPU pool's device
         self._ready = True
         return True
 
