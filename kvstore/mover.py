@@ -75,6 +75,7 @@ class _LoadState:
     """Shared by the batches of one load: the earliest failure so far."""
 
     failed: int | None = None
+    ready: torch.cuda.Event | None = None  # CUDA: the slots may be written after this
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fail(self, index: int) -> None:
@@ -124,7 +125,7 @@ class Load:
         if not all(f.done() for f in self._futures):
             return False
         if t is not None and self._cuda:
-            t.wait_on_stream(torch.cuda.current_stream(t._device))
+            t.wait_on_stream()  # the current stream of the GPU pool's device
         self._ready = True
         return True
 
@@ -327,7 +328,13 @@ class BlockMover:
         shared = sorted((r for r in requests if r.tier != "host"), key=lambda r: r.index)
         if shared:
             assert self._loaders is not None, "a shared-tier load needs shared tiers"
-            state = _LoadState()
+            # The slots were reserved now, on the store's thread: the workers' copies
+            # wait for the compute enqueued so far, not for compute enqueued later.
+            ready = None
+            if self._cuda:
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.gpu.device))
+            state = _LoadState(ready=ready)
             batch: list[LoadRequest] = []
             for r in shared:
                 if batch and (r.tier != batch[0].tier or len(batch) == self._lane_blocks):
@@ -385,7 +392,8 @@ class BlockMover:
                     self.corrupt += len(bad)
                 tier.delete([reqs[i].key for i in bad])
             if ok:
-                copy_slots(staging.pool, lane[:ok], self.gpu, [r.slot for r in reqs[:ok]]).wait()
+                copy_slots(staging.pool, lane[:ok], self.gpu, [r.slot for r in reqs[:ok]],
+                           after=state.ready).wait()
         finally:
             staging.give(lane)
         failure = reqs[ok].index if ok < len(reqs) else None
