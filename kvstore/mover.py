@@ -12,8 +12,8 @@
   ``tiers.base`` contract), header check against the request (key, parent, tokens,
   layout; no second checksum), payload copy into the worker's pinned staging lane
   (numpy copy: releases the GIL), then one batched host -> GPU copy into the
-  destination slots (a tier with ``get_into``, LMDB, lends views into its storage: the
-  payload is copied once). Workers overlap: one reads its batch from the tier while another's
+  destination slots (``get_into``: LMDB lends views into its storage, so the payload
+  is copied once). Workers overlap: one reads its batch from the tier while another's
   copy runs on the GPU. The first block that is missing or corrupt ends the hit:
   blocks after it are not used (the engine recomputes them); batches wholly after a
   known failure are skipped.
@@ -350,9 +350,9 @@ class BlockMover:
         Each value is checked against its request (key, parent, tokens, layout; the tier
         verified the checksum, per the ``tiers.base`` contract) and its payload copied
         into this worker's staging lane, then the longest good run from the batch's
-        first block goes to the GPU in one copy. A tier with ``get_into`` (LMDB) hands
-        out views into its storage, so the payload is copied once, by numpy, without
-        the GIL; others return ``bytes`` from ``get``.
+        first block goes to the GPU in one copy. Every tier hands blocks over through
+        ``get_into``; LMDB lends views into its storage, so the payload is copied once,
+        by numpy, without the GIL.
         """
         name = reqs[0].tier
         if state.failed_before(reqs[0].index):
@@ -376,14 +376,8 @@ class BlockMover:
         try:
             tier = self.shared[name]
             keys = [r.key for r in reqs]
-            get_into = getattr(tier, "get_into", None)
             try:
-                if get_into is not None:
-                    get_into(keys, take)
-                else:
-                    for i, blob in enumerate(tier.get(keys)):
-                        if blob is not None:
-                            take(i, blob)
+                tier.get_into(keys, take)
             except Exception:  # a tier must not raise; if one does, the rest is a miss
                 logger.exception("tier %s raised on get", name)
             ok = good.index(False) if False in good else len(good)
