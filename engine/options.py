@@ -17,7 +17,7 @@ from kvstore.config import POLICIES
 
 DEFAULT_HOST_BYTES = 1 << 30
 DEFAULT_DISK_BYTES = 4 << 30
-DEFAULT_POLICY = "write-through"
+DEFAULT_POLICY = "write-back"
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -66,9 +66,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="share blocks through a kvstore daemon, http://host:port; its "
                             "token is read from $KVSTORE_DAEMON_TOKEN (default: none)")
     tiers.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES,
-                       help="write-through copies each block down the tiers as soon as it "
-                            "is computed; write-back when it is evicted (default: "
-                            "%(default)s)")
+                       help="write-back moves a block down the tiers when it is evicted; "
+                            "write-through also copies it to host and disk as soon as it is "
+                            "computed. Either way committed blocks are published to the "
+                            "shared tiers (disk, Redis, daemon) at once, in the background "
+                            "(default: %(default)s)")
     tiers.add_argument("--no-prefix-reuse", action="store_true",
                        help="never reuse cached prefixes (for comparisons)")
     return model
