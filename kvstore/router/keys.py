@@ -40,7 +40,7 @@ class KeySpace:
                                 chat_template=tokenizer.get("chat_template"),
                                 special_tokens=tokenizer.get("special_tokens") or {})
             return cls(root, block_size, tok, str(namespace["tokenizer_digest"]))
-        except (KeyError, TypeError, ValueError, Exception) as exc:
+        except Exception as exc:  # tokenizers raises its own exception types
             raise ValueError(f"malformed namespace or tokenizer from a replica: {exc}") from None
 
     def token_ids(self, kind: str, body: Any) -> list[int] | None:
