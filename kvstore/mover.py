@@ -321,7 +321,9 @@ class BlockMover:
         transfer = None
         if host:
             self.host_barrier()
-            transfer = copy_slots(self.host, [r.source for r in host], self.gpu,
+            sources = [r.source for r in host if r.source is not None]
+            assert len(sources) == len(host), "a host load names its host slot"
+            transfer = copy_slots(self.host, sources, self.gpu,
                                   [r.slot for r in host])
             self._count("host->gpu", len(host))
         futures: list[Future[_BatchResult]] = []

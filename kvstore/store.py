@@ -36,8 +36,9 @@ background I/O only and hand results back through ``poll``/``commit``.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,7 +214,7 @@ class KVStore:
         self._loaded: Counter[str] = Counter()
         self._declined: Counter[str] = Counter()
         self._bytes_loaded: Counter[str] = Counter()
-        self._load_seconds: Counter[str] = Counter()
+        self._load_seconds: dict[str, float] = defaultdict(float)
         self.shared_tiers: dict[str, Any] = {}
         self.gpu: Any
         self.host: Any
@@ -230,7 +231,7 @@ class KVStore:
         for name in self._shared:
             t = self._t[name]
             self._levels.append(Level(name, t, SharedRoom(
-                config.shared_capacity(name), lambda t=t: self.tree.num_blocks(t)), True))
+                config.shared_capacity(name), functools.partial(self.tree.num_blocks, t)), True))
         self._level = {lv.name: lv for lv in self._levels}
         self._pos = {lv.name: i for i, lv in enumerate(self._levels)}
         self.cost = cost or CostModel(max(1, self._block_bytes), self.block_size)

@@ -337,7 +337,7 @@ def _check(blob: bytes, expected_key: bytes | None, layout: KVLayout | None,
     return _Checked(key=key, parent=parent, tokens=tokens, facts=facts, payload=payload)
 
 
-def decode_block(blob: bytes, expected_key: bytes | None = None,
+def decode_block(blob: bytes | memoryview, expected_key: bytes | None = None,
                  layout: KVLayout | None = None, verify_checksum: bool = True
                  ) -> Block | Corrupt:
     """Parse and verify a serialized block; never raises.

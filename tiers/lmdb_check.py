@@ -381,9 +381,10 @@ def quarantine(path: str | os.PathLike[str]) -> Path | None:
     while (path / f"{DATA_FILE}.{suffix}").exists():
         n += 1
         suffix = f"damaged-{stamp}-{n}"
-    moved = path / f"{DATA_FILE}.{suffix}"
+    target = path / f"{DATA_FILE}.{suffix}"
+    moved: Path | None = target
     try:
-        os.rename(path / DATA_FILE, moved)
+        os.rename(path / DATA_FILE, target)
     except FileNotFoundError:
         moved = None
     (path / LOCK_FILE).unlink(missing_ok=True)  # holds no data; LMDB makes a new one
