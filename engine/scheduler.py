@@ -230,6 +230,7 @@ class Scheduler:
         """Take a waiting or loading ``seq`` out of the queues (its lease released)."""
         if seq in self.waiting:
             self.waiting.remove(seq)
+            self._blocked_at = -1  # the head may have changed
         if seq in self.loading:
             self.loading.remove(seq)
             seq.match = None

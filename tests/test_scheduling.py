@@ -192,7 +192,7 @@ def test_greedy_tokens_identical_with_and_without_preemption(smollm2, model, pro
 
 def test_no_livelock_under_a_pool_that_holds_two_sequences(smollm2, model, prompts):
     # 8 requests, a pool for about two: without admission control the scheduler admitted
-    # all of them and preempted the newest over and over.
+    # all of them and preempted the newest over and over (180 preemptions in 71 steps).
     batch = prompts * 2
     final = max(_blocks(len(p) + 24) for p in batch)
     engine = make_engine(smollm2, model, gpu_blocks=2 * final + 1, host_blocks=64)
