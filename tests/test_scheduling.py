@@ -244,3 +244,29 @@ def test_a_request_larger_than_the_pool_still_ends_with_length(smollm2, model, p
     assert outs[0].outputs[0].finish_reason == "length" and outs[0].token_ids == []
     assert len(outs[1].token_ids) > 0
     assert not engine.has_unfinished
+
+
+def test_pressure_bench_runs_on_cpu_and_its_counts_agree(smollm2, model, capsys,
+                                                         tmp_path_factory):
+    """``kvstore bench pressure`` on a tiny pool: the tokens it counts at the model
+    runner equal the engine's own accounting (needed once + recomputed)."""
+    import argparse
+
+    from bench.pressure_bench import Workload, main, run_config
+
+    block = 737_280  # SmolLM2's float32 KV block (16 tokens)
+    wl = Workload(clients=3, rounds=2, new_tokens=40, output_tokens=4, seed=1)
+    args = argparse.Namespace(gpu_kv=8 * block, host_kv=32 * block, max_num_seqs=3,
+                              max_num_batched_tokens=64)
+    r = run_config(model, "host", wl, args)
+    assert r.requests == 6 and len(r.ttft_s) == 6
+    assert r.hit_tokens.get("host", 0) > 0  # round 2 reloads round 1's history
+    assert r.recomputed_tokens is not None
+    assert r.computed_tokens == r.needed_tokens + r.recomputed_tokens
+    assert main(["--device", "cpu", "--clients", "2", "--rounds", "2", "--new-tokens", "24",
+                 "--output-tokens", "2", "--gpu-kv", str(6 * block), "--host-kv",
+                 str(16 * block), "--model-cache-dir",
+                 str(tmp_path_factory.getbasetemp() / "models")]) == 0
+    out = capsys.readouterr().out
+    for label in ("cache off", "GPU only", "GPU + host", "GPU + host vs GPU only"):
+        assert label in out
