@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from kvstore.args import dtype_arg
+
 BLOCK_SIZE = 16
 NUM_LAYERS = 2  # the bench reads layer 1: strided per-layer views as in the engine
 LAYER = 1
@@ -49,7 +51,7 @@ SHAPES = {
     "smollm2": Shape("SmolLM2-135M", 9, 3, 64),
     "llama3-8b": Shape("Llama-3-8B", 32, 8, 128),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -344,7 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--contexts", default="1024,4096", help="decode context lengths")
     parser.add_argument("--prompt", type=int, default=2048, help="prefill prompt tokens")
     parser.add_argument("--prefix", type=int, default=2048, help="cached prefix tokens")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", type=dtype_arg, default="bfloat16",
+                        metavar="{bfloat16,float16}",
+                        help="KV and query dtype; bf16, fp16 are aliases (default: %(default)s)")
     parser.add_argument("--iters", type=int, default=20, help="timed graph replays")
     parser.add_argument("--tune", action="store_true",
                         help="also time alternative kernel configurations")
@@ -357,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("attention bench needs a CUDA device and triton", file=sys.stderr)
         return 2
     device = torch.device("cuda")
+    if args.dtype not in DTYPES:
+        parser.error(f"--dtype {args.dtype} is not supported by the kernels: use "
+                     f"{' or '.join(DTYPES)}")
     dtype = DTYPES[args.dtype]
     props = torch.cuda.get_device_properties(device)
     l2 = props.L2_cache_size

@@ -2,11 +2,11 @@
 
 Run: ``python -m kvstore bench engine`` (``--help``). Two parts:
 
-1. **TTFT** (any device; SmolLM2): a question after a long system prompt (2,000 tokens
-   by default). "cold" runs with prefix reuse off; each other row first puts the system
-   prompt's blocks in exactly one tier (GPU pool, host DRAM, LMDB disk, Redis) and then
-   asks a new question, so the prefix is served from that tier and only the question is
-   computed. Median of several questions.
+1. **TTFT** (any device; :mod:`bench.ttft_bench`): a named model shape with random
+   weights (Llama-3-8B on CUDA, SmolLM2 on CPU) answers a question after shared
+   prefixes of several lengths, cold and cached from each tier (GPU, host, disk, Redis
+   with ``--redis``), with the load GB/s next to the raw pinned copy and the raw tier
+   read measured in the same run, and the cost model's decision.
 2. **Throughput** (CUDA only; ``--throughput``): ShareGPT-like requests (prompt and reply
    lengths from the real ShareGPT conversations, or from ``--requests-file``) through
    the engine (continuous batching, paged attention) next to Hugging Face transformers
@@ -23,73 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-SYSTEM_WORDS = ["policy", "refund", "shipping", "warranty", "account", "password", "order",
-                "invoice", "delivery", "support", "product", "return", "exchange", "customer",
-                "service", "billing"]
-QUESTIONS = ["How do I reset my password?", "Can I return an opened item?",
-             "When will my order arrive?", "Do you ship abroad?", "How do I get an invoice?",
-             "Is the warranty transferable?", "Can I change my delivery address?"]
-
-
-def system_prompt(tokenizer, n_tokens: int) -> str:
-    rng = random.Random(0)
-    words: list[str] = []
-    while len(tokenizer.encode(" ".join(words))) < n_tokens:
-        words += [rng.choice(SYSTEM_WORDS) for _ in range(64)]
-    return "You are a support assistant. Rules: " + " ".join(words)
-
-
-def _ttft(llm, messages, params) -> tuple[float, dict[str, int]]:
-    out = llm.chat(messages, params)
-    assert out.ttft_s is not None
-    return out.ttft_s, out.cached_tokens
-
-
-def bench_ttft(args: argparse.Namespace) -> list[tuple[str, float, dict[str, int]]]:
-    from bench.servers import RedisServer
-    from engine.llm import LLM
-    from engine.sampling import SamplingParams
-
-    params = SamplingParams(max_tokens=1)
-    rows: list[tuple[str, float, dict[str, int]]] = []
-    with tempfile.TemporaryDirectory() as tmp, RedisServer() as redis:
-        redis.start()
-        common = dict(device=args.device, dtype=args.dtype, model_cache_dir=args.model_cache_dir,
-                      gpu_blocks=1024)
-        llm = LLM(args.model, host_blocks=1024, disk_path=f"{tmp}/disk", disk_bytes=4 << 30,
-                  redis_url=redis.url, policy="write-through", **common)
-        cold = LLM(args.model, enable_cache=False, **common)
-        system = system_prompt(llm.tokenizer, args.system_tokens)
-        conv = [{"role": "system", "content": system}]
-        llm.chat(conv + [{"role": "user", "content": "Hello"}], params)  # warm everything
-        cold.chat(conv + [{"role": "user", "content": "Hello"}], params)
-        llm.store.flush()  # let write-through reach disk and Redis
-        qs = QUESTIONS[:args.repeat]
-        times = [_ttft(cold, conv + [{"role": "user", "content": q}], params)[0] for q in qs]
-        rows.append(("cold (cache off)", statistics.median(times), {}))
-        for tier in ("gpu", "host", "disk", "redis"):
-            measured = []
-            hits: dict[str, int] = {}
-            order = ("gpu", "host", "disk", "redis")
-            for q in qs:
-                for upper in order[:order.index(tier)]:
-                    llm.store.drop(upper)
-                t, hits = _ttft(llm, conv + [{"role": "user", "content": q}], params)
-                measured.append(t)
-            rows.append((f"cached: {tier}", statistics.median(measured), hits))
-        llm.close()
-        cold.close()
-    return rows
+from bench import ttft_bench
 
 
 def sharegpt_requests(n: int, tokenizer, max_input: int, max_output: int) -> list[tuple[list[int], int]]:
@@ -130,14 +71,15 @@ def llama3_8b_config() -> dict:
             "torch_dtype": "bfloat16"}
 
 
-def _random_model(name: str, dev: torch.device):
-    """A ``CausalLM`` of ``name``'s real shape with random bf16 weights, and its HF config
-    dict. Throughput does not depend on weight values."""
+def _random_model(name: str, dev: torch.device, dtype: str = "bfloat16"):
+    """A ``CausalLM`` of ``name``'s real shape with random weights (``dtype``), and its HF
+    config dict. Throughput and TTFT do not depend on weight values."""
     from engine.config import ModelConfig
     from engine.model import CausalLM
 
     cfg_dict = smollm2_config() if name == "smollm2" else llama3_8b_config()
-    model = CausalLM.empty(ModelConfig.from_hf_dict(cfg_dict), dtype=torch.bfloat16, device=dev)
+    model = CausalLM.empty(ModelConfig.from_hf_dict(cfg_dict), dtype=getattr(torch, dtype),
+                           device=dev)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0, 0.02)
@@ -380,12 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="kvstore bench engine",
         description="Engine TTFT, cold vs cached from each tier, and (on CUDA) offline "
                     "throughput next to transformers generate in the same run.")
-    p.add_argument("--model", default="smollm2", help="model for the TTFT part")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--system-tokens", type=int, default=2000,
-                   help="system prompt length in tokens (default 2000)")
-    p.add_argument("--repeat", type=int, default=5, help="questions per row (median)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="TTFT part: weights and KV dtype (default: bfloat16 on CUDA, "
+                        "float32 on CPU)")
+    p.add_argument("--repeat", type=int, default=3, help="TTFT runs per row (median; "
+                                                          "default 3)")
     p.add_argument("--throughput", action="store_true",
                    help="also run the throughput comparison (needs CUDA)")
     p.add_argument("--no-ttft", action="store_true", help="skip the TTFT part")
@@ -409,9 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="--profile: the engine's CUDA-graph switch (default auto)")
     p.add_argument("--out-dir", default=None, help="--profile: write full tables here")
     p.add_argument("--model-cache-dir", default=None, help=argparse.SUPPRESS)
+    ttft_bench.add_arguments(p)
     args = p.parse_args(argv)
-    if not 1 <= args.repeat <= len(QUESTIONS):
-        p.error(f"--repeat must be 1..{len(QUESTIONS)}")
+    if not 1 <= args.repeat <= 20:
+        p.error("--repeat must be 1..20")
+    ttft_bench.finish_arguments(p, args)
     if args.save_requests:
         from engine.loader import resolve_model
 
@@ -427,13 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile_decode(args, Path(args.out_dir) if args.out_dir else None)
         return 0
     if not args.no_ttft:
-        rows = bench_ttft(args)
-        cold = rows[0][1]
-        print(f"\nTTFT of a question after a {args.system_tokens}-token system prompt "
-              f"(median of {args.repeat}; target: cached >= 5x faster than cold)")
-        print(f"{'prefix served from':<20} {'TTFT ms':>10} {'vs cold':>9}  cached tokens")
-        for name, t, hits in rows:
-            print(f"{name:<20} {t * 1e3:10.1f} {cold / t:8.1f}x  {hits or '-'}")
+        ttft_bench.run(args, _random_model)
     if args.throughput:
         rows2 = bench_throughput(args)
         print(f"\nOffline throughput, {args.num_requests} ShareGPT-like requests, bf16 "

@@ -1,8 +1,8 @@
-"""Launch real ``redis-server`` processes for tests and benchmarks.
+"""Launch real ``redis-server`` and ``kvstore daemon`` processes for tests and benchmarks.
 
 One implementation shared by ``tests/`` (which re-exports it from ``tests/servers.py``)
 and ``bench/``: real processes on free loopback ports, each in its own temporary
-directory, never persisted (``--save '' --appendonly no``).
+directory; Redis never persists (``--save '' --appendonly no``).
 
 - :class:`RedisServer`: one server. ``start()`` returns once it answers PING;
   ``stop()`` shuts it down cleanly (SIGTERM), ``kill()`` sends SIGKILL (a crash),
@@ -11,6 +11,8 @@ directory, never persisted (``--save '' --appendonly no``).
   assigned in ``n`` contiguous ranges and the nodes introduced with CLUSTER MEET;
   ``start()`` returns once every node reports ``cluster_state:ok``. Its ``url`` is the
   ``redis+cluster://host:port,host:port,...`` form that ``tiers.redis.RedisTier`` reads.
+- :class:`DaemonProcess`: one ``python -m kvstore daemon``; ``start()`` returns once
+  ``/healthz`` answers; ``stop()`` is SIGTERM (graceful), ``kill()`` SIGKILL.
 
 No leaked processes: both classes are context managers, every started server is also
 stopped at interpreter exit (``atexit``), and on Linux each server gets
@@ -23,16 +25,21 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import http.client
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import redis
 
@@ -44,7 +51,7 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 HOST = "127.0.0.1"
 CLUSTER_SLOTS = 16384
 
-_live: weakref.WeakSet[RedisServer] = weakref.WeakSet()
+_live: weakref.WeakSet[_Launched] = weakref.WeakSet()
 _live_lock = threading.Lock()
 
 
@@ -59,7 +66,36 @@ def _stop_all() -> None:
 atexit.register(_stop_all)
 
 
-class RedisServer:
+class _Launched:
+    """What every launcher shares: a temporary directory, ``close()`` = ``kill()`` and
+    remove it, and use as a context manager (``start()`` on entry, ``close()`` on exit)."""
+
+    dir: Path
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        """Remove the temporary directory (the process must be stopped)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Kill the process if it runs and remove its directory."""
+        self.kill()
+        self.cleanup()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class RedisServer(_Launched):
     """One real ``redis-server`` on a loopback port, in its own temporary directory.
 
     ``port=None`` picks a free port at the first ``start()`` and keeps it for every
@@ -201,22 +237,6 @@ class RedisServer:
         self.stop()
         return self.start()
 
-    def cleanup(self) -> None:
-        """Remove the temporary directory (the server must be stopped)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def close(self) -> None:
-        """Stop the server and remove its directory."""
-        self.kill()
-        self.cleanup()
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"RedisServer(port={self.port}, {state})"
@@ -328,5 +348,123 @@ class RedisCluster:
         return f"RedisCluster({[s.port for s in self.nodes]})"
 
 
-__all__ = ["HOST", "REDIS_SERVER", "RedisCluster", "RedisServer", "free_port"]
+class DaemonProcess(_Launched):
+    """A real ``python -m kvstore daemon`` child process on a loopback port.
+
+    ``args`` are extra daemon flags (tiers, limits); ``--host 127.0.0.1 --port`` are
+    added. ``token``: passed through ``$KVSTORE_DAEMON_TOKEN`` (``None``: no auth).
+    ``port=None`` picks a free port at the first ``start()`` and keeps it for every
+    restart. The daemon's log goes to :attr:`log_path` in a temporary directory.
+    """
+
+    def __init__(self, args: Sequence[str] = (), *, token: str | None = None,
+                 port: int | None = None, env: Mapping[str, str] | None = None,
+                 start_timeout_s: float = 30.0) -> None:
+        self.args = list(args)
+        self.token = token
+        self.port = port or 0
+        self.env = dict(env or {})
+        self.start_timeout_s = start_timeout_s
+        self.dir = Path(tempfile.mkdtemp(prefix="kvstore-daemon-"))
+        self.log_path = self.dir / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        """Everything the daemon logged so far (all runs)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self) -> DaemonProcess:
+        """Start the daemon and wait until ``/healthz`` answers. Returns ``self``.
+
+        Raises ``RuntimeError`` with the log's end when it exits or does not answer in
+        ``start_timeout_s``. A picked port lost to another process is retried.
+        """
+        if self.running:
+            return self
+        pick = self.port == 0
+        env = {k: v for k, v in {**os.environ, **self.env}.items()
+               if k != "KVSTORE_DAEMON_TOKEN"}
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
+        if self.token is not None:
+            env["KVSTORE_DAEMON_TOKEN"] = self.token
+        for _attempt in range(5):
+            if pick:
+                self.port = free_port()
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "kvstore", "daemon", "--host", HOST, "--port",
+                     str(self.port), *self.args], cwd=_ROOT, env=env,
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    preexec_fn=die_with_parent)
+            with _live_lock:
+                _live.add(self)
+            if self._wait_ready():
+                return self
+            text = self.log_text()[offset:]
+            self.kill()
+            if pick and "address already in use" in text.lower():
+                continue
+            raise RuntimeError(f"kvstore daemon did not start: {text[-2000:]}")
+        raise RuntimeError("kvstore daemon: no free port after 5 attempts")
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if not self.running:
+                return False
+            conn = http.client.HTTPConnection(HOST, self.port, timeout=1.0)
+            try:
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    return True
+            except (OSError, http.client.HTTPException):
+                pass
+            finally:
+                conn.close()
+            time.sleep(0.02)
+        return False
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (graceful shutdown) and wait; returns the exit code (``None`` if it
+        was never started). Kills it if it does not exit within ``timeout_s``."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL (a crash) and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> DaemonProcess:
+        """Start again on the same port (after ``stop`` or ``kill``)."""
+        return self.start()
+
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+__all__ = ["HOST", "REDIS_SERVER", "DaemonProcess", "RedisCluster", "RedisServer",
+           "free_port"]
 

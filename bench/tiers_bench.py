@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"--quick {QUICK_BLOCKS})")
     parser.add_argument("--quick", action="store_true",
                         help="few blocks and one repeat: a smoke run, not a measurement")
-    parser.add_argument("--dir", default=None,
+    parser.add_argument("--disk", "--dir", dest="dir", default=None, metavar="PATH",
                         help="directory for the LMDB environments (default: a temp dir)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     n_blocks = args.blocks or (QUICK_BLOCKS if args.quick else DEFAULT_BLOCKS)

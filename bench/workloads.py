@@ -103,17 +103,17 @@ class Workload:
 
 
 def default_data_dir() -> Path:
-    """``shared/data`` beside the repository (``<repo>/../shared/data``).
+    """``bench/data`` in the repository (the shipped Mooncake trace).
 
     ``KVSTORE_DATA`` overrides it. Raises ``FileNotFoundError`` with what to do when the
     directory does not exist.
     """
     env = os.environ.get("KVSTORE_DATA")
-    path = Path(env) if env else _REPO.parent / "shared" / "data"
+    path = Path(env) if env else _REPO / "bench" / "data"
     if not path.is_dir():
         raise FileNotFoundError(
-            f"data directory {path} not found: put {MOONCAKE_FILE} in ../shared/data beside "
-            "the repository, set KVSTORE_DATA, or pass the trace's path explicitly")
+            f"data directory {path} not found: put {MOONCAKE_FILE} in bench/data, set "
+            "KVSTORE_DATA, or pass the trace's path explicitly")
     return path
 
 

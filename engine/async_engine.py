@@ -26,7 +26,7 @@ import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -128,7 +128,7 @@ class AsyncEngine:
                              f"{bad[:5]}")
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str) -> AsyncGenerator[RequestOutput, None]:
         """Run one request; yield cumulative snapshots, the last one ``finished``.
 
         Snapshots are cumulative (whole text and token ids so far), so when the caller

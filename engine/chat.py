@@ -3,12 +3,13 @@
 Each turn re-sends the whole conversation; the store serves the part it has seen before
 (the system prompt, earlier turns and their replies) from whichever tier holds it, and
 the demo prints after every reply: prompt tokens, cached tokens by tier, time to first
-token and decode speed. The default store is the embedded one: GPU pool (or CPU when
-there is no GPU) + host DRAM + an LMDB disk tier under ``$KVSTORE_HOME``, written
+token and decode speed. The default store is the embedded one: the device pool (GPU, or
+CPU when there is none) + host DRAM + an LMDB disk tier under ``$KVSTORE_HOME``, written
 through, so a restarted demo that resumes its session (``--resume``) hits the disk tier.
 
-Commands inside the chat: ``/stats`` (store counters), ``/reset`` (new conversation),
-``/quit``. ``--script FILE`` runs the lines of FILE as user turns (and commands),
+Commands inside the chat: ``/help``, ``/stats`` (store counters), ``/reset`` (new
+conversation), ``/quit``. The model and tier flags (and their defaults) are
+``kvstore serve``'s (:mod:`engine.options`). ``--script FILE`` runs the lines of FILE as user turns (and commands),
 non-interactively.
 """
 
@@ -17,65 +18,105 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
+from engine.options import add_engine_arguments, engine_kwargs
 from kvstore import env
-from kvstore.units import format_size, parse_size
+from kvstore.args import SIZE_HELP, add_log_level, count_arg
+from kvstore.units import format_size
+
+if TYPE_CHECKING:  # torch loads only when the chat starts, so --help stays fast
+    from engine.llm import LLM
+    from engine.sampling import SamplingParams
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
+SESSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""Session names: 1-64 of ``A-Z a-z 0-9 _ . -``, starting with a letter or digit, so the
+file ``$KVSTORE_HOME/chat/<name>.json`` is always inside the chat directory."""
+COMMANDS = {"/help": "list these commands", "/stats": "the store's counters",
+            "/reset": "start a new conversation", "/quit": "leave (also /exit, Ctrl-D)"}
+
+
+def _session_arg(text: str) -> str:
+    if SESSION_RE.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid session name {text!r}: use 1-64 of A-Z a-z 0-9 _ . - starting with a "
+            "letter or digit (sessions are files in $KVSTORE_HOME/chat/)")
+    return text
+
+
+def _temperature_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``kvstore chat`` argument parser (model and tier flags shared with serve)."""
+    commands = "\n".join(f"  {name:<8} {text}" for name, text in COMMANDS.items())
     p = argparse.ArgumentParser(
         prog="kvstore chat",
         description="Multi-turn chat on the embedded engine, showing after each reply how "
                     "much of the prompt the tiered KV cache served, from which tier, the "
-                    "time to first token and tokens/s. Commands: /stats, /reset, /quit.",
-        epilog="Examples:\n  kvstore chat\n  kvstore chat --resume\n"
+                    "time to first token and tokens/s.",
+        epilog=f"commands inside the chat:\n{commands}\n\n{SIZE_HELP}.\n\n"
+               "examples:\n  kvstore chat\n  kvstore chat --resume\n"
                "  kvstore chat --script turns.txt --session demo\n"
-               "  kvstore chat --redis redis://127.0.0.1:6379\n",
+               "  kvstore chat --redis redis://127.0.0.1:6379\n"
+               "  KVSTORE_DAEMON_TOKEN=... kvstore chat --remote http://10.0.0.5:8470\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2",
-                   help="'smollm2' (bundled SmolLM2-135M-Instruct) or a local HF checkpoint dir")
-    p.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=256, help="reply length limit (tokens)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 is greedy (default); > 0 samples")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="model and KV dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--gpu-blocks", type=int, default=None,
-                   help="KV blocks of 16 tokens in the GPU pool (default: from free memory)")
-    p.add_argument("--host-blocks", type=int, default=2048,
-                   help="KV blocks in the host DRAM tier (default 2048; 0 disables it)")
-    p.add_argument("--disk", default=None,
-                   help="LMDB directory of the disk tier (default: $KVSTORE_HOME/disk)")
-    p.add_argument("--disk-bytes", default="4GiB", help="disk tier capacity (default 4GiB)")
-    p.add_argument("--no-disk", action="store_true", help="run without the disk tier")
-    p.add_argument("--redis", default=None, metavar="URL",
-                   help="also share blocks through Redis (redis://, rediss://, redis+cluster://)")
-    p.add_argument("--remote", default=None, metavar="URL",
-                   help="also share blocks through a kvstore daemon (http://host:port)")
-    p.add_argument("--session", default="default",
-                   help="conversation name; saved under $KVSTORE_HOME/chat/ (default 'default')")
-    p.add_argument("--resume", action="store_true", help="continue the saved conversation")
-    p.add_argument("--script", default=None, metavar="FILE",
-                   help="run FILE's lines as user turns or commands, non-interactively")
-    p.add_argument("--model-cache-dir", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--quiet", action="store_true", help="do not echo the reply while it streams")
+    add_engine_arguments(p)
+    chat = p.add_argument_group("conversation")
+    chat.add_argument("--system", default=DEFAULT_SYSTEM,
+                      help="system prompt (default: SmolLM's own)")
+    chat.add_argument("--max-tokens", type=count_arg(1), default=256, metavar="N",
+                      help="reply length limit in tokens (default: %(default)s)")
+    chat.add_argument("--temperature", type=_temperature_arg, default=0.0,
+                      help="0 is greedy; > 0 samples (default: %(default)s)")
+    chat.add_argument("--seed", type=int, default=None, help="sampling seed (default: none)")
+    chat.add_argument("--session", type=_session_arg, default="default",
+                      help="conversation name, saved as $KVSTORE_HOME/chat/NAME.json "
+                           "(default: %(default)s)")
+    chat.add_argument("--resume", action="store_true", help="continue the saved conversation")
+    chat.add_argument("--script", default=None, metavar="FILE",
+                      help="run FILE's lines as user turns or commands, non-interactively")
+    chat.add_argument("--quiet", action="store_true",
+                      help="do not echo the reply while it streams")
+    add_log_level(p, default="warning")
     return p
+
+
+def tier_label(tier: str, device: str) -> str:
+    """How the demo names a tier: the device pool is ``gpu`` only on a GPU."""
+    if tier == "gpu" and device != "cuda":
+        return f"{device}-pool"
+    return tier
+
+
+def _counts(counts: Mapping[str, int], device: str) -> str:
+    return ", ".join(f"{tier_label(t, device)} {n}" for t, n in sorted(counts.items())
+                     if n) or "none"
 
 
 class ChatSession:
     """One conversation on an LLM, with its history saved after every turn."""
 
-    def __init__(self, llm, system: str, path: Path, params, out: TextIO) -> None:
+    def __init__(self, llm: LLM, system: str, path: Path, params: SamplingParams,
+                 out: TextIO) -> None:
         self.llm = llm
+        self.device = llm.model.device.type
         self.system = system
         self.path = path
         self.params = params
@@ -137,24 +178,32 @@ class ChatSession:
         figures = {"turn": self.turn, "prompt_tokens": last.prompt_tokens,
                    "cached_tokens": last.num_cached_tokens, "by_tier": last.cached_tokens,
                    "ttft_s": last.ttft_s, "output_tokens": n_out, "tokens_per_s": rate}
-        tiers = ", ".join(f"{t} {n}" for t, n in sorted(last.cached_tokens.items())) or "none"
+        tiers = _counts(last.cached_tokens, self.device)
         self.out.write(
             f"[turn {self.turn}] prompt {last.prompt_tokens} tok | cached "
-            f"{last.num_cached_tokens} tok ({tiers}) | TTFT {last.ttft_s * 1e3:.0f} ms | "
+            f"{last.num_cached_tokens} tok ({tiers}) | TTFT {(last.ttft_s or 0.0) * 1e3:.0f} ms | "
             f"{n_out} tok at {rate:.1f} tok/s\n")
         self.out.flush()
         return figures
 
     def stats(self) -> None:
+        """One line of the store's counters, in words and numbers."""
         s = self.llm.store.stats()
-        hits = ", ".join(f"{t} {n}" for t, n in sorted(s.hit_tokens.items())) or "none"
-        moved = ", ".join(f"{k} {format_size(v)}" for k, v in sorted(s.bytes_moved.items()))
+        d = self.device
+        moved = ", ".join(f"{k} {format_size(v)}" for k, v in sorted(s.bytes_moved.items())
+                          if v)
+        pool = tier_label("gpu", d)
         self.out.write(
-            f"[stats] hit tokens: {hits} | missed tokens: {s.miss_tokens} | "
-            f"GPU blocks {s.gpu_total - s.gpu_free}/{s.gpu_total} | host blocks "
-            f"{s.host_total - s.host_free}/{s.host_total} | indexed blocks {s.index.blocks} | "
-            f"moved: {moved or 'nothing'} | evictions {s.evictions} | corrupt "
-            f"{s.corrupt_blocks} | tier errors {s.tier_errors}\n")
+            f"[stats] hit tokens: {_counts(s.hit_tokens, d)} | missed tokens: "
+            f"{s.miss_tokens} | {pool} blocks {s.gpu_total - s.gpu_free}/{s.gpu_total} | "
+            f"host blocks {s.host_total - s.host_free}/{s.host_total} | indexed blocks: "
+            f"{_counts(s.index.blocks, d)} | moved: {moved or 'nothing'} | evictions: "
+            f"{_counts(s.evictions, d)} | corrupt {s.corrupt_blocks} | tier errors: "
+            f"{_counts(s.tier_errors, d)}\n")
+
+    def help(self) -> None:
+        for name, text in COMMANDS.items():
+            self.out.write(f"  {name:<8} {text}\n")
 
 
 def _lines(args: argparse.Namespace) -> Iterable[str]:
@@ -177,39 +226,27 @@ def _lines(args: argparse.Namespace) -> Iterable[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``kvstore chat``: 0 when the conversation ends, 2 for bad arguments or a model or
+    tier that cannot be opened (one line, never a traceback)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        disk_bytes = parse_size(args.disk_bytes)
-    except ValueError as exc:
-        print(f"kvstore chat: --disk-bytes: {exc}", file=sys.stderr)
-        return 2
-    if args.max_tokens < 1 or args.temperature < 0:
-        print("kvstore chat: --max-tokens must be >= 1 and --temperature >= 0", file=sys.stderr)
-        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from engine.llm import LLM
     from engine.sampling import SamplingParams
 
-    home = env.home()
-    disk = None if args.no_disk else str(Path(args.disk or home / "disk").expanduser())
     t0 = time.perf_counter()
     print("loading model and cache tiers...", file=sys.stderr, flush=True)
     try:
-        llm = LLM(args.model, device=args.device, dtype=args.dtype, gpu_blocks=args.gpu_blocks,
-                  host_blocks=args.host_blocks, disk_path=disk, disk_bytes=disk_bytes,
-                  redis_url=args.redis, remote_url=args.remote, policy="write-through",
-                  model_cache_dir=args.model_cache_dir)
+        llm = LLM(args.model, **engine_kwargs(args))
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"kvstore chat: {exc}", file=sys.stderr)
         return 2
-    tiers = ", ".join(llm.store.tiers)
-    print(f"ready in {time.perf_counter() - t0:.1f} s: model {llm.loaded.name} on "
-          f"{llm.model.device} ({llm.model.dtype}), cache tiers: {tiers}"
-          + (f" (disk at {disk})" if disk else ""), file=sys.stderr, flush=True)
+    print(f"ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    for line in llm.describe():
+        print(f"  {line}", file=sys.stderr)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             seed=args.seed)
-    session = ChatSession(llm, args.system, home / "chat" / f"{args.session}.json", params,
-                          sys.stdout)
+    session = ChatSession(llm, args.system, env.home() / "chat" / f"{args.session}.json",
+                          params, sys.stdout)
     if args.resume and session.load():
         print(f"resumed session '{args.session}' with {session.turn} earlier turns",
               file=sys.stderr)
@@ -222,13 +259,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             if cmd in ("/quit", "/exit"):
                 break
-            if cmd == "/stats":
+            if cmd == "/help":
+                session.help()
+            elif cmd == "/stats":
                 session.stats()
             elif cmd == "/reset":
                 session.reset()
                 print("[new conversation]")
             elif cmd.startswith("/"):
-                print(f"unknown command {cmd}; commands are /stats, /reset, /quit")
+                print(f"unknown command {cmd}; commands are {', '.join(COMMANDS)}")
             else:
                 session.ask(cmd, echo=not args.quiet)
     finally:

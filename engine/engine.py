@@ -136,7 +136,7 @@ class Engine:
             tables.append(seq.lease.slots)
             seq_lens.append(seq.num_computed + n)
             _extend_tokens(ids, seq, seq.num_computed, n)
-        logits = self.runner.run(ids, tables, step.query_lens, seq_lens)
+        logits = self.store.cost.timed(self.runner.run, ids, tables, step.query_lens, seq_lens)
         rows = []
         samplers = []
         for i, (seq, n) in enumerate(zip(step.seqs, step.query_lens)):

@@ -17,7 +17,7 @@ import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm import tqdm
@@ -28,8 +28,11 @@ from engine.model import CausalLM
 from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerConfig
 from engine.sequence import RequestOutput
+from kvstore import env
 from kvstore.config import Policy, StoreConfig
 from kvstore.store import KVStore
+from kvstore.units import format_size
+from kvstore.urls import redact_url
 from radix import Namespace
 from tiers.layout import KVLayout
 
@@ -44,9 +47,12 @@ class EngineConfig:
     """How to build an :class:`LLM`: model, device, cache tiers and batching.
 
     ``device`` ``None`` picks CUDA when present, else CPU; ``dtype`` ``None`` picks
-    bfloat16 on CUDA and float32 on CPU. ``gpu_blocks`` ``None`` sizes the KV pool from
-    free device memory (CUDA) or to 2048 blocks (CPU). Block counts are in blocks of
-    ``block_size`` tokens; ``disk_bytes`` in bytes.
+    bfloat16 on CUDA and float32 on CPU. The device KV pool is ``gpu_blocks`` blocks of
+    ``block_size`` tokens, or ``gpu_kv_bytes`` bytes (whole blocks), or when neither is
+    given half the free device memory (CUDA) or 1 GiB (CPU). The host tier is
+    ``host_blocks`` blocks or ``host_bytes`` bytes (0: none); ``disk_bytes`` is bytes.
+    ``auth_token`` ``None`` reads the daemon's token from ``$KVSTORE_DAEMON_TOKEN``;
+    ``model_cache_dir`` ``None`` is ``$KVSTORE_HOME/models``.
     """
 
     model: str = "smollm2"
@@ -54,7 +60,9 @@ class EngineConfig:
     dtype: str | None = None
     block_size: int = 16
     gpu_blocks: int | None = None
+    gpu_kv_bytes: int | None = None
     host_blocks: int = 0
+    host_bytes: int = 0
     disk_path: str | None = None
     disk_bytes: int = 4 << 30
     redis_url: str | None = None
@@ -72,6 +80,16 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.gpu_blocks is not None and self.gpu_blocks < 1:
             raise ValueError(f"gpu_blocks must be >= 1 (or None for automatic), got {self.gpu_blocks}")
+        if self.gpu_blocks is not None and self.gpu_kv_bytes is not None:
+            raise ValueError("give gpu_blocks or gpu_kv_bytes, not both")
+        if self.host_blocks and self.host_bytes:
+            raise ValueError("give host_blocks or host_bytes, not both")
+        for name in ("host_blocks", "host_bytes", "disk_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.device is not None:
+            _check_device(self.device)
         if not 0 < self.gpu_memory_fraction <= 0.95:
             raise ValueError("gpu_memory_fraction must be in (0, 0.95]")
 
@@ -87,8 +105,8 @@ class LLM:
         self.config = cfg
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype_name = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-        loaded = resolve_model(cfg.model, cache_dir=cfg.model_cache_dir, dtype=dtype_name,
-                               device=device)
+        loaded = resolve_model(cfg.model, cache_dir=cfg.model_cache_dir or env.home() / "models",
+                               dtype=dtype_name, device=device)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model = CausalLM.from_loaded(loaded, device=device, backend=cfg.attention)
@@ -98,11 +116,12 @@ class LLM:
         disk = None if cfg.disk_path is None else str(Path(cfg.disk_path).expanduser())
         store_cfg = StoreConfig(
             layout=layout, block_size=cfg.block_size,
-            gpu_blocks=cfg.gpu_blocks or _auto_gpu_blocks(device, layout, cfg),
-            host_blocks=cfg.host_blocks, disk_path=disk,
-            disk_bytes=cfg.disk_bytes if disk else 0, redis_url=cfg.redis_url,
-            remote_url=cfg.remote_url, auth_token=cfg.auth_token, policy=cfg.policy,
-            device=str(device))
+            gpu_blocks=_gpu_blocks(device, layout, cfg),
+            host_blocks=cfg.host_blocks or cfg.host_bytes // layout.block_bytes,
+            disk_path=disk, disk_bytes=cfg.disk_bytes if disk else 0,
+            redis_url=cfg.redis_url, remote_url=cfg.remote_url,
+            auth_token=cfg.auth_token if cfg.auth_token is not None else env.daemon_token(),
+            policy=cfg.policy, device=str(device))
         self.store = KVStore(store_cfg)
         self.namespace = Namespace(loaded.fingerprint, layout.dtype, cfg.block_size,
                                    tenant=cfg.tenant)
@@ -127,7 +146,7 @@ class LLM:
         """Token ids of a conversation with the chat template applied."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer/chat template")
-        return self.tokenizer.encode_chat(list(messages))
+        return self.tokenizer.encode_chat(check_messages(messages))
 
     # ---------------------------------------------------------------- calls
 
@@ -135,10 +154,10 @@ class LLM:
                  params: SamplingParams | None = None, *, use_tqdm: bool = False
                  ) -> list[RequestOutput]:
         """Run every prompt (text or token ids) to completion; outputs in input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        return self._run([self.encode(p) for p in prompts], params or SamplingParams(),
-                         use_tqdm)
+        batch = ([prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+                 else prompts)
+        return self._run([self.encode(cast(Prompt, p)) for p in batch],
+                         params or SamplingParams(), use_tqdm)
 
     def chat(self, messages: Messages | Sequence[Messages],
              params: SamplingParams | None = None, *, use_tqdm: bool = False
@@ -149,8 +168,8 @@ class LLM:
         a list of conversations returns a list.
         """
         single = bool(messages) and isinstance(messages[0], Mapping)
-        convs = [messages] if single else list(messages)  # type: ignore[list-item]
-        outs = self._run([self.encode_chat(c) for c in convs],  # type: ignore[arg-type]
+        convs = [messages] if single else list(messages)
+        outs = self._run([self.encode_chat(cast(Messages, c)) for c in convs],
                          params or SamplingParams(), use_tqdm)
         return outs[0] if single else outs
 
@@ -186,6 +205,44 @@ class LLM:
                     bar.update(1)
         return [done[r] for r in ids]
 
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The longest sequence (prompt + completion, tokens) this engine can run: the
+        model's context window, capped by the KV pool (a longer one is never scheduled)."""
+        store = self.store.config
+        return min(self.loaded.config.max_context_len, store.gpu_blocks * store.block_size)
+
+    def describe(self) -> list[str]:
+        """Lines about the model and the cache tiers, for logs (no secrets)."""
+        cfg = self.config
+        store = self.store.config
+        block = store.layout.block_bytes if store.layout is not None else 0
+        lines = [f"model {self.loaded.name} ({self.loaded.fingerprint[:12]}) on "
+                 f"{self.model.device}, "
+                 f"{str(self.model.dtype).removeprefix('torch.')}, context "
+                 f"{self.loaded.config.max_context_len} tokens (longest sequence served: "
+                 f"{self.max_sequence_tokens}), up to {cfg.max_num_seqs} sequences per batch"]
+        for tier in self.store.tiers:
+            if tier == "gpu":
+                where = "GPU" if self.model.device.type == "cuda" else "device (CPU)"
+                text = (f"{where} pool: {store.gpu_blocks} blocks of {store.block_size} "
+                        f"tokens ({format_size(store.gpu_blocks * block)})")
+            elif tier == "host":
+                text = (f"host DRAM: {store.host_blocks} blocks "
+                        f"({format_size(store.host_blocks * block)})")
+            elif tier == "disk":
+                text = f"disk: LMDB in {store.disk_path}, {format_size(store.disk_bytes)}"
+            elif tier == "redis":
+                text = f"redis: {redact_url(store.redis_url or '')}"
+            elif tier == "remote":
+                text = f"remote daemon: {redact_url(store.remote_url or '')}"
+            else:
+                text = tier
+            lines.append(f"tier {text}")
+        reuse = "on" if cfg.enable_cache else "off"
+        lines.append(f"policy {store.policy}; prefix reuse {reuse}")
+        return lines
+
     def close(self) -> None:
         """Flush background writes and close the cache tiers."""
         self.store.close()
@@ -197,8 +254,51 @@ class LLM:
         self.close()
 
 
-def _auto_gpu_blocks(device: torch.device, layout: KVLayout, cfg: EngineConfig) -> int:
+def check_messages(messages: Messages) -> list[Mapping[str, Any]]:
+    """``messages`` as a list, each a mapping with a string ``role`` and ``content``;
+    ``ValueError`` naming the first message that is not."""
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        raise ValueError("messages must be a list of {'role': str, 'content': str} dicts")
+    out = list(messages)
+    for i, m in enumerate(out):
+        if not isinstance(m, Mapping):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got "
+                             f"{type(m).__name__}")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                what = "is missing" if key not in m else f"is {type(m[key]).__name__}"
+                raise ValueError(f"messages[{i}]['{key}'] must be a string; it {what}")
+    return out
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device name: use cuda, cuda:N or "
+                         "cpu") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: no CUDA device is available on this "
+                             "machine (or torch was built without CUDA); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r} is not supported: use cuda, cuda:N or cpu")
+
+
+def _gpu_blocks(device: torch.device, layout: KVLayout, cfg: EngineConfig) -> int:
+    """Blocks of the device pool: given, from ``gpu_kv_bytes``, or automatic."""
+    if cfg.gpu_blocks is not None:
+        return cfg.gpu_blocks
+    if cfg.gpu_kv_bytes is not None:
+        blocks = cfg.gpu_kv_bytes // layout.block_bytes
+        if blocks < 1:
+            raise ValueError(f"gpu_kv_bytes {cfg.gpu_kv_bytes} holds no KV block of this "
+                             f"model ({layout.block_bytes} bytes each): give more")
+        return blocks
     if device.type != "cuda":
-        return 2048
+        return max(1, (1 << 30) // layout.block_bytes)
     free, _ = torch.cuda.mem_get_info(device)
     return max(64, int(free * cfg.gpu_memory_fraction) // layout.block_bytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,17 +36,35 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"SamplingParams: {msg}")
 
-        need(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+        def integer(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def number(value: object) -> bool:
+            return (isinstance(value, int | float) and not isinstance(value, bool)
+                    and math.isfinite(value))
+
+        need(integer(self.max_tokens) and self.max_tokens >= 1,
              f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        need(isinstance(self.top_k, int) and self.top_k >= 0,
+        need(number(self.temperature) and self.temperature >= 0,
+             f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
+        need(integer(self.top_k) and self.top_k >= 0,
              f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
-        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        need(isinstance(self.n, int) and 1 <= self.n <= 64, f"n must be 1..64, got {self.n!r}")
-        need(self.seed is None or isinstance(self.seed, int), "seed must be an int or None")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        need(all(isinstance(s, str) and s for s in stop), "stop strings must be non-empty")
+        need(number(self.top_p) and 0 < self.top_p <= 1,
+             f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        need(integer(self.n) and 1 <= self.n <= 64, f"n must be an int 1..64, got {self.n!r}")
+        need(self.seed is None or integer(self.seed),
+             f"seed must be an int or None, got {self.seed!r}")
+        need(isinstance(self.ignore_eos, bool),
+             f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        ids = self.stop_token_ids
+        need(not isinstance(ids, str | bytes) and isinstance(ids, Sequence | set | frozenset)
+             and all(integer(t) and t >= 0 for t in ids),
+             f"stop_token_ids must be a sequence of token ids (ints >= 0), got {ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(ids))
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        need(isinstance(stop, Sequence) and all(isinstance(s, str) and s for s in stop),
+             f"stop must be a string or a sequence of non-empty strings, got {self.stop!r}")
+        stop = tuple(stop)
         object.__setattr__(self, "stop", stop)
 
     @property

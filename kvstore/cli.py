@@ -25,8 +25,8 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("engine.chat", "multi-turn chat demo on the embedded engine"),
-    "serve": ("engine.server", "OpenAI-compatible HTTP server"),
-    "daemon": ("kvstore.daemon", "standalone cache daemon over HTTP"),
+    "serve": ("engine.server.cli", "OpenAI-compatible HTTP server"),
+    "daemon": ("kvstore.daemon.cli", "standalone cache daemon over HTTP"),
 }
 
 

@@ -14,6 +14,8 @@ from tiers.layout import KVLayout
 
 Policy = Literal["write-back", "write-through"]
 POLICIES: tuple[str, ...] = ("write-back", "write-through")
+SHARED_TIERS: tuple[str, ...] = ("disk", "redis", "remote")
+"""Hash-addressed tiers other processes can read, in cascade order."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,16 @@ class StoreConfig:
       them past the index. 0 derives a default from ``disk_bytes`` or 1M blocks.
     - ``policy``: ``write-back`` demotes blocks down the tiers when they are evicted;
       ``write-through`` also copies every committed block down at once.
+    - ``publish``: sharing by default. Copy every committed block to every configured
+      shared tier at once (asynchronously, through a bounded queue that never blocks
+      the engine) so another engine hits it without waiting for eviction. The index
+      records a block in a shared tier only once the tier verifiably holds it. The
+      simulation (:meth:`simulation`) turns it off: it models one process's cache.
+    - ``publish_queue_bytes``: pinned host bytes of committed blocks waiting for the
+      shared tiers (the queue's bound); blocks that do not fit are dropped and counted.
+    - ``load_workers``/``load_batch_bytes``: threads of the shared-tier -> GPU load
+      pipeline and the payload bytes each reads and copies at a time (its pinned
+      staging lane).
     - ``redis_ttl_s``: expiry of blocks written to Redis; ``None`` = none.
     - ``namespace``: key prefix in Redis and the daemon (separates deployments).
     - ``auth_token``: bearer token for the daemon; ``None`` = none.
@@ -54,6 +66,10 @@ class StoreConfig:
     policy: Policy = "write-back"
     device: str = "cpu"
     namespace: str = "kv"
+    publish: bool = True
+    publish_queue_bytes: int = 256 << 20
+    load_workers: int = 8
+    load_batch_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -68,6 +84,14 @@ class StoreConfig:
             need(isinstance(value, int) and value >= 0,
                  f"{name} must be a non-negative int, got {value!r}")
         need(self.block_size > 0, f"block_size must be positive, got {self.block_size}")
+        need(isinstance(self.publish_queue_bytes, int) and self.publish_queue_bytes >= 0,
+             f"publish_queue_bytes must be a non-negative int of bytes, got "
+             f"{self.publish_queue_bytes!r}")
+        need(isinstance(self.load_workers, int) and 1 <= self.load_workers <= 256,
+             f"load_workers must be an int in 1..256, got {self.load_workers!r}")
+        need(isinstance(self.load_batch_bytes, int) and self.load_batch_bytes > 0,
+             f"load_batch_bytes must be a positive int of bytes, got "
+             f"{self.load_batch_bytes!r}")
         need(self.policy in POLICIES,
              f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.layout is not None:
@@ -90,7 +114,7 @@ class StoreConfig:
         """A capacity-only store: the same policies, no KV bytes (tiers in blocks)."""
         return cls(layout=None, block_size=block_size, gpu_blocks=gpu_blocks,
                    host_blocks=host_blocks, disk_blocks=disk_blocks,
-                   redis_blocks=redis_blocks, policy=policy)
+                   redis_blocks=redis_blocks, policy=policy, publish=False)
 
     @property
     def simulated(self) -> bool:
@@ -113,10 +137,10 @@ class StoreConfig:
             return 0 if self.remote_url is None else (self.remote_blocks or 1 << 20)
         raise ValueError(f"unknown shared tier {tier!r}")
 
+    def shared_tier_names(self) -> list[str]:
+        """Configured shared tiers, in cascade order (disk, redis, remote)."""
+        return [t for t in SHARED_TIERS if self.shared_capacity(t)]
+
     def tier_names(self) -> list[str]:
         """Configured tiers, fastest first: the demotion cascade order."""
-        names = ["gpu"]
-        if self.host_blocks:
-            names.append("host")
-        names += [t for t in ("disk", "redis", "remote") if self.shared_capacity(t)]
-        return names
+        return ["gpu"] + (["host"] if self.host_blocks else []) + self.shared_tier_names()

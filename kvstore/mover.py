@@ -2,82 +2,217 @@
 
 - GPU <-> host: ``tiers.pool.copy_slots``, one call per batch, on a CUDA side stream
   (asynchronous; the compute stream is made to wait where it reads or reuses slots).
-- host -> disk/redis/remote: encode (``tiers.codec``) and ``put`` one batch.
-- disk/redis/remote -> GPU (promotion): a background worker thread ``get``s a batch,
-  decodes and verifies every block (key, parent, tokens, layout, checksum) and writes
-  the payload into the destination GPU slot. The first block that is missing or
-  corrupt ends the load: blocks after it are not used (the engine recomputes them).
+- Demotion down the cascade (:meth:`BlockMover.demote`): GPU -> host slots; host ->
+  shared tier (encode, ``put``); shared -> shared (``get``, ``put``). A block whose
+  ``put`` did not land is reported back, so the index never records it there.
+- Loads into GPU slots (:meth:`BlockMover.load`, promotion): host hits are one
+  ``copy_slots`` call; shared-tier hits (disk, Redis, daemon) go through one pipeline
+  over :data:`MoverConfig.load_workers` threads. Each worker takes a batch of about
+  ``load_batch_bytes``: ``get`` (the tier verifies every checksum, per the
+  ``tiers.base`` contract), header check against the request (key, parent, tokens,
+  layout; no second checksum), payload copy into the worker's pinned staging lane
+  (numpy copy: releases the GIL), then one batched host -> GPU copy into the
+  destination slots (a tier with ``get_into``, LMDB, lends views into its storage: the
+  payload is copied once). Workers overlap: one reads its batch from the tier while another's
+  copy runs on the GPU. The first block that is missing or corrupt ends the hit:
+  blocks after it are not used (the engine recomputes them); batches wholly after a
+  known failure are skipped.
+- Publication (:meth:`BlockMover.publish`): committed blocks are snapshotted on the
+  GPU side stream into a bounded pinned queue (:data:`MoverConfig.publish_queue_bytes`)
+  and written to the shared tiers by one background thread; a full queue drops
+  (counted), never blocks. What each tier verifiably stored comes back through
+  :meth:`BlockMover.published`, for the store's thread to record in its index.
 
-Thread contract: every method but the worker's body runs on the store's thread; the
-worker touches only the shared tiers (thread-safe) and GPU slots reserved for it.
+Thread contract: every public method runs on the store's thread; workers touch only
+the shared tiers (thread-safe), staging buffers they own and GPU slots reserved for
+them.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from queue import SimpleQueue
+from typing import Any
 
 import torch
 
-from radix import Node
+from kvstore.cascade import LoadMeasure, LoadRequest, Published
+from radix import Moved, Node
 from tiers.base import HashTier
 from tiers.codec import Corrupt, decode_block, encode_block
 from tiers.layout import KVLayout
-from tiers.pool import GPUPool, HostPool, Transfer, copy_slots
+from tiers.pool import GPUPool, HostPool, SlotPool, Transfer, copy_slots
 
 logger = logging.getLogger(__name__)
 
+POOL_TIERS = ("gpu", "host")
+"""Tiers addressed by slot; every other tier is a shared, hash-addressed one."""
+
 
 @dataclass(frozen=True)
-class LoadRequest:
-    """One block to promote from a shared tier into GPU slot ``slot``."""
+class MoverConfig:
+    """Knobs of the load and publication paths (validated by ``StoreConfig``).
 
-    index: int  # block index in the sequence
-    key: bytes
-    parent: bytes
-    tokens: bytes
+    ``load_workers``: threads of the shared-tier load pipeline. ``load_batch_bytes``:
+    payload bytes one worker reads and copies at a time (its pinned staging lane).
+    ``publish_queue_bytes``: pinned bytes of committed blocks waiting to be written to
+    the shared tiers (the bounded publication queue); 0 disables publication.
+    """
+
+    load_workers: int = 8
+    load_batch_bytes: int = 16 << 20
+    publish_queue_bytes: int = 256 << 20
+
+
+@dataclass
+class _LoadState:
+    """Shared by the batches of one load: the earliest failure so far."""
+
+    failed: int | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fail(self, index: int) -> None:
+        with self.lock:
+            if self.failed is None or index < self.failed:
+                self.failed = index
+
+    def failed_before(self, index: int) -> bool:
+        with self.lock:
+            return self.failed is not None and self.failed < index
+
+
+@dataclass(frozen=True)
+class _BatchResult:
     tier: str
-    slot: int
+    blocks: int
+    failure: int | None
+    end: float
 
 
 class Load:
-    """A promotion from shared tiers in flight on the worker thread."""
+    """A load into GPU slots in flight: host copies on the side stream, shared-tier
+    batches on the workers. Poll :meth:`done` from the store's thread."""
 
-    def __init__(self, future: Future[int | None]) -> None:
-        self._future = future
+    def __init__(self, t0: float, transfer: Transfer | None, host_blocks: int,
+                 futures: list[Future[_BatchResult]], block_bytes: int, cuda: bool) -> None:
+        self._transfer = transfer
+        self._host_blocks = host_blocks
+        self._futures = futures
+        self._block_bytes = block_bytes
+        self._cuda = cuda
+        self._t0 = t0  # when the load was started (before any batch was submitted)
+        self._host_end: float | None = None
+        self._ready = False
 
     def done(self) -> bool:
-        return self._future.done()
+        """True once every block has landed (or failed); compute may then read the
+        slots (the current CUDA stream is made to wait for the host copy)."""
+        if self._ready:
+            return True
+        t = self._transfer
+        if t is not None:
+            if not t.done():
+                return False
+            if self._host_end is None:
+                self._host_end = time.perf_counter()
+        if not all(f.done() for f in self._futures):
+            return False
+        if t is not None and self._cuda:
+            t.wait_on_stream(torch.cuda.current_stream(t._device))
+        self._ready = True
+        return True
 
     def wait(self) -> None:
-        self._future.result()
+        """Block until :meth:`done`."""
+        if self._transfer is not None:
+            self._transfer.wait()
+        for f in self._futures:
+            f.result()
+        while not self.done():  # pragma: no cover - done right after the waits above
+            time.sleep(0)
 
     @property
     def first_failure(self) -> int | None:
         """Block index of the first block that could not be loaded, ``None`` if all did."""
-        return self._future.result()
+        fails = [r.failure for r in (f.result() for f in self._futures) if r.failure is not None]
+        return min(fails) if fails else None
+
+    def measures(self) -> list[LoadMeasure]:
+        """Per tier: blocks, bytes and seconds from the load's start to its last batch."""
+        out = []
+        if self._transfer is not None and self._host_blocks:
+            seconds = self._transfer.seconds
+            if seconds is None and self._host_end is not None:
+                seconds = self._host_end - self._t0
+            if seconds:
+                out.append(LoadMeasure("host", self._host_blocks,
+                                       self._host_blocks * self._block_bytes, seconds))
+        per: dict[str, tuple[int, float]] = {}
+        for f in self._futures:
+            r = f.result()
+            blocks, end = per.get(r.tier, (0, 0.0))
+            per[r.tier] = (blocks + r.blocks, max(end, r.end))
+        for tier, (blocks, end) in per.items():
+            if blocks:
+                out.append(LoadMeasure(tier, blocks, blocks * self._block_bytes, end - self._t0))
+        return out
+
+
+class _Staging:
+    """Pinned (with CUDA) staging slots, handed out as fixed lanes of ``lane_blocks``."""
+
+    def __init__(self, layout: KVLayout, lanes: int, lane_blocks: int) -> None:
+        self.pool = HostPool(layout, lanes * lane_blocks)
+        slots = list(self.pool.alloc(lanes * lane_blocks).slots)
+        self._free: SimpleQueue[list[int]] = SimpleQueue()
+        for i in range(lanes):
+            self._free.put(slots[i * lane_blocks:(i + 1) * lane_blocks])
+
+    def take(self) -> list[int]:
+        return self._free.get()
+
+    def give(self, lane: list[int]) -> None:
+        self._free.put(lane)
 
 
 class BlockMover:
-    """Copies blocks for the store; counts blocks moved per direction and corrupt blocks."""
+    """Copies blocks for the store; counts blocks moved per direction and corrupt blocks.
 
-    def __init__(self, layout: KVLayout, gpu: GPUPool, host: HostPool | None,
-                 shared: dict[str, HashTier]) -> None:
+    ``host`` may be a pool of no slots (no host tier). ``shared``: the shared tiers by
+    name, in cascade order.
+    """
+
+    def __init__(self, layout: KVLayout, gpu: GPUPool, host: SlotPool | Any,
+                 shared: dict[str, HashTier], config: MoverConfig | None = None) -> None:
+        cfg = config or MoverConfig()
         self.layout = layout
         self.gpu = gpu
         self.host = host
         self.shared = shared
+        self.config = cfg
         self.moved: Counter[str] = Counter()  # "src->dst" -> blocks
         self.corrupt = 0
+        self.publish_dropped = 0
+        self.puts_failed: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._host_pending: list[Transfer] = []
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-mover")
         self._cuda = gpu.device.type == "cuda"
+        self._lane_blocks = max(1, cfg.load_batch_bytes // layout.block_bytes)
+        # Made up front (pinned allocation is slow): a first load pays no set-up.
+        self._staging = _Staging(layout, cfg.load_workers, self._lane_blocks) if shared \
+            else None
+        self._loaders = ThreadPoolExecutor(max_workers=cfg.load_workers,
+                                           thread_name_prefix="kv-load") if shared else None
+        pub_slots = cfg.publish_queue_bytes // layout.block_bytes if shared else 0
+        self._pub_pool = HostPool(layout, pub_slots) if pub_slots else None
+        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-publish")
+        self._published: deque[Published] = deque()
 
     # ------------------------------------------------------------- GPU <-> host
 
@@ -91,32 +226,11 @@ class BlockMover:
         """Copy GPU slots to host slots (async). The GPU slots may be reused at once."""
         if not gpu_slots:
             return
-        assert self.host is not None
         t = copy_slots(self.gpu, gpu_slots, self.host, host_slots)
         if self._cuda:
             t.wait_on_stream(torch.cuda.current_stream(self.gpu.device))
         self._host_pending.append(t)
         self._count("gpu->host", len(gpu_slots))
-
-    def host_to_gpu(self, host_slots: Sequence[int], gpu_slots: Sequence[int]) -> Transfer | None:
-        """Start copying host slots into GPU slots; poll with :meth:`wait_ready`."""
-        if not host_slots:
-            return None
-        assert self.host is not None
-        self.host_barrier()
-        t = copy_slots(self.host, host_slots, self.gpu, gpu_slots)
-        self._count("host->gpu", len(host_slots))
-        return t
-
-    def wait_ready(self, transfer: Transfer | None) -> bool:
-        """True once ``transfer`` is complete; then compute may read its slots."""
-        if transfer is None:
-            return True
-        if not transfer.done():
-            return False
-        if self._cuda:
-            transfer.wait_on_stream(torch.cuda.current_stream(self.gpu.device))
-        return True
 
     def copy_gpu(self, src: int, dst: int) -> None:
         """Copy one GPU slot to another (copy-on-write), ordered before later compute."""
@@ -127,47 +241,63 @@ class BlockMover:
             t.wait()
         self._count("gpu->gpu", 1)
 
-    # ------------------------------------------------------- to the shared tiers
+    # --------------------------------------------------------------- demotion
+
+    def demote(self, src: str, dst: str, moved: Sequence[Moved]) -> list[Node]:
+        """Copy demoted blocks from tier ``src`` to the next tier ``dst``; returns the
+        nodes whose bytes did not reach ``dst`` (the store forgets them there).
+
+        GPU -> host is asynchronous (host readers wait at :meth:`host_barrier`); writes
+        to a shared tier are synchronous, as the source slots are freed next.
+        """
+        if not moved:
+            return []
+        if src == "gpu" and dst == "host":
+            self.gpu_to_host([m.src for m in moved], [m.dst for m in moved])
+            return []
+        nodes = [m.node for m in moved]
+        if src == "host":
+            self.host_barrier()
+            items = [self._encode(n, self.host.to_bytes(m.src)) for n, m in zip(nodes, moved)]
+        elif src not in POOL_TIERS:
+            keys = [n.key for n in nodes]
+            blobs = self._get(src, keys)
+            items = [(k, b) for k, b in zip(keys, blobs) if b is not None]
+        else:
+            raise ValueError(f"no demotion path {src} -> {dst}")
+        stored = self._put_verified(dst, items)
+        self._count(f"{src}->{dst}", len(stored))
+        return [n for n in nodes if n.key not in stored]
 
     def _encode(self, node: Node, payload: memoryview | bytes) -> tuple[bytes, bytes]:
         return node.key, encode_block(node.key, node.parent_key, node.tokens, self.layout, payload)
 
-    def host_to_shared(self, tier: str, nodes: Sequence[Node], host_slots: Sequence[int]) -> None:
-        """Encode host slots and write them to ``tier`` (synchronous: slots are freed next)."""
-        if not nodes:
-            return
-        assert self.host is not None
-        self.host_barrier()
-        items = [self._encode(n, self.host.to_bytes(s)) for n, s in zip(nodes, host_slots)]
-        self.shared[tier].put(items)
-        self._count(f"host->{tier}", len(items))
+    def _get(self, tier: str, keys: list[bytes]) -> list[bytes | None]:
+        try:
+            return self.shared[tier].get(keys)
+        except Exception:  # a tier must not raise; if one does, it is a miss
+            logger.exception("tier %s raised on get", tier)
+            return [None] * len(keys)
 
-    def gpu_to_shared(self, tier: str, nodes: Sequence[Node], gpu_slots: Sequence[int]) -> None:
-        """Write-through: snapshot GPU slots now, encode and write on the worker."""
-        if not nodes:
-            return
-        payloads = [bytes(self.gpu.to_bytes(s)) for s in gpu_slots]
-        meta = [(n.key, n.parent_key, n.tokens) for n in nodes]
+    def _put_verified(self, tier: str, items: list[tuple[bytes, bytes]]) -> set[bytes]:
+        """``put`` then ask the tier which keys it holds: the keys stored (a prefix of
+        ``items``' keys). A put the tier dropped (full, down, failed) stores nothing."""
+        if not items:
+            return set()
+        keys = [k for k, _ in items]
+        t = self.shared[tier]
+        try:
+            t.put(items)
+            n = t.contains_prefix(keys)
+        except Exception:
+            logger.exception("tier %s raised on put", tier)
+            n = 0
+        if n < len(keys):
+            with self._lock:
+                self.puts_failed[tier] += len(keys) - n
+        return set(keys[:n])
 
-        def job() -> None:
-            items = [(k, encode_block(k, p, t, self.layout, b)) for (k, p, t), b in zip(meta, payloads)]
-            self.shared[tier].put(items)
-            self._count(f"gpu->{tier}", len(items))
-
-        self._worker.submit(job)
-
-    def shared_to_shared(self, src: str, dst: str, nodes: Sequence[Node]) -> None:
-        """Copy blocks from one shared tier down to the next (demotion cascade)."""
-        if not nodes:
-            return
-        keys = [n.key for n in nodes]
-        blobs = self.shared[src].get(keys)
-        items = [(k, b) for k, b in zip(keys, blobs) if b is not None]
-        if items:
-            self.shared[dst].put(items)
-        self._count(f"{src}->{dst}", len(items))
-
-    # -------------------------------------------------------- from shared tiers
+    # ------------------------------------------------------------------ loads
 
     def contains_prefix(self, keys: Sequence[bytes]) -> list[tuple[str, int]]:
         """Walk the shared tiers past the index: ``[(tier, consecutive blocks), ...]``."""
@@ -183,41 +313,148 @@ class BlockMover:
         return out
 
     def load(self, requests: Sequence[LoadRequest]) -> Load:
-        """Promote blocks from shared tiers into GPU slots on the worker thread."""
-        reqs = sorted(requests, key=lambda r: r.index)
-        return Load(self._worker.submit(self._load, reqs))
+        """Start loading blocks into GPU slots: host hits on the side stream, shared-tier
+        hits on the load workers in batches. Poll the returned :class:`Load`."""
+        t0 = time.perf_counter()
+        host = [r for r in requests if r.tier == "host"]
+        transfer = None
+        if host:
+            self.host_barrier()
+            transfer = copy_slots(self.host, [r.source for r in host], self.gpu,
+                                  [r.slot for r in host])
+            self._count("host->gpu", len(host))
+        futures: list[Future[_BatchResult]] = []
+        shared = sorted((r for r in requests if r.tier != "host"), key=lambda r: r.index)
+        if shared:
+            assert self._loaders is not None, "a shared-tier load needs shared tiers"
+            state = _LoadState()
+            batch: list[LoadRequest] = []
+            for r in shared:
+                if batch and (r.tier != batch[0].tier or len(batch) == self._lane_blocks):
+                    futures.append(self._loaders.submit(self._load_batch, batch, state))
+                    batch = []
+                batch.append(r)
+            futures.append(self._loaders.submit(self._load_batch, batch, state))
+        return Load(t0, transfer, len(host), futures, self.layout.block_bytes, self._cuda)
 
-    def _load(self, reqs: list[LoadRequest]) -> int | None:
-        for tier, group_iter in itertools.groupby(reqs, key=lambda r: r.tier):
-            group = list(group_iter)
+    def _load_batch(self, reqs: list[LoadRequest], state: _LoadState) -> _BatchResult:
+        """Worker: read, check and copy one batch; returns what landed.
+
+        Each value is checked against its request (key, parent, tokens, layout; the tier
+        verified the checksum, per the ``tiers.base`` contract) and its payload copied
+        into this worker's staging lane, then the longest good run from the batch's
+        first block goes to the GPU in one copy. A tier with ``get_into`` (LMDB) hands
+        out views into its storage, so the payload is copied once, by numpy, without
+        the GIL; others return ``bytes`` from ``get``.
+        """
+        name = reqs[0].tier
+        if state.failed_before(reqs[0].index):
+            return _BatchResult(name, 0, reqs[0].index, time.perf_counter())
+        assert self._staging is not None
+        staging = self._staging
+        lane = staging.take()
+        good = [False] * len(reqs)
+        bad: list[int] = []
+
+        def take(i: int, blob: bytes | memoryview) -> None:
+            r = reqs[i]
+            blk = decode_block(blob, expected_key=r.key, layout=self.layout,
+                               verify_checksum=False)
+            if isinstance(blk, Corrupt) or blk.tokens != r.tokens or blk.parent != r.parent:
+                bad.append(i)
+                return
+            staging.pool.from_bytes(lane[i], blk.payload)
+            good[i] = True
+
+        try:
+            tier = self.shared[name]
+            keys = [r.key for r in reqs]
+            get_into = getattr(tier, "get_into", None)
             try:
-                blobs = self.shared[tier].get([r.key for r in group])
-            except Exception:  # a tier must not raise; if one does, the load is a miss
-                logger.exception("tier %s raised on get", tier)
-                return group[0].index
-            for r, blob in zip(group, blobs):
-                if blob is None:
-                    return r.index
-                blk = decode_block(blob, expected_key=r.key, layout=self.layout)
-                if isinstance(blk, Corrupt) or blk.tokens != r.tokens or blk.parent != r.parent:
-                    with self._lock:
-                        self.corrupt += 1
-                    self.shared[tier].delete([r.key])
-                    return r.index
-                self.gpu.from_bytes(r.slot, blk.payload)
-                self._count(f"{tier}->gpu", 1)
-        return None
+                if get_into is not None:
+                    get_into(keys, take)
+                else:
+                    for i, blob in enumerate(tier.get(keys)):
+                        if blob is not None:
+                            take(i, blob)
+            except Exception:  # a tier must not raise; if one does, the rest is a miss
+                logger.exception("tier %s raised on get", name)
+            ok = good.index(False) if False in good else len(good)
+            if bad:
+                with self._lock:
+                    self.corrupt += len(bad)
+                tier.delete([reqs[i].key for i in bad])
+            if ok:
+                copy_slots(staging.pool, lane[:ok], self.gpu, [r.slot for r in reqs[:ok]]).wait()
+        finally:
+            staging.give(lane)
+        failure = reqs[ok].index if ok < len(reqs) else None
+        if failure is not None:
+            state.fail(failure)
+        self._count(f"{name}->gpu", ok)
+        return _BatchResult(name, ok, failure, time.perf_counter())
+
+    # ------------------------------------------------------------ publication
+
+    def publish(self, nodes: Sequence[Node], gpu_slots: Sequence[int]) -> int:
+        """Queue committed blocks for every shared tier; returns how many were queued.
+
+        Snapshots the GPU slots now (on the side stream, after the compute that wrote
+        them), so the slots may be reused at once. When the queue is full the rest are
+        dropped (counted in :attr:`publish_dropped`); this never blocks.
+        """
+        if not nodes or not self.shared:
+            return 0
+        pool = self._pub_pool
+        n = min(len(nodes), pool.num_free) if pool is not None else 0
+        with self._lock:
+            self.publish_dropped += len(nodes) - n
+        if n == 0:
+            return 0
+        assert pool is not None
+        slots = list(pool.alloc(n).slots)
+        t = copy_slots(self.gpu, gpu_slots[:n], pool, slots)
+        if self._cuda:
+            t.wait_on_stream(torch.cuda.current_stream(self.gpu.device))
+        batch = list(nodes[:n])
+        self._publisher.submit(self._publish_job, batch, slots, t)
+        return n
+
+    def _publish_job(self, nodes: list[Node], slots: list[int], t: Transfer) -> None:
+        pool = self._pub_pool
+        assert pool is not None
+        try:
+            t.wait()
+            items = [self._encode(n, pool.to_bytes(s)) for n, s in zip(nodes, slots)]
+        finally:
+            pool.free(slots)
+        for name in self.shared:
+            stored = self._put_verified(name, items)
+            self._count(f"gpu->{name}", len(stored))
+            self._published.append(Published(name, [n for n in nodes if n.key in stored]))
+
+    def published(self) -> list[Published]:
+        """Publications completed since the last call, oldest first (store's thread)."""
+        out = []
+        while self._published:
+            out.append(self._published.popleft())
+        return out
+
+    # ------------------------------------------------------------------ misc
 
     def _count(self, direction: str, n: int) -> None:
-        with self._lock:
-            self.moved[direction] += n
+        if n:
+            with self._lock:
+                self.moved[direction] += n
 
     def flush(self) -> None:
-        """Wait until every queued background write has reached its tier."""
-        self._worker.submit(lambda: None).result()
+        """Wait until every queued publication has reached its tiers."""
+        self._publisher.submit(lambda: None).result()
         self.host_barrier()
 
     def close(self) -> None:
-        """Finish queued writes, then stop the worker."""
-        self._worker.shutdown(wait=True)
+        """Finish queued writes, then stop the threads."""
+        self._publisher.shutdown(wait=True)
+        if self._loaders is not None:
+            self._loaders.shutdown(wait=True)
         self.host_barrier()

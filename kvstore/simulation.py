@@ -1,64 +1,21 @@
 """Simulation mode: the store's policies with capacity accounting and no KV bytes.
 
-``CountingPool`` stands in for a slot pool and ``NullMover`` for the byte mover, so the
-store runs exactly the same matching, promotion, demotion and eviction code paths; only
-the copies are skipped. Used by the hit-rate benchmark and very large replays.
+``CountingPool`` (``tiers.slots``) stands in for a slot pool and ``NullMover`` for the
+byte mover, so the store runs exactly the same matching, promotion, demotion and
+eviction code paths; only the copies are skipped. Used by the hit-rate benchmark and
+very large replays. Imports no torch (a test checks it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections import Counter
+from collections.abc import Sequence
 
-from radix import Node
-from tiers.pool import AllocResult, IntegrityError
+from kvstore.cascade import LoadMeasure, LoadRequest, Published
+from radix import Moved, Node
+from tiers.slots import CountingPool, NullPool
 
-
-class CountingPool:
-    """Slot bookkeeping without memory: the same ``alloc``/``free`` contract as a pool."""
-
-    def __init__(self, num_slots: int) -> None:
-        self._num_slots = num_slots
-        self._free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() yields lowest
-        self._used: set[int] = set()
-
-    @property
-    def num_slots(self) -> int:
-        return self._num_slots
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return len(self._used)
-
-    def alloc(self, n: int) -> AllocResult:
-        if n < 0:
-            raise ValueError(f"alloc of a negative number of slots: {n}")
-        if n > len(self._free):
-            return AllocResult((), False)
-        slots = tuple(self._free.pop() for _ in range(n))
-        self._used.update(slots)
-        return AllocResult(slots, True)
-
-    def free(self, slots: Iterable[int]) -> None:
-        slots = list(slots)
-        bad = [s for s in slots if s not in self._used]
-        if bad or len(set(slots)) != len(slots):
-            raise ValueError(f"free of slots that are not allocated: {bad or slots}")
-        self._used.difference_update(slots)
-        self._free.extend(slots)
-
-    def is_allocated(self, slot: int) -> bool:
-        return slot in self._used
-
-    def check_integrity(self) -> None:
-        if len(self._free) + len(self._used) != self._num_slots:
-            raise IntegrityError("free + used != total slots")
-        if set(self._free) & self._used:
-            raise IntegrityError("a slot is both free and used")
+__all__ = ["CountingPool", "DoneLoad", "NullMover", "NullPool"]
 
 
 class DoneLoad:
@@ -72,39 +29,47 @@ class DoneLoad:
     def wait(self) -> None:
         return None
 
+    def measures(self) -> list[LoadMeasure]:
+        return []
+
 
 class NullMover:
-    """Moves no bytes; every transfer is complete at once."""
+    """Moves no bytes; every copy is complete at once and every write lands.
 
-    def host_barrier(self) -> None:
-        return None
+    ``shared``: the names of the shared tiers, in cascade order (a publication lands
+    in each of them).
+    """
+
+    def __init__(self, shared: Sequence[str] = ()) -> None:
+        self.shared = list(shared)
+        self.moved: Counter[str] = Counter()
+        self.corrupt = 0
+        self.publish_dropped = 0
+        self._published: list[Published] = []
 
     def gpu_to_host(self, gpu_slots: Sequence[int], host_slots: Sequence[int]) -> None:
-        return None
-
-    def host_to_gpu(self, host_slots: Sequence[int], gpu_slots: Sequence[int]) -> None:
         return None
 
     def copy_gpu(self, src: int, dst: int) -> None:
         return None
 
-    def host_to_shared(self, tier: str, nodes: Sequence[Node], host_slots: Sequence[int]) -> None:
-        return None
-
-    def gpu_to_shared(self, tier: str, nodes: Sequence[Node], gpu_slots: Sequence[int]) -> None:
-        return None
-
-    def shared_to_shared(self, src: str, dst: str, nodes: Sequence[Node]) -> None:
-        return None
-
-    def load(self, requests: Sequence[Any]) -> DoneLoad:
-        return DoneLoad()
+    def demote(self, src: str, dst: str, moved: Sequence[Moved]) -> list[Node]:
+        return []
 
     def contains_prefix(self, keys: Sequence[bytes]) -> list[tuple[str, int]]:
         return []
 
-    def wait_ready(self, transfer: Any) -> bool:
-        return True
+    def load(self, requests: Sequence[LoadRequest]) -> DoneLoad:
+        return DoneLoad()
+
+    def publish(self, nodes: Sequence[Node], gpu_slots: Sequence[int]) -> int:
+        for name in self.shared:
+            self._published.append(Published(name, list(nodes)))
+        return len(nodes)
+
+    def published(self) -> list[Published]:
+        out, self._published = self._published, []
+        return out
 
     def flush(self) -> None:
         return None

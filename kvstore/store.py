@@ -17,12 +17,21 @@ Lifecycle of one sequence (docs/lifecycle.md walks it with the engine):
 
 ``fork(lease)`` shares a sequence's blocks with a new one (n > 1 sampling).
 
-Policies: write-back (default) demotes evicted blocks GPU -> host -> disk -> redis ->
-remote over the configured tiers; write-through also copies each committed block down
-when it is committed. ``pin`` gives a prefix (a system prompt) eviction priority.
+Tiers are one ordered list of levels (``kvstore.cascade``): GPU, host (a pool of no
+slots when absent), then the configured shared tiers (disk, redis, remote). Policies:
+write-back (default) demotes evicted blocks one level down, GPU -> host -> disk ->
+redis -> remote; write-through also copies each committed block to host and the shared
+tiers when it is committed. Sharing by default (``StoreConfig.publish``): committed
+blocks are also published to every shared tier at once, so other engines hit them; a
+block is recorded in a shared tier only once the tier verifiably holds it. ``pin``
+gives a prefix (a system prompt) eviction priority.
 
-Not thread-safe: one thread (the engine's) calls the store; the mover's worker thread
-does background I/O only.
+Cost-aware reuse (``kvstore.cost``): ``acquire`` takes only the leading blocks of a
+match whose load is predicted faster than recomputing them; ``stats()`` counts blocks
+loaded and declined per tier.
+
+Not thread-safe: one thread (the engine's) calls the store; the mover's threads do
+background I/O only and hand results back through ``poll``/``commit``.
 """
 
 from __future__ import annotations
@@ -33,11 +42,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvstore.config import StoreConfig
-from kvstore.simulation import CountingPool, NullMover
+from kvstore.cascade import Level, LoadHandle, LoadRequest, Mover, PoolRoom, SharedRoom
+from kvstore.config import SHARED_TIERS, StoreConfig
+from kvstore.cost import CostModel, Plan
+from kvstore.simulation import CountingPool, NullMover, NullPool
 from radix import BlockChain, IntegrityError, Namespace, Node, RadixTree, TreeStats, hash_blocks
 
-SHARED_TIERS = ("disk", "redis", "remote")
+__all__ = ["SHARED_TIERS", "Allocated", "KVStore", "Lease", "OutOfBlocks", "Replayed",
+           "StoreMatch", "StoreStats"]
 
 
 @dataclass(frozen=True)
@@ -66,13 +78,20 @@ class StoreMatch:
         return {t: n * self.block_size for t, n in c.items()}
 
 
+    def prefix(self, num_blocks: int) -> StoreMatch:
+        """The first ``num_blocks`` blocks of this match."""
+        if num_blocks >= self.num_blocks:
+            return self
+        return StoreMatch(self.chain, self.nodes[:num_blocks], self.sources[:num_blocks],
+                          self.block_size)
+
+
 @dataclass
 class _Promotion:
     match: StoreMatch
     slots: list[int]  # GPU slot per hit block: the index's for GPU hits, new otherwise
     new: list[bool]  # slots[i] was allocated for this promotion
-    transfer: Any  # host -> GPU copy in flight (None when none)
-    load: Any  # shared tiers -> GPU load in flight
+    load: LoadHandle | None  # host and shared tiers -> GPU, in flight
 
 
 @dataclass
@@ -144,7 +163,15 @@ class Replayed:
 
 @dataclass(frozen=True)
 class StoreStats:
-    """Counters since the store was created (tokens, blocks, bytes)."""
+    """Counters since the store was created (tokens, blocks, bytes).
+
+    ``blocks_loaded``: hit blocks promoted into GPU slots, by the tier they came from.
+    ``blocks_declined``: hit blocks the cost model left to recompute (loading them was
+    predicted slower), by tier. ``bytes_loaded``/``load_seconds``: bytes that landed in
+    GPU slots per source tier and the measured seconds those loads took (their ratio is
+    the achieved load bandwidth). ``publish_dropped``: committed blocks not published to
+    the shared tiers because the publication queue was full.
+    """
 
     hit_tokens: dict[str, int]
     miss_tokens: int
@@ -155,6 +182,11 @@ class StoreStats:
     demotions: dict[str, int]
     corrupt_blocks: int
     tier_errors: dict[str, int]
+    blocks_loaded: dict[str, int]
+    blocks_declined: dict[str, int]
+    bytes_loaded: dict[str, int]
+    load_seconds: dict[str, float]
+    publish_dropped: int
     gpu_free: int
     gpu_total: int
     host_free: int
@@ -163,43 +195,65 @@ class StoreStats:
 
 
 class KVStore:
-    """The tiered KV-cache store (see the module docstring for the lifecycle)."""
+    """The tiered KV-cache store (see the module docstring for the lifecycle).
 
-    def __init__(self, config: StoreConfig) -> None:
+    ``cost``: the cost model deciding which hits to load (default: one that learns
+    online from this store's loads and the engine's steps).
+    """
+
+    def __init__(self, config: StoreConfig, cost: CostModel | None = None) -> None:
         self.config = config
         self.block_size = config.block_size
-        names = config.tier_names()
-        self.tiers = names
-        self.tree = RadixTree(names)
-        self._t = {name: i for i, name in enumerate(names)}
-        self._host = "host" in self._t
+        self.tiers = config.tier_names()  # configured tiers, fastest first
+        self._shared = config.shared_tier_names()
+        # The index always has a host column: an absent host tier is a pool of no slots.
+        index_names = ["gpu", "host", *self._shared]
+        self.tree = RadixTree(index_names)
+        self._index_names = index_names
+        self._t = {name: i for i, name in enumerate(index_names)}
         # Write-back moves blocks between tiers (the index records one tier per block);
         # write-through keeps the lower copies it made at commit.
         self._exclusive = config.policy == "write-back"
-        self._shared = [n for n in names if n in SHARED_TIERS]
         self._refs: dict[int, int] = {}  # private GPU slot -> leases referencing it
         self._hit_tokens: Counter[str] = Counter()
         self._miss_tokens = 0
         self._lookups = 0
         self._evictions: Counter[str] = Counter()
         self._demotions: Counter[str] = Counter()
+        self._loaded: Counter[str] = Counter()
+        self._declined: Counter[str] = Counter()
+        self._bytes_loaded: Counter[str] = Counter()
+        self._load_seconds: Counter[str] = Counter()
         self.shared_tiers: dict[str, Any] = {}
+        self.gpu: Any
+        self.host: Any
+        self.mover: Mover
         if config.simulated:
-            self.gpu: Any = CountingPool(config.gpu_blocks)
-            self.host: Any = CountingPool(config.host_blocks) if self._host else None
-            self.mover: Any = NullMover()
+            self.gpu = CountingPool(config.gpu_blocks)
+            self.host = CountingPool(config.host_blocks) if config.host_blocks else NullPool()
+            self.mover = NullMover(self._shared)
             self._block_bytes = 0
         else:
             self._open_real(config)
+        self._levels = [Level("gpu", 0, PoolRoom(self.gpu), False),
+                        Level("host", 1, PoolRoom(self.host), False)]
+        for name in self._shared:
+            t = self._t[name]
+            self._levels.append(Level(name, t, SharedRoom(
+                config.shared_capacity(name), lambda t=t: self.tree.num_blocks(t)), True))
+        self._level = {lv.name: lv for lv in self._levels}
+        self._pos = {lv.name: i for i, lv in enumerate(self._levels)}
+        self.cost = cost or CostModel(max(1, self._block_bytes), self.block_size)
 
     def _open_real(self, config: StoreConfig) -> None:
-        from kvstore.mover import BlockMover
+        from kvstore.mover import BlockMover, MoverConfig
         from tiers.pool import GPUPool, HostPool
 
         assert config.layout is not None
         self._block_bytes = config.layout.block_bytes
         self.gpu = GPUPool(config.layout, config.gpu_blocks, config.device)
-        self.host = HostPool(config.layout, config.host_blocks) if self._host else None
+        self.host = HostPool(config.layout, config.host_blocks) if config.host_blocks \
+            else NullPool()
         try:
             if config.disk_path is not None:
                 from tiers.lmdb import LMDBTier
@@ -216,7 +270,10 @@ class KVStore:
             for tier in self.shared_tiers.values():
                 tier.close()
             raise
-        self.mover = BlockMover(config.layout, self.gpu, self.host, self.shared_tiers)
+        publish = config.publish or config.policy == "write-through"
+        self.mover = BlockMover(config.layout, self.gpu, self.host, self.shared_tiers,
+                                MoverConfig(config.load_workers, config.load_batch_bytes,
+                                            config.publish_queue_bytes if publish else 0))
 
     # ------------------------------------------------------------------ match
 
@@ -237,7 +294,7 @@ class KVStore:
         keys, blocks = chain.keys[:limit], chain.blocks[:limit]
         m = self.tree.match(keys, blocks)
         self.tree.touch(m.nodes)
-        names = self.tiers
+        names = self._index_names
         sources = []
         for node in m.nodes:
             locs = node.locs
@@ -250,11 +307,17 @@ class KVStore:
     # ---------------------------------------------------------------- acquire
 
     def acquire(self, match: StoreMatch) -> Lease:
-        """Lock GPU hits and start promoting the others into fresh GPU slots.
+        """Decide which hits pay, lock GPU hits and start loading the others into fresh
+        GPU slots.
 
-        Blocks that find no GPU slot (the pool is full of locked blocks) are dropped
-        from the hit. The lease's hit is final once :meth:`poll` returns True.
+        The cost model (:attr:`cost`) keeps the leading blocks whose load is predicted
+        faster than recomputing them; the rest of the match is recomputed (counted in
+        ``stats().blocks_declined``). Blocks that find no GPU slot (the pool is full of
+        locked blocks) are dropped from the hit too. The lease's hit is final once
+        :meth:`poll` returns True.
         """
+        plan = self.plan(match)
+        match = match.prefix(plan.blocks)
         lease = Lease(match.chain)
         if match.nodes:
             lease.node = match.nodes[-1]
@@ -265,10 +328,9 @@ class KVStore:
         slots: list[int] = []
         new: list[bool] = []
         it = iter(got)
-        host_src: list[int] = []
-        host_dst: list[int] = []
-        loads = []
-        gpu_t = self._t["gpu"]
+        requests: list[LoadRequest] = []
+        gpu_t, host_t = self._t["gpu"], self._t["host"]
+        chain = match.chain
         for i in range(hit):
             src = match.sources[i]
             if src == "gpu":
@@ -279,32 +341,26 @@ class KVStore:
             self._refs[slot] = 1
             slots.append(slot)
             new.append(True)
-            if src == "host":
-                host_src.append(match.nodes[i].locs[self._t["host"]])
-                host_dst.append(slot)
-            else:
-                loads.append(self._load_request(match, i, src, slot))
-        transfer = self.mover.host_to_gpu(host_src, host_dst)
-        load = self.mover.load(loads) if loads else None
-        trimmed = StoreMatch(match.chain, match.nodes[:hit], match.sources[:hit], self.block_size)
-        lease.pending = _Promotion(trimmed, slots, new, transfer, load)
+            parent = chain.keys[i - 1] if i else chain.root
+            source = match.nodes[i].locs[host_t] if src == "host" else None
+            requests.append(LoadRequest(i, chain.keys[i], parent, chain.blocks[i], src, slot,
+                                        source))
+        load = self.mover.load(requests) if requests else None
+        lease.pending = _Promotion(match.prefix(hit), slots, new, load)
         self.poll(lease)
         return lease
 
-    def _load_request(self, match: StoreMatch, i: int, tier: str, slot: int) -> Any:
-        from kvstore.mover import LoadRequest
-
-        chain = match.chain
-        parent = chain.keys[i - 1] if i else chain.root
-        return LoadRequest(i, chain.keys[i], parent, chain.blocks[i], tier, slot)
+    def plan(self, match: StoreMatch) -> Plan:
+        """The cost model's decision for ``match`` (counted as declined blocks)."""
+        plan = self.cost.plan(match.sources)
+        self._declined.update(plan.declined)
+        return plan
 
     def poll(self, lease: Lease) -> bool:
         """True once the lease's hit is final; finishes a completed promotion."""
         p = lease.pending
         if p is None:
             return True
-        if not self.mover.wait_ready(p.transfer):
-            return False
         if p.load is not None and not p.load.done():
             return False
         self._finish(lease, p)
@@ -315,8 +371,6 @@ class KVStore:
         p = lease.pending
         if p is None:
             return
-        if p.transfer is not None:
-            p.transfer.wait()
         if p.load is not None:
             p.load.wait()
         if not self.poll(lease):
@@ -326,7 +380,13 @@ class KVStore:
         lease.pending = None
         m = p.match
         hit = m.num_blocks
-        failed = p.load.first_failure if p.load is not None else None
+        failed = None
+        if p.load is not None:
+            failed = p.load.first_failure
+            for measure in p.load.measures():
+                self.cost.observe_load(measure.tier, measure.nbytes, measure.seconds)
+                self._bytes_loaded[measure.tier] += measure.nbytes
+                self._load_seconds[measure.tier] += measure.seconds
         if failed is not None and failed < hit:
             hit = failed
             if failed < len(m.nodes):  # the index believed a tier held it: forget that
@@ -351,8 +411,8 @@ class KVStore:
                 # Another lease promoting the same block may have moved it up first.
                 src = m.sources[i]
                 loc = self.tree.clear_location(node, self._t[src])
-                if src == "host" and loc is not None:
-                    self.host.free([loc])
+                if loc is not None:
+                    self._level[src].room.give([loc])
         last = m.nodes[tree_n - 1] if tree_n else None
         if hit > tree_n:
             chain = m.chain
@@ -365,11 +425,11 @@ class KVStore:
                 else:
                     self._drop_private(slots[i])
                     slots[i] = node.locs[gpu_t]
-                src_t = self._t[m.sources[i]]
-                if not self._exclusive and node.locs[src_t] is None:
-                    self._make_room_shared(m.sources[i], 1)
-                    if self._room(m.sources[i]):
-                        self.tree.set_location(node, src_t, True)
+                level = self._level[m.sources[i]]
+                if not self._exclusive and node.locs[level.index] is None:
+                    self._ensure_free(level, 1)
+                    if level.room.num_free:
+                        self.tree.set_location(node, level.index, True)
             if ins.nodes:
                 last = ins.nodes[-1]
             if ins.collision:
@@ -391,6 +451,7 @@ class KVStore:
             lease.node = last
         cached = Counter(m.sources[:hit])
         lease.cached_tokens = {t: n * self.block_size for t, n in cached.items()}
+        self._loaded.update({t: n for t, n in cached.items() if t != "gpu"})
         self._lookups += 1
         for t, n in lease.cached_tokens.items():
             self._hit_tokens[t] += n
@@ -438,6 +499,7 @@ class KVStore:
         Inserts every block that is full, computed and hashed (in ``lease.chain``).
         Returns the number of blocks newly committed.
         """
+        self._drain_published()
         lease.computed = max(lease.computed, num_computed)
         full = min(lease.computed // self.block_size, len(lease.chain.keys), len(lease.slots))
         start = lease.committed
@@ -464,30 +526,45 @@ class KVStore:
         lease.committed = start + len(ins.nodes)
         if ins.collision:
             lease.linked = False
-        if self.config.policy == "write-through" and placed_nodes:
-            self._write_through(placed_nodes)
+        if placed_nodes:
+            self._copy_down(placed_nodes)
         return len(ins.nodes)
 
-    def _write_through(self, nodes: list[Node]) -> None:
+    def _copy_down(self, nodes: list[Node]) -> None:
+        """Write-through: copy newly committed blocks to the host tier now. Write-through
+        or publication: queue them for every shared tier (recorded once stored)."""
         gpu_t = self._t["gpu"]
         gslots = [n.locs[gpu_t] for n in nodes]
-        if self._host:
-            host_t = self._t["host"]
-            fresh = [(n, s) for n, s in zip(nodes, gslots) if n.locs[host_t] is None]
-            self._make_room_host(len(fresh))
-            fresh = fresh[:self.host.num_free]
-            hslots = list(self.host.alloc(len(fresh)).slots)
+        write_through = self.config.policy == "write-through"
+        if write_through:
+            host = self._level["host"]
+            fresh = [(n, s) for n, s in zip(nodes, gslots) if n.locs[host.index] is None]
+            self._ensure_free(host, len(fresh))
+            fresh = fresh[:host.room.num_free]
+            hslots = host.room.take(len(fresh))
             for (node, _), hs in zip(fresh, hslots):
-                self.tree.set_location(node, host_t, hs)
+                self.tree.set_location(node, host.index, hs)
             self.mover.gpu_to_host([s for _, s in fresh], hslots)
-        for tier in self._shared:
-            t = self._t[tier]
-            fresh = [(n, s) for n, s in zip(nodes, gslots) if n.locs[t] is None]
-            self._make_room_shared(tier, len(fresh))
-            fresh = fresh[:self._room(tier)]
-            for node, _ in fresh:
-                self.tree.set_location(node, t, True)
-            self.mover.gpu_to_shared(tier, [n for n, _ in fresh], [s for _, s in fresh])
+        if self._shared and (write_through or self.config.publish):
+            if not self.config.simulated:
+                # A block the index records in every shared tier (a declined hit, now
+                # recomputed) is not written again. (The simulation writes nothing and
+                # keeps its order of events exactly.)
+                kept = [(n, s) for n, s in zip(nodes, gslots)
+                        if any(n.locs[self._t[t]] is None for t in self._shared)]
+                nodes, gslots = [n for n, _ in kept], [s for _, s in kept]
+            self.mover.publish(nodes, gslots)
+            self._drain_published()
+
+    def _drain_published(self) -> None:
+        """Record in the index what the shared tiers verifiably stored since last time,
+        within each tier's room in the index."""
+        for pub in self.mover.published():
+            level = self._level[pub.tier]
+            fresh = [n for n in pub.nodes if n.attached and n.locs[level.index] is None]
+            self._ensure_free(level, len(fresh))
+            for node in fresh[:level.room.num_free]:
+                self.tree.set_location(node, level.index, True)
 
     # ---------------------------------------------------------------- release
 
@@ -596,112 +673,64 @@ class KVStore:
         """Allocate up to ``n`` GPU slots, evicting or demoting unlocked blocks first."""
         if n <= 0:
             return []
-        short = n - self.gpu.num_free
-        if short > 0:
-            self._make_room_gpu(short)
-        k = min(n, self.gpu.num_free)
-        return list(self.gpu.alloc(k).slots) if k else []
+        gpu = self._levels[0]
+        self._ensure_free(gpu, n)
+        return gpu.room.take(n)
 
-    def _make_room_gpu(self, need: int) -> None:
-        """Free ``need`` GPU slots: demote LRU blocks to host (write-back), else evict."""
-        gpu_t = self._t["gpu"]
-        if self._host:
-            host_t = self._t["host"]
-            while need > 0 and self.tree.num_evictable(gpu_t):
-                # Room below is made only once a victim needs it, so victims already
-                # held there (write-through copies) never push other blocks out.
-                hslots = list(self.host.alloc(min(need, self.host.num_free)).slots)
-                d = self.tree.demote(gpu_t, host_t, need, hslots)
-                self.mover.gpu_to_host([m.src for m in d.moved], [m.dst for m in d.moved])
-                if d.unused:
-                    self.host.free(d.unused)
+    def _ensure_free(self, level: Level, need: int) -> None:
+        """Make ``need`` locations free in ``level`` (demoting or evicting its blocks)."""
+        short = need - level.room.num_free
+        if short > 0:
+            self._make_room(self._pos[level.name], short)
+
+    def _make_room(self, pos: int, need: int) -> None:
+        """Free ``need`` locations of level ``pos``: move its least recently used
+        unlocked blocks to the level below (write-back), else evict them.
+
+        Room below is made only once a victim needs it, so victims already held there
+        (write-through copies, published blocks) never push other blocks out. The GPU's
+        level below is the host pool; with no host tier (a pool of no slots) GPU victims
+        are evicted. Bytes are copied by the mover; a block whose bytes did not reach a
+        shared tier is not recorded there.
+        """
+        level = self._levels[pos]
+        if level.room.capacity == 0:
+            return
+        below = self._levels[pos + 1] if pos + 1 < len(self._levels) else None
+        if below is not None and below.room.capacity > 0:
+            while need > 0 and self.tree.num_evictable(level.index):
+                locations = below.room.take(need)
+                d = self.tree.demote(level.index, below.index, need, locations)
+                below.room.give(d.unused)
+                for node in self.mover.demote(level.name, below.name, d.moved):
+                    self.tree.clear_location(node, below.index)
                 freed = [m.src for m in d.moved] + [e.location for e in d.dropped]
-                self.gpu.free(freed)
-                self._demotions["gpu"] += len(d.moved)
-                self._evictions["gpu"] += len(freed)
+                level.room.give(freed)
+                self._demotions[level.name] += len(d.moved)
+                self._evictions[level.name] += len(freed)
                 need -= len(freed)
                 if not freed:
-                    self._demote_host(need)
-                    if not self.host.num_free:
+                    self._make_room(pos + 1, need)
+                    if not below.room.num_free:
                         break
         if need > 0:
-            ev = self.tree.evict(gpu_t, need)
-            self.gpu.free([e.location for e in ev])
-            self._evictions["gpu"] += len(ev)
-
-    def _make_room_host(self, need: int) -> None:
-        short = need - self.host.num_free
-        if short > 0:
-            self._demote_host(short)
-
-    def _demote_host(self, count: int) -> None:
-        """Move up to ``count`` LRU host blocks to the next tier (or drop them)."""
-        host_t = self._t["host"]
-        if self._shared:
-            nxt = self._shared[0]
-            while count > 0 and self.tree.num_evictable(host_t):
-                d = self.tree.demote(host_t, self._t[nxt], count, [True] * self._room(nxt))
-                self.mover.host_to_shared(nxt, [m.node for m in d.moved],
-                                          [m.src for m in d.moved])
-                freed = [m.src for m in d.moved] + [e.location for e in d.dropped]
-                self.host.free(freed)
-                self._demotions["host"] += len(d.moved)
-                self._evictions["host"] += len(freed)
-                count -= len(freed)
-                if not freed:
-                    self._demote_shared(nxt, count)
-                    if not self._room(nxt):
-                        break
-        if count > 0:
-            ev = self.tree.evict(host_t, count)
-            self.host.free([e.location for e in ev])
-            self._evictions["host"] += len(ev)
-
-    def _room(self, tier: str) -> int:
-        """Blocks the index may still record in shared tier ``tier``."""
-        return max(0, self.config.shared_capacity(tier) - self.tree.num_blocks(self._t[tier]))
-
-    def _make_room_shared(self, tier: str, need: int) -> None:
-        """Keep the index's record of ``tier`` within its capacity (blocks)."""
-        short = self.tree.num_blocks(self._t[tier]) + need - self.config.shared_capacity(tier)
-        if short > 0:
-            self._demote_shared(tier, short)
-
-    def _demote_shared(self, tier: str, count: int) -> None:
-        """Move up to ``count`` LRU blocks of shared ``tier`` down, or forget them."""
-        t = self._t[tier]
-        pos = self._shared.index(tier)
-        if pos + 1 < len(self._shared):
-            nxt = self._shared[pos + 1]
-            while count > 0 and self.tree.num_evictable(t):
-                d = self.tree.demote(t, self._t[nxt], count, [True] * self._room(nxt))
-                self.mover.shared_to_shared(tier, nxt, [m.node for m in d.moved])
-                self._demotions[tier] += len(d.moved)
-                done = len(d.moved) + len(d.dropped)
-                self._evictions[tier] += done
-                count -= done
-                if not done:
-                    self._demote_shared(nxt, count)
-                    if not self._room(nxt):
-                        break
-        if count > 0:
-            self._evictions[tier] += len(self.tree.evict(t, count))
+            ev = self.tree.evict(level.index, need)
+            level.room.give([e.location for e in ev])
+            self._evictions[level.name] += len(ev)
 
     def drop(self, tier: str, count: int | None = None) -> int:
         """Evict up to ``count`` (default: all) unlocked blocks of ``tier`` now, demoting
         them down the cascade as write-back would. Returns the blocks that left ``tier``.
 
         For benchmarks and operators (``/stats`` shows the effect); locked blocks stay.
+        ``ValueError`` for a tier this store does not have.
         """
-        t = self._t[tier]
+        level = self._level.get(tier)
+        if level is None:
+            raise ValueError(f"unknown tier {tier!r}; this store's tiers are {self.tiers}")
+        t = level.index
         before = self.tree.num_blocks(t)
-        count = before if count is None else count
-        if tier == "gpu":
-            self._make_room_gpu(count)
-        elif tier == "host":
-            self._demote_host(count)
-        else:
-            self._demote_shared(tier, count)
+        self._make_room(self._pos[level.name], before if count is None else count)
         return before - self.tree.num_blocks(t)
 
     # ------------------------------------------------------------ simulation
@@ -731,21 +760,21 @@ class KVStore:
     # ------------------------------------------------------------------ stats
 
     def stats(self) -> StoreStats:
-        moved = dict(getattr(self.mover, "moved", {}))
+        moved = dict(self.mover.moved)
         errors = {}
         for name, tier in self.shared_tiers.items():
             errors[name] = tier.stats().errors
-        corrupt = getattr(self.mover, "corrupt", 0) + sum(
-            t.stats().corrupt for t in self.shared_tiers.values())
+        corrupt = self.mover.corrupt + sum(t.stats().corrupt for t in self.shared_tiers.values())
         return StoreStats(
             hit_tokens=dict(self._hit_tokens), miss_tokens=self._miss_tokens,
             lookups=self._lookups, blocks_moved=moved,
             bytes_moved={k: v * self._block_bytes for k, v in moved.items()},
             evictions=dict(self._evictions), demotions=dict(self._demotions),
-            corrupt_blocks=corrupt, tier_errors=errors,
+            corrupt_blocks=corrupt, tier_errors=errors, blocks_loaded=dict(self._loaded),
+            blocks_declined=dict(self._declined), bytes_loaded=dict(self._bytes_loaded),
+            load_seconds=dict(self._load_seconds), publish_dropped=self.mover.publish_dropped,
             gpu_free=self.gpu.num_free, gpu_total=self.gpu.num_slots,
-            host_free=self.host.num_free if self.host else 0,
-            host_total=self.host.num_slots if self.host else 0,
+            host_free=self.host.num_free, host_total=self.host.num_slots,
             index=self.tree.stats())
 
     def check_integrity(self) -> None:
@@ -768,20 +797,24 @@ class KVStore:
         for s in cached + list(private):
             if not self.gpu.is_allocated(s):
                 raise IntegrityError(f"GPU slot {s} in use but not allocated in the pool")
-        if self.host is not None:
-            self.host.check_integrity()
-            host_t = self._t["host"]
-            hcached = [n.locs[host_t] for n in self.tree.iter_nodes()
-                       if n.locs[host_t] is not None]
-            if len(set(hcached)) != len(hcached) or \
-                    self.host.num_free + len(hcached) != self.host.num_slots:
-                raise IntegrityError(
-                    f"host pool: free {self.host.num_free} + cached {len(hcached)} != total "
-                    f"{self.host.num_slots}")
+        self.host.check_integrity()
+        host_t = self._t["host"]
+        hcached = [n.locs[host_t] for n in self.tree.iter_nodes() if n.locs[host_t] is not None]
+        if len(set(hcached)) != len(hcached) or \
+                self.host.num_free + len(hcached) != self.host.num_slots:
+            raise IntegrityError(
+                f"host pool: free {self.host.num_free} + cached {len(hcached)} != total "
+                f"{self.host.num_slots}")
+        for level in self._levels:
+            if level.shared and self.tree.num_blocks(level.index) > level.room.capacity:
+                raise IntegrityError(f"the index records more {level.name} blocks than its "
+                                     f"capacity {level.room.capacity}")
 
     def flush(self) -> None:
-        """Wait until background copies (write-through, demotion) have landed."""
+        """Wait until background copies (write-through, publication, demotion) have
+        landed, and record what the shared tiers stored."""
         self.mover.flush()
+        self._drain_published()
 
     def close(self) -> None:
         """Finish background writes and close every tier."""

@@ -1,6 +1,6 @@
 """Block hashing: the one place that turns token ids into block keys.
 
-Contract (DESIGN.md, "Keys"):
+Contract (docs/architecture.md, "Keys"):
 
 - A sequence is cut into blocks of ``block_size`` tokens; only full blocks get a key.
 - ``key(block_i) = xxh3_128(key(block_{i-1}) || token_ids_i as little-endian int32)``.

@@ -1,4 +1,4 @@
-"""Real redis-server launchers for tests: one implementation, in ``bench/servers.py``.
+"""Real redis-server and daemon launchers for tests: one implementation, in ``bench/servers.py``.
 
 Re-exported here so tests import ``servers`` (or ``tests.servers``) without caring where
 the launcher lives; benchmarks import ``bench.servers`` and never import tests.
@@ -6,6 +6,14 @@ the launcher lives; benchmarks import ``bench.servers`` and never import tests.
 
 from __future__ import annotations
 
-from bench.servers import HOST, REDIS_SERVER, RedisCluster, RedisServer, free_port
+from bench.servers import (
+    HOST,
+    REDIS_SERVER,
+    DaemonProcess,
+    RedisCluster,
+    RedisServer,
+    free_port,
+)
 
-__all__ = ["HOST", "REDIS_SERVER", "RedisCluster", "RedisServer", "free_port"]
+__all__ = ["HOST", "REDIS_SERVER", "DaemonProcess", "RedisCluster", "RedisServer",
+           "free_port"]

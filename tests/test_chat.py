@@ -16,16 +16,20 @@ TURN = re.compile(r"\[turn (\d+)\] prompt (\d+) tok \| cached (\d+) tok \((.*?)\
                   r"TTFT (\d+) ms \| (\d+) tok at ([0-9.]+|nan) tok/s")
 
 
-def chat(tmp_path: Path, cache: Path, lines: list[str], *extra: str) -> list[tuple]:
+def chat(tmp_path: Path, cache: Path, lines: list[str], *extra: str,
+         env_extra: dict[str, str] | None = None) -> list[tuple]:
+    """Run a scripted chat; the turn lines it printed (its stdout in ``chat.stdout``)."""
     script = tmp_path / "script.txt"
     script.write_text("\n".join(lines) + "\n")
-    env = dict(os.environ, KVSTORE_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if k != "KVSTORE_DAEMON_TOKEN"}
+    env.update(KVSTORE_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", **(env_extra or {}))
     out = subprocess.run(
         [sys.executable, "-m", "kvstore", "chat", "--script", str(script), "--device", "cpu",
-         "--max-tokens", "12", "--gpu-blocks", "128", "--model-cache-dir", str(cache), *extra],
+         "--max-tokens", "12", "--gpu-kv-bytes", "90MiB", "--model-cache-dir", str(cache), *extra],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr
     print(out.stdout)
+    chat.stdout = out.stdout  # type: ignore[attr-defined]
     return [m.groups() for m in TURN.finditer(out.stdout)]
 
 
@@ -35,12 +39,17 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_scripted_chat_reports_cached_tokens_and_resumes_from_disk(tmp_path, cache):
-    turns = chat(tmp_path, cache, ["What is the capital of France?", "/stats",
+    turns = chat(tmp_path, cache, ["What is the capital of France?", "/stats", "/help",
                                    "And of Italy?", "/quit", "never sent"])
     assert [t[0] for t in turns] == ["1", "2"]
+    stats_line = next(line for line in chat.stdout.splitlines()  # type: ignore[attr-defined]
+                      if line.startswith("[stats]"))
+    assert "{" not in stats_line and "Stats(" not in stats_line, stats_line
+    assert "cpu-pool blocks" in stats_line and "GPU" not in stats_line
+    assert "/reset" in chat.stdout and "unknown command /help" not in chat.stdout  # type: ignore[attr-defined]
     (_, p1, c1, _, _, _, _), (_, p2, c2, tiers2, _, n2, _) = turns
     assert int(c1) == 0 and int(c2) >= int(p1) // 16 * 16 > 0
-    assert "gpu" in tiers2 and int(n2) > 0
+    assert "cpu-pool" in tiers2 and "gpu" not in tiers2 and int(n2) > 0
     # A new process resuming the session: the history comes back from the disk tier.
     turns = chat(tmp_path, cache, ["Thanks!"], "--resume")
     (_, p3, c3, tiers3, _, _, _), = turns
@@ -57,28 +66,39 @@ def test_bad_flags_are_clear_errors(tmp_path, cache):
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode != 0 and "cannot read --script" in out.stderr
     assert "Traceback" not in out.stderr
+    for name in ("../../etc/x", "a/b", ".hidden", ""):
+        out = subprocess.run([sys.executable, "-m", "kvstore", "chat", "--session", name],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+        assert out.returncode == 2 and "invalid session name" in out.stderr, out.stderr
+    assert not (tmp_path / "etc").exists()
 
 
-@pytest.mark.parametrize("shared", ["daemon", "redis"])
+@pytest.mark.parametrize("shared", ["daemon", "daemon-with-token", "redis"])
 def test_two_processes_share_a_conversation(tmp_path, cache, shared, redis_server):
     """Process 1 begins a chat; process 2 (no disk tier, empty index) continues it and
-    fetches the earlier turn's KV from the shared daemon or Redis."""
-    from kvstore.daemon import DaemonProcess
+    fetches the earlier turn's KV from the shared daemon or Redis. A daemon with a token
+    is reached with ``$KVSTORE_DAEMON_TOKEN``, as the README says."""
+    from bench.servers import DaemonProcess
 
     daemon = None
-    if shared == "daemon":
-        daemon = DaemonProcess(["--memory-bytes", "256MiB"]).start()
+    env_extra: dict[str, str] = {}
+    if shared.startswith("daemon"):
+        token = "chat-test-token-0123456789" if shared == "daemon-with-token" else None
+        daemon = DaemonProcess(["--host-bytes", "256MiB"], token=token).start()
         flags = ["--remote", daemon.url]
         tier = "remote"
+        if token is not None:
+            env_extra["KVSTORE_DAEMON_TOKEN"] = token
     else:
         flags = ["--redis", redis_server.url]
         tier = "redis"
     try:
-        first = chat(tmp_path, cache, ["Name three colors."], "--no-disk", "--host-blocks", "0",
-                     "--session", "shared", *flags)
+        first = chat(tmp_path, cache, ["Name three colors."], "--no-disk", "--host-bytes", "0",
+                     "--session", "shared", *flags, env_extra=env_extra)
         (_, p1, _, _, _, n1, _), = first
         second = chat(tmp_path, cache, ["Which one is the darkest?"], "--no-disk",
-                      "--host-blocks", "0", "--session", "shared", "--resume", *flags)
+                      "--host-bytes", "0", "--session", "shared", "--resume", *flags,
+                      env_extra=env_extra)
         (_, p2, c2, tiers2, _, _, _), = second
         assert int(p2) > int(p1)
         assert int(c2) >= int(p1) // 16 * 16 and tier in tiers2

@@ -1,7 +1,7 @@
 """The cache daemon (``kvstore daemon``) and its client tier, against real processes.
 
 Every daemon here is a real ``python -m kvstore daemon`` subprocess on a free loopback
-port (``kvstore.daemon.DaemonProcess``), except one test that runs ``build_app`` in
+port (``bench.servers.DaemonProcess``), except one test that runs ``build_app`` in
 process. Blocks are real encoded blocks of a small layout. Requests that must fail are
 sent raw (``http.client``) so the daemon sees exactly the bytes under test; after each
 one the test checks that the stored data did not change.
@@ -34,20 +34,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvstore.daemon import (
-    DaemonConfig,
-    DaemonProcess,
-    build_app,
-    free_port,
-    is_loopback,
-    main,
-    parse_size,
-)
+from bench.servers import DaemonProcess, free_port
+from kvstore.daemon import DaemonConfig, build_app, main
+from kvstore.service import is_loopback
+from kvstore.units import parse_size
 from radix.hashing import Namespace, hash_blocks
 from tiers.codec import encode_block
-from tiers.http import HTTPTier, encode_get_reply, encode_put_body
+from tiers.http import HTTPTier
 from tiers.layout import KVLayout
 from tiers.memory import MemoryTier
+from tiers.wire import encode_get_reply, encode_put_body
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float16")
@@ -201,7 +197,7 @@ class Shared:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     disk = tmp_path_factory.mktemp("shared-disk")
-    daemon = DaemonProcess(["--memory-bytes", str(MEMORY_BLOCKS * BLOCK_BYTES),
+    daemon = DaemonProcess(["--host-bytes", str(MEMORY_BLOCKS * BLOCK_BYTES),
                             "--disk", str(disk), "--disk-bytes", "64MiB",
                             "--namespaces", ",".join(ALLOWED), "--max-batch", str(MAX_BATCH),
                             "--max-body-bytes", str(MAX_BODY)], token=TOKEN)
@@ -623,7 +619,7 @@ def test_many_threads_mixed_operations_lose_nothing(tmp_path: Path) -> None:
     threads, per_thread, batch = 64, 48, 4
     run_s = 3.0
     chains = [make_blocks(per_thread, seed=t, tag="conc") for t in range(threads)]
-    with DaemonProcess(["--memory-bytes", str(64 * BLOCK_BYTES), "--disk", str(tmp_path),
+    with DaemonProcess(["--host-bytes", str(64 * BLOCK_BYTES), "--disk", str(tmp_path),
                         "--disk-bytes", "256MiB", "--max-concurrency", "128"],
                        token=TOKEN) as daemon:
         tier = tier_for(daemon, max_idle_connections=threads)
@@ -714,7 +710,7 @@ def test_slow_body_gets_408(tmp_path: Path) -> None:
 def test_killed_daemon_misses_fast_and_recovers_with_the_same_client(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="tiers.http")
-    with DaemonProcess(["--memory-bytes", "1MiB", "--disk", str(tmp_path),
+    with DaemonProcess(["--host-bytes", "1MiB", "--disk", str(tmp_path),
                         "--disk-bytes", "64MiB"], token=TOKEN) as daemon:
         tier = HTTPTier(daemon.url, token=TOKEN, timeout_s=5.0, connect_timeout_s=1.0,
                         backoff_s=0.5, backoff_max_s=1.0)
@@ -747,7 +743,7 @@ def test_killed_daemon_misses_fast_and_recovers_with_the_same_client(
 
 
 def test_stalled_daemon_costs_one_timeout_then_misses_without_waiting(tmp_path: Path) -> None:
-    with DaemonProcess(["--memory-bytes", "1MiB"], token=TOKEN) as daemon:
+    with DaemonProcess(["--host-bytes", "1MiB"], token=TOKEN) as daemon:
         tier = HTTPTier(daemon.url, token=TOKEN, timeout_s=0.3, connect_timeout_s=0.3,
                         backoff_s=5.0, backoff_max_s=10.0)
         items = make_blocks(2, seed=17)
@@ -770,7 +766,7 @@ def test_stalled_daemon_costs_one_timeout_then_misses_without_waiting(tmp_path: 
 
 
 def test_sigterm_lets_in_flight_requests_finish_and_flushes_lmdb(tmp_path: Path) -> None:
-    args = ["--memory-bytes", "1MiB", "--disk", str(tmp_path), "--disk-bytes", "64MiB"]
+    args = ["--host-bytes", "1MiB", "--disk", str(tmp_path), "--disk-bytes", "64MiB"]
     first, held_item = make_blocks(1, seed=18), make_blocks(1, seed=23)
     with DaemonProcess(args, token=TOKEN) as daemon:
         tier = tier_for(daemon)
@@ -779,8 +775,8 @@ def test_sigterm_lets_in_flight_requests_finish_and_flushes_lmdb(tmp_path: Path)
         # disk write, after it has written the memory tier, until the lock is released.
         env = lmdb.open(str(tmp_path / "kv"), map_size=2 * (64 << 20) + (64 << 20), max_dbs=4)
         txn = env.begin(write=True)
-        result: list[None] = []
-        writer = threading.Thread(target=lambda: result.append(tier.put(held_item)))
+        result: list[int] = []
+        writer = threading.Thread(target=lambda: result.append(tier.put(held_item).count))
         try:
             writer.start()
             wait_until(lambda: stats(daemon.port)["namespaces"]["kv"]["memory"]["puts"] == 2,
@@ -793,7 +789,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_flushes_lmdb(tmp_path: Path)
             txn.abort()
             env.close()
             writer.join(30)
-        assert result == [None]
+        assert result == [1]
         assert tier.stats().puts == 2 and tier.stats().errors == 0  # answered 200
         assert daemon.proc.wait(30) == 0
         log = daemon.log_text()
@@ -809,7 +805,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_flushes_lmdb(tmp_path: Path)
 
 
 def test_sigterm_during_an_upload_answers_503_and_exits(tmp_path: Path) -> None:
-    with DaemonProcess(["--memory-bytes", "1MiB", "--body-timeout", "60"], token=TOKEN) as d:
+    with DaemonProcess(["--host-bytes", "1MiB", "--body-timeout", "60"], token=TOKEN) as d:
         held = HeldRequest(d.port, pack({"items": [list(make_blocks(1, seed=24)[0])]}))
         try:
             wait_until(lambda: stats(d.port)["requests"]["inflight"] == 1,
@@ -854,11 +850,72 @@ def test_namespace_whose_storage_cannot_open_is_a_503(tmp_path: Path) -> None:
         reply = request(d.port, "POST", "/v1/blocked/get", pack({"keys": [K0]}))
         assert reply.status == 503 and reply.headers["Retry-After"] == "5"
         assert "cannot open the storage of namespace 'blocked'" in reply.json()["error"]
-        assert "cannot open namespace 'blocked'" in d.log_text()
+        assert "cannot open the storage of namespace 'blocked'" in d.log_text()
         tier = tier_for(d, "fine")
         tier.put(FRESH[:1])
         assert tier.get([K0]) == [V0]
         tier.close()
+
+
+def test_a_broken_namespace_at_startup_is_that_namespaces_503_only(tmp_path: Path) -> None:
+    """With --namespaces, one namespace whose LMDB environment cannot open no longer
+    stops the daemon: it starts, serves the others, answers 503 for that one, and opens
+    it once the cause is gone."""
+    (tmp_path / "broken").write_text("a file where the LMDB directory would go")
+    with DaemonProcess(["--disk", str(tmp_path), "--disk-bytes", "1MiB",
+                        "--namespaces", "fine,broken"], token=TOKEN) as d:
+        reply = request(d.port, "POST", "/v1/broken/put",
+                        encode_put_body(make_blocks(1, seed=40)))
+        assert reply.status == 503 and "namespace 'broken'" in reply.json()["error"]
+        assert "Retry-After" in reply.headers
+        tier = tier_for(d, "fine")
+        items = make_blocks(3, seed=41)
+        tier.put(items)
+        assert tier.get(keys_of(items)) == values_of(items) and tier.stats().errors == 0
+        tier.close()
+        assert stats(d.port)["broken_namespaces"].keys() == {"broken"}
+        assert metrics(d.port)[("kvstore_daemon_broken_namespaces", ())] == 1
+        assert "Traceback" not in d.log_text()
+
+
+def _put(port: int, items: Items, namespace: str = "kv") -> Reply:
+    return request(port, "POST", f"/v1/{namespace}/put", encode_put_body(items))
+
+
+def test_put_counts_only_what_a_durable_tier_holds(tmp_path: Path) -> None:
+    """``stored`` counts the blocks the disk tier holds after the put: a disk too small
+    for any block stores nothing (507, even though the memory tier kept a copy), one
+    that holds two of five blocks answers 2, and the client counts the shortfall."""
+    items = make_blocks(5, seed=42)
+    with DaemonProcess(["--host-bytes", "1MiB", "--disk", str(tmp_path / "tiny"),
+                        "--disk-bytes", str(BLOCK_BYTES // 2)], token=TOKEN) as d:
+        reply = _put(d.port, items)
+        assert reply.status == 507, reply.body
+        assert "nothing was stored" in reply.json()["error"]
+        tier = tier_for(d)
+        tier.put(items)
+        s = tier.stats()
+        assert (s.puts, s.errors, s.extra["down"]) == (0, 1, 0.0)  # not an outage
+        tier.close()
+    with DaemonProcess(["--host-bytes", "0", "--disk", str(tmp_path / "two"),
+                        "--disk-bytes", str(2 * BLOCK_BYTES + BLOCK_BYTES // 2)],
+                       token=TOKEN) as d:
+        reply = _put(d.port, items)
+        assert reply.status == 200 and reply.msgpack() == {"stored": 2}
+        tier = tier_for(d)
+        tier.put(items)
+        assert (tier.stats().puts, tier.stats().errors) == (2, 1)
+        tier.close()
+
+
+def test_put_to_a_dead_redis_only_daemon_is_an_error(redis_server: Any) -> None:
+    items = make_blocks(4, seed=43)
+    with DaemonProcess(["--host-bytes", "0", "--redis", redis_server.url], token=TOKEN) as d:
+        assert _put(d.port, items).msgpack() == {"stored": 4}
+        redis_server.kill()
+        reply = _put(d.port, make_blocks(4, seed=44))
+        assert reply.status == 507 and "redis" in reply.json()["error"]
+        assert d.running
 
 
 def test_wire_encoders_match_msgpack() -> None:
@@ -874,7 +931,7 @@ def test_wire_encoders_match_msgpack() -> None:
 
 
 def test_redis_tier_behind_the_daemon(redis_server: Any) -> None:
-    with DaemonProcess(["--memory-bytes", "0", "--redis", redis_server.url,
+    with DaemonProcess(["--host-bytes", "0", "--redis", redis_server.url,
                         "--redis-ttl", "600"], token=TOKEN) as daemon:
         assert "tier redis: redis://127.0.0.1" in daemon.log_text()
         a, b = tier_for(daemon, "tenant-a"), tier_for(daemon, "tenant-b")
@@ -991,11 +1048,11 @@ def test_loopback_detection() -> None:
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--memory-bytes", "lots"], "not a size"),
-    (["--port", "99999"], "port must be 0..65535"),
+    (["--host-bytes", "lots"], "not a size"),
+    (["--port", "99999"], "not a TCP port"),
     (["--disk", "/tmp/x"], "needs --disk-bytes"),
     (["--namespaces", "bad$"], "invalid namespace"),
-    (["--max-batch", "0"], "must be at least 1"),
+    (["--max-batch", "0"], "must be >= 1"),
     (["--token", "short"], "16 to 4096"),
     (["--body-timeout", "inf"], "positive seconds"),
     (["--frobnicate"], "unrecognized arguments"),
@@ -1014,7 +1071,7 @@ def test_bad_flags_are_argparse_errors(argv: list[str], message: str,
 def test_help_runs_as_a_subcommand() -> None:
     out = subprocess.run([sys.executable, "-m", "kvstore", "daemon", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=True).stdout
-    for flag in ("--host", "--port", "--token", "--memory-bytes", "--disk", "--disk-bytes",
+    for flag in ("--host", "--port", "--token", "--host-bytes", "--disk", "--disk-bytes",
                  "--redis", "--max-body-bytes", "--max-batch", "--max-concurrency",
                  "--namespaces", "KVSTORE_DAEMON_TOKEN"):
         assert flag in out

@@ -112,8 +112,8 @@ def test_pending_access_stamps_are_flushed_in_batches(tmp_path: Path,
     with LMDBTier(tmp_path, capacity_bytes=1 << 20) as tier:
         tier.put(b)
         tier.get([b[0][0], b[1][0]])
-        assert tier.stats().extra == {"rejected": 0, "map_full": 0, "touch_flushes": 0,
-                                      "pending_touches": 2}
+        assert tier.stats().extra == {"rejected": 0, "map_full": 0, "disk_full": 0,
+                                      "touch_flushes": 0, "pending_touches": 2}
         tier.get([b[2][0]])
         extra = tier.stats().extra
         assert (extra["touch_flushes"], extra["pending_touches"]) == (1, 0)

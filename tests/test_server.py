@@ -101,7 +101,7 @@ def running_server(tmp: Path, cache: Path, *flags: str, api_key: str | None = No
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kvstore", "serve", "--port", "0", "--device", "cpu",
-             "--dtype", "float32", "--gpu-blocks", "256", "--max-num-seqs", "16",
+             "--dtype", "float32", "--gpu-kv-bytes", "180MiB", "--max-num-seqs", "16",
              "--model-cache-dir", str(cache), *flags],
             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
             preexec_fn=_die_with_parent)
@@ -565,7 +565,7 @@ def test_a_client_that_disconnects_aborts_its_request(server: Server) -> None:
 def test_sigterm_drains_requests_a_second_one_cuts_them_and_the_disk_survives(
         reference: LLM, cache: Path, tmp_path: Path) -> None:
     disk = tmp_path / "disk"
-    flags = ("--disk", str(disk), "--disk-bytes", "64MiB", "--host-blocks", "32",
+    flags = ("--disk", str(disk), "--disk-bytes", "64MiB", "--host-bytes", "24MiB",
              "--policy", "write-through", "--served-model-name", "tiny")
     messages = [{"role": "system", "content": SYSTEM}, *user("Do you bake rye bread?")]
     with running_server(tmp_path / "a", cache, *flags) as srv:
@@ -622,7 +622,8 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(("args", "message"), [
     (("--disk-bytes", "lots"), "not a size"),
     (("--port", "70000"), "not a TCP port"),
-    (("--gpu-blocks", "0"), "must be >= 1"),
+    (("--gpu-kv-bytes", "lots"), "not a size"),
+    (("--max-num-seqs", "0"), "must be >= 1"),
     (("--dtype", "int3"), "invalid choice"),
 ])
 def test_bad_flags_are_clear_errors(args: Sequence[str], message: str) -> None:
@@ -633,8 +634,8 @@ def test_bad_flags_are_clear_errors(args: Sequence[str], message: str) -> None:
 def test_help_names_every_flag() -> None:
     out = _cli("--help")
     assert out.returncode == 0
-    for flag in ("--model", "--host", "--port", "--device", "--dtype", "--gpu-blocks",
-                 "--host-blocks", "--disk", "--disk-bytes", "--redis", "--remote",
+    for flag in ("--model", "--host", "--port", "--device", "--dtype", "--gpu-kv-bytes",
+                 "--host-bytes", "--disk", "--disk-bytes", "--redis", "--remote",
                  "--max-num-seqs", "--served-model-name", "--api-key", "--model-cache-dir"):
         assert flag in out.stdout
     assert "/v1/chat/completions" in out.stdout and "KVSTORE_API_KEY" in out.stdout
@@ -642,8 +643,120 @@ def test_help_names_every_flag() -> None:
 
 def test_a_port_in_use_fails_cleanly(server: Server, cache: Path) -> None:
     port = server.url.rsplit(":", 1)[1]
-    out = _cli("--port", port, "--device", "cpu", "--dtype", "float32", "--gpu-blocks", "16",
+    out = _cli("--port", port, "--device", "cpu", "--dtype", "float32", "--gpu-kv-bytes", "12MiB",
+               "--no-disk",
                "--model-cache-dir", str(cache), timeout=300)
     assert out.returncode == 1 and "cannot start" in out.stderr
     assert "Traceback" not in out.stderr
 
+
+
+# ---------------------------------------------------------------------------- first-hour findings
+
+
+def _scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, _, text = server.http("GET", "/metrics")
+    assert status == 200
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_show_requests_tokens_and_prefix_cache_hits(server: Server,
+                                                            client: openai.OpenAI) -> None:
+    before = _scrape(server)
+    turn1 = [{"role": "system", "content": "You answer about Lisbon. " + SYSTEM},
+             *user("Where is the castle?")]
+    first = chat(client, turn1)
+    second = chat(client, [*turn1, {"role": "assistant",
+                                    "content": first.choices[0].message.content},
+                           *user("And the tram?")])
+    after = _scrape(server)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0
+    assert delta("kvstore_prefix_cache_hits_total", tier="gpu") >= cached
+    assert delta("kvstore_prefix_cache_queries_total") >= (first.usage.prompt_tokens
+                                                           + second.usage.prompt_tokens - 2)
+    assert delta("kvstore_serve_prompt_tokens_total") == (first.usage.prompt_tokens
+                                                          + second.usage.prompt_tokens)
+    assert delta("kvstore_serve_generation_tokens_total") == (
+        first.usage.completion_tokens + second.usage.completion_tokens)
+    assert delta("kvstore_serve_time_to_first_token_seconds_count") == 2
+    tokens_after_first = first.usage.completion_tokens + second.usage.completion_tokens - 2
+    assert delta("kvstore_serve_inter_token_latency_seconds_count") == tokens_after_first
+    assert delta("kvstore_serve_requests_total", endpoint="chat_completions", code="200") == 2
+    assert after[("kvstore_serve_sequences_running", ())] == 0
+    assert after[("kvstore_kv_pool_capacity_blocks", (("pool", "gpu"),))] == 256
+    assert 0 < after[("kvstore_kv_pool_usage_ratio", (("pool", "gpu"),))] <= 1
+    assert ("kvstore_serve_preemptions_total", ()) in after
+    assert ("kvstore_tier_errors_total", (("tier", "disk"),)) in after  # the default disk tier
+
+
+def test_n_choices_count_the_prompt_once_as_documented(client: openai.OpenAI) -> None:
+    chat(client, user(QUESTION), max_tokens=4)  # warm the prefix cache
+    double = chat(client, user(QUESTION), max_tokens=4, n=2)
+    single = chat(client, user(QUESTION), max_tokens=4)
+    assert double.usage.prompt_tokens == single.usage.prompt_tokens
+    assert (double.usage.prompt_tokens_details.cached_tokens
+            == single.usage.prompt_tokens_details.cached_tokens > 0)
+    assert double.usage.completion_tokens == 2 * single.usage.completion_tokens
+    doc = (ROOT / "docs" / "server.md").read_text()
+    assert "counted once per prompt" in doc
+    assert "summed over the choices and prompts" not in doc
+
+
+def test_a_huge_prompt_is_refused_before_tokenizing(server: Server) -> None:
+    """A 10 MB prompt cannot fit the context: it is refused from its size, with the limit
+    named, and the server keeps answering."""
+    text = "word " * (2 << 20)
+    status, body, _ = server.http("POST", "/v1/chat/completions", json.dumps({
+        "model": "smollm2", "messages": [{"role": "user", "content": text}]}).encode())
+    assert status == 400 and body is not None
+    assert "refused before tokenizing" in body["error"]["message"]
+    assert body["error"]["param"] == "messages"
+    status, body, _ = server.http("POST", "/v1/completions", json.dumps({
+        "model": "smollm2", "prompt": text, "max_tokens": 1}).encode())
+    assert status == 400 and "refused before tokenizing" in body["error"]["message"]  # type: ignore[index]
+    assert server.http("GET", "/healthz")[0] == 200
+
+
+def test_llm_refuses_malformed_chat_messages(reference: LLM) -> None:
+    for messages, where in (([{"role": "user"}], "messages[0]['content']"),
+                            ([{"content": "hi"}], "messages[0]['role']"),
+                            ([{"role": "user", "content": "hi"}, "text"], "messages[1]")):
+        with pytest.raises(ValueError, match=re.escape(where)):
+            reference.chat(messages)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_one_line() -> None:
+    out = _cli("--device", "cuda", "--no-disk", timeout=300)
+    assert out.returncode == 1 and "no CUDA device" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_listening_beyond_loopback_needs_an_api_key() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "KVSTORE_API_KEY"}
+    out = subprocess.run([sys.executable, "-m", "kvstore", "serve", "--host", "0.0.0.0"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert out.returncode == 2 and "refusing to listen on 0.0.0.0" in out.stderr
+    assert "KVSTORE_API_KEY" in out.stderr
+
+
+def test_model_conversions_go_under_kvstore_home(tmp_path: Path) -> None:
+    code = ("from engine.llm import LLM; LLM('smollm2', device='cpu', dtype='float32', "
+            "gpu_blocks=4).close()")
+    env = dict(os.environ, KVSTORE_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert any((tmp_path / "home" / "models").iterdir())

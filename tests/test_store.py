@@ -106,7 +106,8 @@ def test_out_of_blocks_is_a_typed_result():
 
 
 def test_write_back_cascade_gpu_host_disk_and_promotion_back(tmp_path):
-    store = make_store(tmp_path, gpu_blocks=4, host_blocks=4, disk=True)
+    # Publication off: blocks reach the disk only by demotion, which is what this checks.
+    store = make_store(tmp_path, gpu_blocks=4, host_blocks=4, disk=True, publish=False)
     a, b, c = tokens(1, 4 * BS), tokens(2, 4 * BS), tokens(3, 4 * BS)
     serve(store, a)
     serve(store, b)  # a -> host
@@ -366,3 +367,109 @@ def test_chain_rejects_mismatched_namespace():
     with pytest.raises(ValueError, match="block_size"):
         store.chain([1, 2, 3], Namespace("m", block_size=16))
     assert isinstance(store.chain(list(range(9)), NS), BlockChain)
+
+
+# ------------------------------------------------- sharing by default
+
+
+@pytest.mark.parametrize("shared", ["disk", "redis"])
+def test_committed_blocks_reach_shared_tiers_without_eviction(shared, tmp_path, redis_server):
+    kw = dict(gpu_blocks=16)
+    if shared == "disk":
+        kw.update(disk_path=str(tmp_path / "disk"), disk_bytes=64 * LAYOUT.block_bytes)
+    else:
+        kw.update(redis_url=redis_server.url)
+    first = make_store(**kw)  # write-back, the default policy: nothing is evicted here
+    toks = tokens(31, 5 * BS + 3)
+    lease = run_request(first, toks)  # still held: its blocks stay on the GPU
+    first.flush()
+    s = first.stats()
+    assert s.evictions == {} and s.index.blocks[shared] == 5  # recorded once stored
+    assert s.blocks_moved[f"gpu->{shared}"] == 5
+    first.release(lease)
+    first.check_integrity()
+    first.close()  # one LMDB environment per process: the next store is another engine
+    second = make_store(**kw)
+    assert serve(second, toks) == {shared: 5 * BS}
+    second.close()
+
+
+def test_failed_publication_is_not_recorded(redis_server):
+    store = make_store(gpu_blocks=16, redis_url=redis_server.url)
+    redis_server.kill()
+    serve(store, tokens(32, 4 * BS))
+    store.flush()
+    s = store.stats()
+    assert s.index.blocks["redis"] == 0  # the put failed: the index does not claim it
+    assert store.mover.puts_failed["redis"] == 4 and s.tier_errors["redis"] >= 1
+    store.check_integrity()
+    store.close()
+
+
+def test_failed_write_through_and_demotion_are_not_recorded(redis_server):
+    store = make_store(gpu_blocks=4, host_blocks=4, redis_url=redis_server.url,
+                       policy="write-through")
+    a, b, c = tokens(33, 4 * BS), tokens(34, 4 * BS), tokens(35, 4 * BS)
+    serve(store, a)
+    store.flush()
+    assert store.stats().index.blocks["redis"] == 4
+    redis_server.kill()
+    serve(store, b)  # a -> dropped from GPU (its host copy stays)
+    serve(store, c)  # b demoted; host full: a's host copy leaves, Redis holds it still
+    store.flush()
+    s = store.stats()
+    assert s.index.blocks["redis"] == 4  # a only: b and c never reached Redis
+    store.check_integrity()
+    store.close()
+
+
+def test_full_publication_queue_drops_and_counts(tmp_path):
+    store = make_store(tmp_path, gpu_blocks=16, disk=True,
+                       publish_queue_bytes=2 * LAYOUT.block_bytes)
+    serve(store, tokens(36, 6 * BS))  # one commit of six blocks: two fit the queue
+    store.flush()
+    s = store.stats()
+    assert s.publish_dropped == 4 and s.index.blocks["disk"] == 2
+    store.close()
+
+
+def test_pipelined_load_over_many_batches_truncates_at_first_corrupt_block(tmp_path):
+    kw = dict(gpu_blocks=32, load_batch_bytes=2 * LAYOUT.block_bytes, load_workers=3)
+    store = make_store(tmp_path, disk=True, **kw)
+    toks = tokens(37, 14 * BS)
+    serve(store, toks)
+    store.close()
+    chain = hash_blocks(NS.root(), toks, BS)
+    fresh = make_store(tmp_path, disk=True, **kw)  # 7 batches on 3 workers
+    assert serve(fresh, toks) == {"disk": 14 * BS}  # run_request checked every byte
+    assert fresh.stats().blocks_moved["disk->gpu"] == 14
+    fresh.close()
+    env = lmdb.open(str(tmp_path / "disk"), max_dbs=16)
+    db = env.open_db(b"blocks")
+    with env.begin(write=True, db=db) as txn:
+        raw = bytearray(txn.get(chain.keys[9]))
+        raw[-3] ^= 0x55
+        txn.put(chain.keys[9], bytes(raw))
+    env.close()
+    third = make_store(tmp_path, disk=True, **kw)
+    assert serve(third, toks) == {"disk": 9 * BS}
+    assert third.stats().corrupt_blocks >= 1
+    third.close()
+
+
+def test_simulation_imports_no_torch():
+    code = ("import sys\n"
+            "from kvstore.config import StoreConfig\n"
+            "from kvstore.store import KVStore\n"
+            "import bench.hit_rate\n"
+            "store = KVStore(StoreConfig.simulation(block_size=4, gpu_blocks=4, host_blocks=4,"
+            " disk_blocks=8))\n"
+            "for i in range(6):\n"
+            "    keys = [bytes([i, j]) * 8 for j in range(3)]\n"
+            "    store.replay(keys, [bytes(16)] * 3, 12)\n"
+            "store.check_integrity()\n"
+            "assert 'torch' not in sys.modules, 'simulation imported torch'\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

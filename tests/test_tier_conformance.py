@@ -9,7 +9,8 @@ does not make are skipped for it.
 Counting contract checked here (per key, not per call): ``get`` adds ``len(keys)`` to
 ``gets`` and each key to ``hits`` (verified block returned) or ``misses`` (absent,
 corrupt or failed; a closed tier answers misses); ``bytes_read`` adds the bytes
-returned; ``put`` adds stored pairs to ``puts`` and their bytes to ``bytes_written``;
+returned; ``put`` adds stored pairs to ``puts`` and their bytes to ``bytes_written``,
+and returns a :class:`tiers.base.PutResult` naming the keys it stored;
 each value that fails verification adds 1 to ``corrupt``. ``contains_prefix`` counts
 nothing.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from radix.hashing import Namespace, hash_blocks
-from tiers.base import HashTier, TierStats
+from tiers.base import HashTier, PutResult, TierStats
 from tiers.codec import encode_block
 from tiers.layout import KVLayout
 from tiers.lmdb import LMDBTier
@@ -115,7 +116,7 @@ _http_disks: dict[str, Path] = {}
 def http_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, Path]]:
     """One real daemon and its disk directory (disk tier only, so a value damaged in its
     LMDB is what it serves)."""
-    from kvstore.daemon import DaemonProcess
+    from bench.servers import DaemonProcess
     disk = tmp_path_factory.mktemp("daemon-disk")
     with DaemonProcess(["--memory-bytes", "0", "--disk", str(disk), "--disk-bytes",
                         str(HTTP_DISK_BYTES), "--max-namespaces", "1000"],
@@ -297,6 +298,19 @@ def test_very_large_batch(opened: Opened) -> None:
         assert tier.stats().bytes_used == 3000 * BLOCK_BYTES
 
 
+def test_put_reports_the_keys_it_stored(opened: Opened) -> None:
+    tier = opened.tier
+    items = blocks(5)
+    result = tier.put(items)
+    assert result == PutResult(stored=frozenset(keys_of(items)), bytes_stored=5 * BLOCK_BYTES)
+    assert result.count == 5
+    twice = tier.put([items[0], items[0]])
+    assert (twice.stored, twice.bytes_stored) == ({items[0][0]}, BLOCK_BYTES)
+    assert tier.put([]) == PutResult()
+    tier.close()
+    assert tier.put(blocks(2, seed=4)) == PutResult()
+
+
 # ---------------------------------------------------------------- contains_prefix and delete
 
 
@@ -382,6 +396,14 @@ def test_a_batch_larger_than_capacity_keeps_its_newest_blocks(
     assert tier.stats().evictions == 4
 
 
+def test_put_does_not_report_blocks_it_evicted_again(
+        tier_factory: Callable[[int], Opened]) -> None:
+    tier = lru_tier(tier_factory, 3)
+    b = blocks(5)
+    assert tier.put(b).stored == set(keys_of(b[2:]))
+    assert tier.put(b[:1]).stored == {b[0][0]}
+
+
 def test_a_block_larger_than_capacity_is_not_stored_and_evicts_nothing(
         tier_factory: Callable[[int], Opened]) -> None:
     opened = tier_factory(BLOCK_BYTES + 10)
@@ -395,7 +417,7 @@ def test_a_block_larger_than_capacity_is_not_stored_and_evicts_nothing(
     big = encode_block(chain.keys[0], chain.root, chain.blocks[0], big_layout,
                        os.urandom(big_layout.block_bytes))
     tier.put(small)
-    tier.put([(chain.keys[0], big)])
+    assert tier.put([(chain.keys[0], big)]) == PutResult()
     assert tier.get([chain.keys[0], small[0][0]]) == [None, small[0][1]]
     assert tier.stats().evictions == 0
 

@@ -3,7 +3,8 @@
 Batch-first: every call takes or returns a batch, so a network tier pays one round
 trip per batch. Keys are 16-byte block keys (``radix.hashing``); values are encoded
 blocks (``tiers.codec``). Tiers never raise for a backend failure: a failed read is a
-miss, a failed write is dropped, and both are counted in ``stats()``.
+miss, a failed write is dropped, and both are counted in ``stats()``. ``put`` says what
+it stored (:class:`PutResult`), so a dropped write is never recorded as stored.
 """
 
 from __future__ import annotations
@@ -33,6 +34,34 @@ class TierStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PutResult:
+    """What one ``put`` stored.
+
+    ``stored``: the keys whose block this call committed to the backend (an LMDB commit,
+    a Redis reply, the daemon's acknowledgment) and that a later pair of the same call
+    did not evict again, each key once. ``bytes_stored``: the encoded bytes of those
+    blocks (the last value put for each key). A key of the batch that is not in
+    ``stored`` was dropped (backend failure, too large, no room) and must not be
+    recorded as held by the tier. The tier may still evict a stored key later.
+    """
+
+    stored: frozenset[bytes] = frozenset()
+    bytes_stored: int = 0
+
+    @property
+    def count(self) -> int:
+        """How many distinct keys were stored (blocks)."""
+        return len(self.stored)
+
+    @staticmethod
+    def of(items: Sequence[tuple[bytes, bytes]], keys: set[bytes] | frozenset[bytes]
+           ) -> PutResult:
+        """The result for ``keys`` stored out of ``items`` (last value per key counts)."""
+        sizes = {key: len(value) for key, value in items}
+        return PutResult(stored=frozenset(keys), bytes_stored=sum(sizes[k] for k in keys))
+
+
 class HashTier(Protocol):
     """A store of encoded blocks addressed by key."""
 
@@ -46,8 +75,9 @@ class HashTier(Protocol):
         """Verified encoded blocks, ``None`` for a miss, a corrupt block or a failure."""
         ...
 
-    def put(self, items: Sequence[tuple[bytes, bytes]]) -> None:
-        """Store ``(key, encoded block)`` pairs, evicting if the tier is full."""
+    def put(self, items: Sequence[tuple[bytes, bytes]]) -> PutResult:
+        """Store ``(key, encoded block)`` pairs, evicting if the tier is full; returns
+        what was stored (an empty result for a closed tier or an empty batch)."""
         ...
 
     def delete(self, keys: Sequence[bytes]) -> None:

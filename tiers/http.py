@@ -2,7 +2,7 @@
 
 URL: ``http://host[:port][/base]`` or ``https://...``; requests go to
 ``{base}/v1/{namespace}/{exists|get|put|delete}`` with msgpack bodies (the protocol is
-documented in ``kvstore/daemon.py`` and ``docs/daemon.md``). ``namespace`` selects the
+``tiers.wire``; ``docs/daemon.md`` has the operator's view). ``namespace`` selects the
 tenant on the daemon; ``token`` is sent as ``Authorization: Bearer <token>``.
 
 Batches larger than ``max_batch`` keys or ``max_request_bytes`` of body are split into
@@ -17,14 +17,15 @@ corrupt in its own tiers (and deleted) are reported in its reply and counted the
 Failure contract (``tiers.base``, the same as ``tiers.redis``): no method raises for a
 daemon or network failure. Connecting is bounded by ``connect_timeout_s`` and every
 socket read or write by ``timeout_s`` (seconds; each wait for bytes, not a whole batch).
-A failed round trip (connection refused or reset, timeout, 5xx other than 503) opens a
+A failed round trip (connection refused or reset, timeout, 5xx other than 503, 507) opens a
 circuit breaker for a backoff interval (``backoff_s`` doubling per consecutive failure,
 up to ``backoff_max_s``) during which calls answer misses without touching the network;
 after it one call goes through as a probe and any HTTP reply closes the breaker.
 Failures count in ``stats().errors``, short-circuited calls in
 ``extra["short_circuited"]``; each outage is logged once when it starts and once when it
 ends (logger ``tiers.http``). A 4xx reply (bad token, limits) or 503 (daemon busy) is a
-counted error and a miss, logged once per status, and does not open the breaker.
+counted error and a miss, logged once per status, and does not open the breaker; so is
+507 (a put that none of the daemon's tiers stored).
 
 Connections are pooled and kept alive; a pooled connection the daemon closed (idle
 timeout, restart) is detected on use and the request is sent once more on a fresh
@@ -38,43 +39,38 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import re
 import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import msgpack
 
 from radix.hashing import KEY_BYTES
-from tiers.base import TierStats
+from tiers.base import PutResult, TierStats
 from tiers.breaker import CircuitBreaker
 from tiers.codec import verify_block
+from tiers.wire import (
+    CONTENT_TYPE,
+    DATA_OPS,
+    NAMESPACE_PATTERN,
+    TOKEN_RE,
+    encode_keys,
+    encode_put_body,
+    op_path,
+    valid_namespace,
+)
 
 logger = logging.getLogger(__name__)
-
-NAMESPACE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
-"""Valid daemon namespaces: 1 to 64 characters, ASCII letters, digits, ``_ . -``, not
-starting with a punctuation mark (safe as a directory name and a Redis key prefix)."""
-
-NAMESPACE_RE = re.compile(NAMESPACE_PATTERN)
-
-TOKEN_RE = re.compile(r"[\x21-\x7e]{1,4096}")
-"""A bearer token: 1 to 4096 visible ASCII characters (no spaces or control characters)."""
-
-CONTENT_TYPE = "application/msgpack"
 
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
           ConnectionAbortedError)
 """Errors that, on a reused keep-alive connection, mean the daemon had closed it."""
+_NOT_OUTAGES = (503, 507)
+"""5xx replies of a daemon that is up: busy, or a put none of its tiers could store."""
 _ITEM_OVERHEAD = 32
 """Upper bound of the msgpack framing of one ``[key, value]`` pair (bytes)."""
-
-
-def valid_namespace(namespace: object) -> bool:
-    """True when ``namespace`` is a str matching :data:`NAMESPACE_PATTERN`."""
-    return isinstance(namespace, str) and NAMESPACE_RE.fullmatch(namespace) is not None
 
 
 class _Connection(http.client.HTTPConnection):
@@ -176,9 +172,7 @@ class HTTPTier:
         self._host = parts.hostname
         self._port = port or (443 if self._tls else 80)
         self._ssl_context = ssl_context
-        base = parts.path.rstrip("/")
-        self._paths = {op: f"{base}/v1/{quote(namespace)}/{op}"
-                       for op in ("exists", "get", "put", "delete")}
+        self._paths = {op: op_path(parts.path, namespace, op) for op in DATA_OPS}
         self._headers = {"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE}
         if token is not None:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -202,7 +196,7 @@ class HTTPTier:
         for chunk in _chunks(keys, self.max_batch):
             if self._closed:
                 break
-            reply = self._call("exists", {"keys": list(chunk)})
+            reply = self._call("exists", encode_keys(chunk))
             count = reply.get("count") if reply is not None else None
             if type(count) is not int or not 0 <= count <= len(chunk):
                 if reply is not None:
@@ -225,7 +219,7 @@ class HTTPTier:
         for chunk in _chunks(keys, self.max_batch):
             if self._closed:
                 break
-            reply = self._call("get", {"keys": list(chunk)})
+            reply = self._call("get", encode_keys(chunk))
             if reply is not None:
                 values, reported = reply.get("values"), reply.get("corrupt", 0)
                 if (type(values) is not list or len(values) != len(chunk)
@@ -246,25 +240,35 @@ class HTTPTier:
                     bytes_read=sum(len(v) for v in hits), corrupt=corrupt)
         return out
 
-    def put(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+    def put(self, items: Sequence[tuple[bytes, bytes]]) -> PutResult:
         """Store ``(key, encoded block)`` pairs (split into requests within the batch and
-        body limits). Best effort: a request that fails is dropped and counted in
-        ``stats().errors``; the daemon rejects a whole request that holds an invalid
-        block (a counted 400)."""
+        body limits); returns the keys of the requests the daemon acknowledged in full.
+        Best effort: a request that fails is dropped and counted in ``stats().errors``;
+        the daemon rejects a whole request that holds an invalid block (a counted 400).
+        A reply that stored only part of a request counts those blocks in ``puts`` and
+        one error but, since it does not name them, reports none of its keys as stored."""
         _check_keys(key for key, _ in items)
         if not items or self._closed:
-            return
+            return PutResult()
+        held: set[bytes] = set()
         for chunk in self._put_chunks(items):
             if self._closed:
-                return
+                break
             reply = self._call("put", encode_put_body(chunk))
             if reply is None:
                 continue
             stored = reply.get("stored")
-            if type(stored) is not int or stored != len(chunk):
+            if type(stored) is not int or not 0 <= stored <= len(chunk):
                 self._protocol_error("put reply without a valid stored count")
                 continue
+            if stored < len(chunk):  # the daemon's tiers refused some (full, failing)
+                self._count(puts=stored, errors=1)
+                self._warn_once("partial put", f"http tier {self.name!r}: the daemon "
+                                f"stored {stored} of {len(chunk)} blocks")
+                continue
+            held.update(key for key, _ in chunk)
             self._count(puts=stored, bytes_written=sum(len(v) for _, v in chunk))
+        return PutResult.of(items, held)
 
     def delete(self, keys: Sequence[bytes]) -> None:
         """Remove keys; absent keys are ignored, failures dropped and counted."""
@@ -272,7 +276,7 @@ class HTTPTier:
         for chunk in _chunks(keys, self.max_batch):
             if self._closed:
                 return
-            self._call("delete", {"keys": list(chunk)})
+            self._call("delete", encode_keys(chunk))
 
     def stats(self) -> TierStats:
         """A snapshot of this client's counters (no network call).
@@ -336,16 +340,15 @@ class HTTPTier:
         if chunk:
             yield chunk
 
-    def _call(self, op: str, payload: dict[str, Any] | bytes) -> dict[str, Any] | None:
-        """One request to endpoint ``op`` with ``payload`` (a map, or a body already
-        encoded); the decoded reply map, or ``None`` after a counted failure or when the
-        breaker refused the call."""
+    def _call(self, op: str, body: bytes) -> dict[str, Any] | None:
+        """One request to endpoint ``op`` with an encoded ``body`` (``tiers.wire``); the
+        decoded reply map, or ``None`` after a counted failure or when the breaker
+        refused the call."""
         if self._closed:
             return None
         if not self._breaker.allow():
             self._bump("short_circuited")
             return None
-        body = payload if isinstance(payload, bytes) else msgpack.packb(payload, use_bin_type=True)
         try:
             status, data = self._round_trip(self._paths[op], body)
         except _Failure as fail:
@@ -394,7 +397,7 @@ class HTTPTier:
                 conn.close()
             else:
                 self._release(conn)
-            if resp.status >= 500 and resp.status != 503:
+            if resp.status >= 500 and resp.status not in _NOT_OUTAGES:
                 raise _Failure(f"status {resp.status}", _error_text(data), outage=True)
             return resp.status, data
         raise AssertionError("unreachable")  # pragma: no cover
@@ -457,48 +460,6 @@ class HTTPTier:
         logger.warning("%s (logged once per error type)", message)
 
 
-# -- wire format -------------------------------------------------------------------------
-# The two large messages (a put body, a get reply) are framed by hand: one join of the
-# blocks instead of msgpack's growing buffer (about 2.5 copies of every block). The bytes
-# are exactly what ``msgpack.packb(..., use_bin_type=True)`` writes.
-
-
-def _array_header(n: int) -> bytes:
-    if n < 16:
-        return bytes((0x90 | n,))
-    if n < 1 << 16:
-        return b"\xdc" + n.to_bytes(2, "big")
-    return b"\xdd" + n.to_bytes(4, "big")
-
-
-def _bin_header(n: int) -> bytes:
-    if n < 1 << 8:
-        return b"\xc4" + n.to_bytes(1, "big")
-    if n < 1 << 16:
-        return b"\xc5" + n.to_bytes(2, "big")
-    return b"\xc6" + n.to_bytes(4, "big")
-
-
-def encode_put_body(items: Sequence[tuple[bytes, bytes]]) -> bytes:
-    """The msgpack body of a put request: ``{"items": [[key, block], ...]}``."""
-    parts = [b"\x81\xa5items", _array_header(len(items))]
-    for key, value in items:
-        parts += (b"\x92", _bin_header(len(key)), key, _bin_header(len(value)), value)
-    return b"".join(parts)
-
-
-def encode_get_reply(values: Sequence[bytes | None], corrupt: int) -> bytes:
-    """The msgpack reply of a get: ``{"values": [block | nil, ...], "corrupt": n}``."""
-    parts = [b"\x82\xa6values", _array_header(len(values))]
-    for value in values:
-        if value is None:
-            parts.append(b"\xc0")
-        else:
-            parts += (_bin_header(len(value)), value)
-    parts += (b"\xa7corrupt", msgpack.packb(corrupt))
-    return b"".join(parts)
-
-
 def _check_keys(keys: Any) -> None:
     for key in keys:
         if type(key) is not bytes or len(key) != KEY_BYTES:
@@ -519,5 +480,4 @@ def _error_text(data: bytes) -> str:
     return str(message)[:500]
 
 
-__all__ = ["HTTPTier", "NAMESPACE_PATTERN", "NAMESPACE_RE", "TOKEN_RE", "encode_get_reply",
-           "encode_put_body", "valid_namespace"]
+__all__ = ["HTTPTier"]

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from radix.hashing import KEY_BYTES
-from tiers.base import TierStats
+from tiers.base import PutResult, TierStats
 from tiers.codec import verify_block
 
 
@@ -168,15 +168,16 @@ class MemoryTier:
             s.corrupt += corrupt
         return out
 
-    def put(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+    def put(self, items: Sequence[tuple[bytes, bytes]]) -> PutResult:
         """Store ``(key, encoded block)`` pairs in order, evicting least-recently-used
-        blocks (of any partition) to stay within the capacity. A key already stored is
-        replaced; within a batch the last pair for a key wins."""
+        blocks (of any partition) to stay within the capacity; returns the keys stored.
+        A key already stored is replaced; within a batch the last pair for a key wins."""
         _check_keys(key for key, _ in items)
         if not items or self._closed:
-            return
+            return PutResult()
         pool, prefix = self._pool, self._prefix
         stored = written = rejected = 0
+        held: set[bytes] = set()
         with pool.lock:
             for key, value in items:
                 value = bytes(value)
@@ -187,13 +188,16 @@ class MemoryTier:
                 full = prefix + key
                 pool.remove(full)
                 while pool.bytes_used + size > pool.capacity_bytes:
-                    _, oldest = pool.entries.popitem(last=False)
+                    oldest_key, oldest = pool.entries.popitem(last=False)
                     pool.bytes_used -= oldest.size
                     owner = oldest.owner
                     owner._blocks -= 1
                     owner._bytes_used -= oldest.size
                     owner._stats.evictions += 1
+                    if owner is self:
+                        held.discard(oldest_key[len(prefix):])
                 pool.entries[full] = _Entry(value, size, self)
+                held.add(key)
                 pool.bytes_used += size
                 self._blocks += 1
                 self._bytes_used += size
@@ -202,6 +206,7 @@ class MemoryTier:
             self._stats.puts += stored
             self._stats.bytes_written += written
             self._rejected += rejected
+        return PutResult.of(items, held)
 
     def delete(self, keys: Sequence[bytes]) -> None:
         """Remove keys; absent keys are ignored."""

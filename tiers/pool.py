@@ -28,15 +28,17 @@ import heapq
 import logging
 import mmap
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from tiers import block_copy
 from tiers.layout import KVLayout
+from tiers.slots import AllocResult, IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -86,24 +88,6 @@ STAGE_CHUNK_BYTES = 16 << 20
 engine moves chunk ``k``."""
 
 _PAGE_BYTES = mmap.PAGESIZE
-
-
-class AllocResult(NamedTuple):
-    """Outcome of :meth:`SlotPool.alloc`.
-
-    ``ok`` is False when the pool had fewer free slots than asked for; then ``slots`` is
-    empty and nothing was allocated. Truthiness follows ``ok``.
-    """
-
-    slots: tuple[int, ...]
-    ok: bool
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-
-class IntegrityError(AssertionError):
-    """The pool's slot bookkeeping is inconsistent (a bug, never a user error)."""
 
 
 def _as_device(device: str | torch.device) -> torch.device:
@@ -531,7 +515,8 @@ class Transfer:
     def __init__(self, n_blocks: int, nbytes: int, strategy: str,
                  event: torch.cuda.Event | None = None, device: torch.device | None = None,
                  finalize: Callable[[], None] | None = None,
-                 keepalive: Sequence[Any] = ()) -> None:
+                 keepalive: Sequence[Any] = (), start: torch.cuda.Event | None = None,
+                 seconds: float | None = None) -> None:
         self.n_blocks = n_blocks
         """Blocks copied."""
         self.nbytes = nbytes
@@ -543,6 +528,18 @@ class Transfer:
         self._finalize = finalize
         self._keepalive = keepalive  # pools and staging buffers, until complete
         self._lock = threading.Lock()
+        self._start = start
+        self._seconds = seconds
+
+    @property
+    def seconds(self) -> float | None:
+        """Seconds the copy took: the wall time of a synchronous copy between CPU pools;
+        for CUDA, the device time from when the side stream reached the copy to its end
+        (``None`` until complete)."""
+        if self._seconds is None and self._start is not None and self._event is not None \
+                and self._event.query():
+            self._seconds = self._start.elapsed_time(self._event) / 1e3
+        return self._seconds
 
     def __del__(self) -> None:
         # Dropped before completion (e.g. after wait_on_stream only): what it keeps
@@ -702,12 +699,13 @@ def copy_slots(src: SlotPool, src_slots: Sequence[int], dst: SlotPool,
     if n == 0:
         return Transfer(0, 0, resolved)
     if src.device.type == "cpu" and dst.device.type == "cpu":
+        t0 = time.perf_counter()
         if resolved == "runs":
             _copy_runs(src._flat, dst._flat, runs, non_blocking=False)
         else:
             _gather_scatter(src._flat, dst._flat, s_list, d_list,
                             same_storage=src is dst)
-        return Transfer(n, nbytes, resolved)
+        return Transfer(n, nbytes, resolved, seconds=time.perf_counter() - t0)
     return _copy_cuda(src, s_list, dst, d_list, runs, resolved)
 
 
@@ -808,6 +806,8 @@ def _copy_cuda(src: SlotPool, s_list: list[int], dst: SlotPool, d_list: list[int
     finalize: Callable[[], None] | None = None
     keepalive: list[Any] = [src, dst]
     with torch.cuda.device(device), torch.cuda.stream(stream):
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
         if strategy == "runs":
             _copy_runs(src._flat, dst._flat, runs, non_blocking=True)
         elif strategy == "index":
@@ -823,10 +823,10 @@ def _copy_cuda(src: SlotPool, s_list: list[int], dst: SlotPool, d_list: list[int
             _staged_h2d(src, s_list, dst, d_list, keepalive)
         else:
             finalize = _staged_d2h(src, s_list, dst, d_list)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(enable_timing=True)
         event.record(stream)
     return Transfer(n, n * src.block_bytes, strategy, event=event, device=device,
-                    finalize=finalize, keepalive=keepalive)
+                    finalize=finalize, keepalive=keepalive, start=start)
 
 
 def _staged_h2d(src: SlotPool, s_list: list[int], dst: SlotPool, d_list: list[int],

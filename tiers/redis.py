@@ -60,7 +60,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import MovedError, RedisError, ResponseError
 from redis.retry import Retry
 
-from tiers.base import TierStats
+from tiers.base import PutResult, TierStats
 from tiers.breaker import CircuitBreaker
 from tiers.codec import verify_block
 
@@ -357,15 +357,16 @@ class RedisTier:
                     corrupt=len(corrupt))
         return out
 
-    def put(self, items: Sequence[tuple[bytes, bytes]]) -> None:
-        """Store ``(key, encoded block)`` pairs (SET, with ``PX`` when ``ttl_s`` is set).
+    def put(self, items: Sequence[tuple[bytes, bytes]]) -> PutResult:
+        """Store ``(key, encoded block)`` pairs (SET, with ``PX`` when ``ttl_s`` is set);
+        returns the keys whose SET the server acknowledged.
 
         Best effort: a write that fails is dropped and counted in ``stats().errors``.
         A key that is not ``bytes`` or a value that is not bytes-like is a programming
         error: ``TypeError``, raised before anything is sent.
         """
         if not items or self._closed:
-            return
+            return PutResult()
         rkeys = [self._prefix + k for k, _ in items]
         for _, value in items:
             if not isinstance(value, bytes | bytearray | memoryview):
@@ -377,6 +378,10 @@ class RedisTier:
             done = self._run(rkeys, lambda i: ("SET", rkeys[i], items[i][1], "PX", px))
         ok = [i for i, r in enumerate(done) if r is not _MISS]
         self._count(puts=len(ok), bytes_written=sum(len(items[i][1]) for i in ok))
+        acked = {items[i][0] for i in ok}
+        # a key with a failed SET in the batch holds an unknown value: not reported
+        acked -= {items[i][0] for i, r in enumerate(done) if r is _MISS}
+        return PutResult.of(items, acked)
 
     def delete(self, keys: Sequence[bytes]) -> None:
         """Remove keys (UNLINK: memory is freed off Redis' main thread); absent keys are

@@ -1,0 +1,376 @@
+"""TTFT cold vs cached from each tier, the load bandwidth next to its floors, and the
+cost model's decision: the TTFT part of ``kvstore bench engine``.
+
+A model of a named shape with random weights (``llama3-8b`` on CUDA, ``smollm2``
+anywhere; TTFT does not depend on weight values) answers a fresh 32-token question
+after a shared prefix of each requested length (tokens). Per prefix:
+
+- **cold**: prefix reuse off (an engine over a GPU-only store), median of ``--repeat``;
+- **cached from each tier**: the prefix's blocks are put in exactly one tier (the GPU
+  pool; host DRAM; the LMDB disk tier, page cache warm; Redis with ``--redis``) by
+  dropping the tiers above it, then a new question is asked. Two runs per tier:
+  *forced* (every hit loaded, to measure the load path: its GB/s is bytes landed in GPU
+  slots over the measured load seconds) and *cost-aware* (the store's cost model,
+  learning online from this run, decides how many blocks to load; its decision is
+  printed as blocks loaded / declined per tier).
+
+Floors measured in the same run: a raw pinned host -> device copy of the longest
+prefix's KV bytes (on CPU: a memory copy), the tier's own ``get`` of the same blocks
+(one thread and the load pipeline's thread count), and the xxh3 checksum rate of one
+core. Targets (issue 10): disk -> GPU >= 10 GB/s for Llama-3-8B blocks, host -> GPU
+>= 85% of the pinned copy, every cached TTFT <= 1.05x cold, disk at 8k <= 0.5x cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+QUESTION_TOKENS = 32
+
+
+@dataclass
+class Cell:
+    """One (prefix, source, mode) measurement."""
+
+    ttft_s: float
+    cached: dict[str, int]
+    loaded: dict[str, int] = field(default_factory=dict)
+    declined: dict[str, int] = field(default_factory=dict)
+    gbps: float | None = None
+
+
+@dataclass
+class Floors:
+    pinned_gbps: float
+    tier_get_gbps: dict[str, tuple[float, float]]  # tier -> (1 thread, N threads)
+    checksum_gbps: float
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ttft(engine, prompt: list[int], tag: str) -> tuple[float, dict[str, int]]:
+    from engine.sampling import SamplingParams
+
+    _sync(engine.model.device)
+    engine.add_request(tag, prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+    out = None
+    while engine.has_unfinished:
+        for o in engine.step():
+            if o.request_id == tag:
+                out = o
+    assert out is not None and out.ttft_s is not None
+    return out.ttft_s, dict(out.cached_tokens)
+
+
+class Sweep:
+    """The engines and stores of one run (see the module docstring)."""
+
+    def __init__(self, args: argparse.Namespace, model, device: torch.device,
+                 dtype: str, prefixes: list[int], tmp: str) -> None:
+        from engine.engine import Engine
+        from engine.scheduler import SchedulerConfig
+        from kvstore.config import StoreConfig
+        from kvstore.cost import CostModel
+        from kvstore.store import KVStore
+        from radix import Namespace
+        from tiers.layout import KVLayout
+
+        c = model.config
+        self.model = model
+        self.device = device
+        self.args = args
+        self.layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, 16, dtype)
+        bb = self.layout.block_bytes
+        longest = max(prefixes) + QUESTION_TOKENS + 16
+        blocks = -(-longest // 16)
+        self.ns = Namespace(f"bench-ttft-{args.shape}", dtype, 16)
+        self.learned = CostModel(bb, 16)  # shared by every store: learns from all runs
+        self.forced = CostModel(bb, 16, learn=False)  # no rates: every hit is loaded
+        sched = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=args.max_batched_tokens)
+        cold_sched = SchedulerConfig(max_num_seqs=4,
+                                     max_num_batched_tokens=args.max_batched_tokens,
+                                     enable_cache=False)
+        dev = device.type
+        common = dict(layout=self.layout, block_size=16, device=dev, policy="write-back",
+                      publish_queue_bytes=(blocks + 64) * bb,
+                      load_workers=args.load_workers, load_batch_bytes=args.load_batch_bytes)
+        cold_store = KVStore(StoreConfig(layout=self.layout, block_size=16,
+                                         gpu_blocks=2 * blocks + 64, device=dev),
+                             cost=self.learned)
+        self.cold = Engine(model, None, cold_store, self.ns, frozenset(), cold_sched)
+        total = sum(-(-(p + QUESTION_TOKENS) // 16) for p in prefixes) + 64 * len(prefixes)
+        disk_store = KVStore(StoreConfig(gpu_blocks=2 * blocks + 64, host_blocks=blocks + 64,
+                                         disk_path=f"{tmp}/disk",
+                                         disk_bytes=2 * (total + 64 * args.repeat) * (bb + 4096),
+                                         **common), cost=self.learned)
+        self.engines = {"disk": Engine(model, None, disk_store, self.ns, frozenset(), sched)}
+        if args.redis:
+            redis_store = KVStore(StoreConfig(gpu_blocks=2 * blocks + 64, redis_url=args.redis,
+                                              namespace=f"bench-ttft-{time.time_ns()}",
+                                              **common), cost=self.learned)
+            self.engines["redis"] = Engine(model, None, redis_store, self.ns, frozenset(), sched)
+        self.rng = random.Random(args.seed)
+        self.vocab = c.vocab_size
+
+    def tokens(self, n: int) -> list[int]:
+        return [self.rng.randrange(100, self.vocab) for _ in range(n)]
+
+    def close(self) -> None:
+        for engine in [self.cold, *self.engines.values()]:
+            engine.store.close()
+
+    def run_prefix(self, n: int) -> dict[tuple[str, str], Cell]:
+        """Every row of one prefix length: ``{(source, mode): Cell}``."""
+        args = self.args
+        prefix = self.tokens(n)
+        cells: dict[tuple[str, str], Cell] = {}
+        times = []
+        for r in range(args.repeat + 1):
+            t, _ = _ttft(self.cold, prefix + self.tokens(QUESTION_TOKENS), f"cold-{n}-{r}")
+            times.append(t)
+        cells[("cold", "")] = Cell(statistics.median(times[1:]), {})
+        sources = [("gpu", "disk"), ("host", "disk"), ("disk", "disk")]
+        if "redis" in self.engines:
+            sources.append(("redis", "redis"))
+        for eng_name in dict.fromkeys(name for _, name in sources):
+            engine = self.engines[eng_name]
+            engine.store.cost = self.forced
+            _ttft(engine, prefix + self.tokens(QUESTION_TOKENS), f"warm-{n}-{eng_name}")
+            engine.store.flush()  # publication reached the shared tier
+        for source, eng_name in sources:
+            engine = self.engines[eng_name]
+            for mode, cost in (("forced", self.forced), ("cost-aware", self.learned)):
+                engine.store.cost = cost
+                cells[(source, mode)] = self._cell(engine, prefix, source, n, mode)
+        return cells
+
+    def _place(self, engine, source: str) -> None:
+        """Drop the tiers above ``source`` so the prefix is served from it."""
+        store = engine.store
+        order = [t for t in ("gpu", "host", "disk") if t in store.tiers]
+        for upper in order[:order.index(source)] if source in order else order:
+            store.drop(upper)
+        store.flush()
+
+    def _cell(self, engine, prefix: list[int], source: str, n: int, mode: str) -> Cell:
+        store = engine.store
+        runs = []
+        for r in range(self.args.repeat + 1):  # the first run warms the path
+            self._place(engine, source)
+            before = store.stats()
+            t, cached = _ttft(engine, prefix + self.tokens(QUESTION_TOKENS),
+                              f"{source}-{mode}-{n}-{r}")
+            after = store.stats()
+            runs.append((t, cached, before, after))
+        measured = runs[1:]
+        t_med = statistics.median(t for t, *_ in measured)
+        _, cached, before, after = min(measured, key=lambda x: abs(x[0] - t_med))
+        loaded = _delta(after.blocks_loaded, before.blocks_loaded)
+        declined = _delta(after.blocks_declined, before.blocks_declined)
+        nbytes = sum(_delta(a.bytes_loaded, b.bytes_loaded).get(source, 0)
+                     for _, _, b, a in measured)
+        secs = sum(_delta(a.load_seconds, b.load_seconds).get(source, 0.0)
+                   for _, _, b, a in measured)
+        gbps = nbytes / secs / 1e9 if source != "gpu" and secs > 0 else None
+        return Cell(t_med, cached, loaded, declined, gbps)
+
+    def floors(self, n_bytes: int, prefix_len: int) -> Floors:
+        """Raw pinned copy, the shared tiers' own get, and the checksum, measured now."""
+        import xxhash
+
+        dev = self.device
+        n_bytes = max(self.layout.block_bytes, min(n_bytes, 1 << 30))
+        if dev.type == "cuda":
+            src = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
+            dst = torch.empty(n_bytes, dtype=torch.uint8, device=dev)
+        else:
+            src = torch.empty(n_bytes, dtype=torch.uint8)
+            dst = torch.empty(n_bytes, dtype=torch.uint8)
+        src.fill_(1)
+
+        def copy() -> None:
+            dst.copy_(src, non_blocking=True)
+            _sync(dev)
+
+        pinned = n_bytes / _best(copy, 5) / 1e9
+        gets: dict[str, tuple[float, float]] = {}
+        from radix import hash_blocks
+
+        for name, engine in self.engines.items():
+            tier = engine.store.shared_tiers[name]
+            prefix = self.tokens(prefix_len)
+            _ttft(engine, prefix + self.tokens(QUESTION_TOKENS), f"floor-{name}")
+            engine.store.flush()
+            keys = hash_blocks(self.ns.root(), prefix, 16).keys
+            stored = tier.contains_prefix(keys)
+            keys = keys[:stored]
+            if not keys:
+                continue
+            lane = max(1, self.args.load_batch_bytes // self.layout.block_bytes)
+            batches = [keys[i:i + lane] for i in range(0, len(keys), lane)]
+            size = len(keys) * self.layout.block_bytes
+
+            def one(batches=batches, tier=tier) -> None:
+                for b in batches:
+                    tier.get(b)
+
+            def many(batches=batches, tier=tier) -> None:
+                with ThreadPoolExecutor(self.args.load_workers) as pool:
+                    list(pool.map(tier.get, batches))
+
+            one()  # warm the page cache and connections
+            gets[name] = (size / _best(one, 3) / 1e9, size / _best(many, 3) / 1e9)
+        buf = bytes(self.layout.block_bytes)
+        reps = max(1, (256 << 20) // len(buf))
+
+        def checksum() -> None:
+            for _ in range(reps):
+                xxhash.xxh3_64_digest(buf)
+
+        return Floors(pinned, gets, reps * len(buf) / _best(checksum, 3) / 1e9)
+
+
+def _best(fn: Callable[[], None], repeat: int) -> float:
+    """Fastest of ``repeat`` timed calls (seconds), after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _fmt_counts(d: dict[str, int]) -> str:
+    return " ".join(f"{k} {v}" for k, v in sorted(d.items())) or "-"
+
+
+def run(args: argparse.Namespace, random_model: Callable) -> int:
+    """The TTFT sweep; prints its tables. Returns 0."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    model, _ = random_model(args.shape, device, dtype)
+    limit = model.config.max_context_len - QUESTION_TOKENS - 2
+    prefixes = sorted({limit if p == "max" else min(int(p), limit) for p in args.prefixes})
+    print(f"model {args.shape} (random {dtype} weights) on {device}; prefixes {prefixes} "
+          f"tokens + a {QUESTION_TOKENS}-token question; median of {args.repeat}")
+    rows: list[tuple[int, dict[tuple[str, str], Cell]]] = []
+    with tempfile.TemporaryDirectory(dir=args.disk_dir) as tmp:
+        sweep = Sweep(args, model, device, dtype, prefixes, tmp)
+        try:
+            for n in prefixes:
+                rows.append((n, sweep.run_prefix(n)))
+                _print_prefix(rows[-1])
+            longest = max(prefixes)
+            floors = sweep.floors(-(-longest // 16) * sweep.layout.block_bytes, longest)
+        finally:
+            sweep.close()
+    _print_summary(rows, floors, sweep)
+    return 0
+
+
+def _print_prefix(row: tuple[int, dict[tuple[str, str], Cell]]) -> None:
+    n, cells = row
+    cold = cells[("cold", "")].ttft_s
+    print(f"\nprefix {n} tokens: cold {cold * 1e3:.1f} ms")
+    print(f"  {'source':<7} {'mode':<11} {'TTFT ms':>9} {'/cold':>6} {'load GB/s':>10}  "
+          f"{'cached tokens':<24} decision (blocks loaded | declined)")
+    for (source, mode), c in cells.items():
+        if source == "cold":
+            continue
+        gb = "-" if c.gbps is None else f"{c.gbps:.1f}"
+        print(f"  {source:<7} {mode:<11} {c.ttft_s * 1e3:9.1f} {c.ttft_s / cold:6.2f} {gb:>10}  "
+              f"{_fmt_counts(c.cached):<24} {_fmt_counts(c.loaded)} | {_fmt_counts(c.declined)}")
+
+
+def _print_summary(rows: Sequence[tuple[int, dict[tuple[str, str], Cell]]], floors: Floors,
+                   sweep: Sweep) -> None:
+    print(f"\nfloors (same run): pinned host->device copy {floors.pinned_gbps:.1f} GB/s; "
+          f"xxh3 checksum {floors.checksum_gbps:.1f} GB/s (one core)")
+    for name, (one, many) in floors.tier_get_gbps.items():
+        print(f"  {name} tier get: {one:.2f} GB/s one thread, {many:.2f} GB/s "
+              f"{sweep.args.load_workers} threads")
+    rates = {t: sweep.learned.load_rate(t) for t in ("host", "disk", "redis")}
+    prefill = sweep.learned.prefill_rate()
+    print("cost model (learned): " + "; ".join(
+        f"{t} {r.bytes_per_s / 1e9:.1f} GB/s + {r.latency_s * 1e3:.2f} ms"
+        for t, r in rates.items() if r is not None)
+        + (f"; prefill {prefill.per_token_s * 1e6:.2f} us/token + "
+           f"{prefill.per_token_context_s * 1e9:.3f} ns/token/context-token"
+           if prefill else "; prefill not measured"))
+    print("\ntargets:")
+    worst = max(c.ttft_s / cells[("cold", "")].ttft_s for _, cells in rows
+                for (s, m), c in cells.items() if m == "cost-aware")
+    print(f"  cost-aware cached TTFT <= 1.05x cold everywhere: worst {worst:.2f}x "
+          f"{'ok' if worst <= 1.05 else 'MISSED'}")
+    for n, cells in rows:
+        host, disk = cells.get(("host", "forced")), cells.get(("disk", "forced"))
+        if host is not None and host.gbps:
+            ratio = host.gbps / floors.pinned_gbps
+            print(f"  {n:>5} tokens: host->GPU {host.gbps:.1f} GB/s = {ratio:.0%} of the "
+                  f"pinned copy (target >= 85%) {'ok' if ratio >= 0.85 else 'MISSED'}")
+        if disk is not None and disk.gbps:
+            print(f"  {n:>5} tokens: disk->GPU {disk.gbps:.1f} GB/s (target >= 10) "
+                  f"{'ok' if disk.gbps >= 10 else 'MISSED'}")
+        aware = cells.get(("disk", "cost-aware"))
+        if aware is not None and 7900 <= n <= 8200:
+            r = aware.ttft_s / cells[("cold", "")].ttft_s
+            print(f"  {n:>5} tokens: disk TTFT {r:.2f}x cold (target <= 0.5x) "
+                  f"{'ok' if r <= 0.5 else 'MISSED'}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The TTFT sweep's options on ``kvstore bench engine``."""
+    p.add_argument("--shape", choices=["smollm2", "llama3-8b"], default=None,
+                   help="model shape (random weights) for the TTFT part (default: llama3-8b "
+                        "on CUDA, smollm2 on CPU)")
+    p.add_argument("--prefixes", default=None,
+                   help="comma-separated prefix lengths in tokens; 'max' is the longest the "
+                        "model takes (default: 1000,4000,8000,max on CUDA; 256,1024 on CPU)")
+    p.add_argument("--redis", default=None, metavar="URL",
+                   help="also measure hits from this Redis (redis://host:port)")
+    p.add_argument("--disk-dir", default=None,
+                   help="parent directory of the LMDB disk tier (default: the system temp "
+                        "directory)")
+    p.add_argument("--load-workers", type=int, default=8,
+                   help="threads of the shared-tier load pipeline (default 8)")
+    p.add_argument("--load-batch-mib", type=int, default=16,
+                   help="MiB one load worker reads and copies at a time (default 16)")
+    p.add_argument("--max-batched-tokens", type=int, default=16384,
+                   help="engine token budget per step (default 16384: one prefill step)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
+
+
+def finish_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill defaults that depend on the device; ``p.error`` on bad values."""
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if args.shape is None:
+        args.shape = "llama3-8b" if cuda else "smollm2"
+    text = args.prefixes or ("1000,4000,8000,max" if cuda else "256,1024")
+    try:
+        args.prefixes = [p if p == "max" else int(p) for p in text.split(",") if p]
+    except ValueError:
+        p.error(f"--prefixes takes comma-separated token counts or 'max', got {text!r}")
+    if not args.prefixes or any(p != "max" and p < 16 for p in args.prefixes):
+        p.error("--prefixes: each prefix needs at least 16 tokens (one block)")
+    if not 1 <= args.load_workers <= 64:
+        p.error("--load-workers must be 1..64")
+    if args.load_batch_mib < 1:
+        p.error("--load-batch-mib must be >= 1")
+    args.load_batch_bytes = args.load_batch_mib << 20

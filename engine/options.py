@@ -1,0 +1,81 @@
+"""The engine flags ``kvstore chat`` and ``kvstore serve`` share: the same names, the
+same defaults and the same help, turned into one :class:`engine.llm.EngineConfig`.
+
+Sizes are bytes with units (``--gpu-kv-bytes 8GiB``, ``--host-bytes 16GiB``); the
+engine turns them into whole KV blocks once the model's block size is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from kvstore import env
+from kvstore.args import dtype_arg, size_arg
+from kvstore.config import POLICIES
+
+DEFAULT_HOST_BYTES = 1 << 30
+DEFAULT_DISK_BYTES = 4 << 30
+DEFAULT_POLICY = "write-through"
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The ``model`` and ``KV-cache tiers`` argument groups; returns the model group."""
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="smollm2",
+                       help="'smollm2' (the bundled SmolLM2-135M-Instruct), a local Hugging "
+                            "Face checkpoint directory or a .gguf file (default: %(default)s)")
+    model.add_argument("--device", default=None,
+                       help="cuda, cuda:N or cpu (default: cuda when present, else cpu)")
+    model.add_argument("--dtype", type=dtype_arg, default=None,
+                       metavar="{float32,float16,bfloat16}",
+                       help="weights and KV dtype; bf16, fp16, fp32 are aliases (default: "
+                            "bfloat16 on GPU, float32 on CPU)")
+    model.add_argument("--model-cache-dir", default=None, metavar="DIR",
+                       help="where converted model weights are kept (default: "
+                            "$KVSTORE_HOME/models, $KVSTORE_HOME defaulting to "
+                            "~/.cache/kvstore)")
+    tiers = p.add_argument_group("KV-cache tiers")
+    tiers.add_argument("--gpu-kv-bytes", type=size_arg, default=None, metavar="SIZE",
+                       help="KV pool on the device (default: half the free GPU memory; "
+                            "1GiB on CPU)")
+    tiers.add_argument("--host-bytes", type=size_arg, default=DEFAULT_HOST_BYTES,
+                       metavar="SIZE", help="host DRAM tier (default: 1GiB; 0 = none)")
+    tiers.add_argument("--disk", default=None, metavar="PATH",
+                       help="directory of the LMDB disk tier, kept across restarts "
+                            "(default: $KVSTORE_HOME/disk)")
+    tiers.add_argument("--no-disk", action="store_true", help="run without the disk tier")
+    tiers.add_argument("--disk-bytes", type=size_arg, default=DEFAULT_DISK_BYTES,
+                       metavar="SIZE", help="disk tier capacity (default: 4GiB)")
+    tiers.add_argument("--redis", default=None, metavar="URL",
+                       help="share blocks through Redis: redis://, rediss://, "
+                            "redis+cluster://host:port,... (default: none)")
+    tiers.add_argument("--remote", default=None, metavar="URL",
+                       help="share blocks through a kvstore daemon, http://host:port; its "
+                            "token is read from $KVSTORE_DAEMON_TOKEN (default: none)")
+    tiers.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES,
+                       help="write-through copies each block down the tiers as soon as it "
+                            "is computed; write-back when it is evicted (default: "
+                            "%(default)s)")
+    tiers.add_argument("--no-prefix-reuse", action="store_true",
+                       help="never reuse cached prefixes (for comparisons)")
+    return model
+
+
+def disk_path(args: argparse.Namespace) -> str | None:
+    """The disk tier's directory: ``--disk``, else ``$KVSTORE_HOME/disk``; ``None`` with
+    ``--no-disk``."""
+    if args.no_disk:
+        return None
+    return str(Path(args.disk).expanduser() if args.disk else env.home() / "disk")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :class:`engine.llm.LLM` from the parsed flags."""
+    return {"device": args.device, "dtype": args.dtype, "gpu_kv_bytes": args.gpu_kv_bytes,
+            "host_bytes": args.host_bytes, "disk_path": disk_path(args),
+            "disk_bytes": args.disk_bytes, "redis_url": args.redis,
+            "remote_url": args.remote, "policy": args.policy,
+            "enable_cache": not args.no_prefix_reuse,
+            "model_cache_dir": args.model_cache_dir}

@@ -1,0 +1,124 @@
+"""The command-line vocabulary every ``kvstore`` command shares.
+
+Sizes are bytes with units (``4096``, ``512MiB``, ``8GiB``, ``10GB``); dtypes are
+``float32|float16|bfloat16`` (``fp32 fp16 bf16`` accepted as aliases); ``--log-level``
+has the same choices everywhere; seconds are plain numbers. Each type raises
+``argparse.ArgumentTypeError``, so a bad value is argparse's one-line message and exit
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Callable
+
+from kvstore.units import parse_size
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+SIZE_HELP = "sizes: 4096, 512MiB, 8GiB, 1.5G (powers of 1024) or 10GB (powers of 1000)"
+
+
+def size_arg(text: str) -> int:
+    """A size in bytes with units (``4096``, ``512MiB``, ``8GiB``, ``10GB``)."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def count_arg(minimum: int) -> Callable[[str], int]:
+    """An integer ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def port_arg(text: str) -> int:
+    """A TCP port, 0..65535 (0: any free port)."""
+    value = count_arg(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value} (0..65535)")
+    return value
+
+
+def seconds_arg(*, allow_zero: bool) -> Callable[[str], float]:
+    """Finite seconds, ``> 0`` (or ``>= 0`` with ``allow_zero``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>= 0' if allow_zero else 'positive'} seconds, got {text}")
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
+
+
+def dtype_arg(text: str) -> str:
+    """A dtype name: ``float32``, ``float16``, ``bfloat16`` or an alias (``bf16``)."""
+    name = DTYPE_ALIASES.get(text.lower(), text.lower())
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(DTYPES)}; "
+            f"aliases {', '.join(DTYPE_ALIASES)})")
+    return name
+
+
+def add_listen_arguments(p: argparse.ArgumentParser, *, host: str, port: int,
+                         shutdown_timeout_s: float, credential: str, env: str,
+                         credential_help: str) -> argparse._ArgumentGroup:
+    """The ``listening`` group of a service: ``--host``, ``--port``, the credential flag
+    (``--token``, ``--api-key``; its value defaults to ``$env``) and
+    ``--shutdown-timeout``. Returns the group."""
+    net = p.add_argument_group("listening")
+    net.add_argument("--host", default=host,
+                     help="address to bind (default: %(default)s; 0.0.0.0 = all interfaces, "
+                          f"needs {credential})")
+    net.add_argument("--port", type=port_arg, default=port,
+                     help="TCP port (default: %(default)s; 0 = any free port, logged)")
+    net.add_argument(credential, default=None, metavar=credential.upper().lstrip("-"),
+                     help=f"{credential_help} (default: ${env}; none)")
+    net.add_argument("--shutdown-timeout", type=seconds_arg(allow_zero=True),
+                     default=shutdown_timeout_s, metavar="SECONDS",
+                     help="on SIGTERM/SIGINT, time requests in flight get to finish "
+                          "(default: %(default)s)")
+    return net
+
+
+def add_log_level(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                  default: str = "info") -> None:
+    """``--log-level`` with the same choices in every command."""
+    parser.add_argument("--log-level", default=default, choices=LOG_LEVELS,
+                        help="logging level (default: %(default)s; debug adds details "
+                             "such as an access log)")
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr at ``level`` (one of :data:`LOG_LEVELS`), one format everywhere."""
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format=LOG_FORMAT)
+    if level != "debug":
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+__all__ = ["DTYPES", "LOG_LEVELS", "SIZE_HELP", "add_listen_arguments", "add_log_level",
+           "configure_logging",
+           "count_arg", "dtype_arg", "port_arg", "seconds_arg", "size_arg"]
