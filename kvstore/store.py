@@ -48,7 +48,7 @@ from kvstore.cost import CostModel, Plan
 from kvstore.simulation import CountingPool, NullMover, NullPool
 from radix import BlockChain, IntegrityError, Namespace, Node, RadixTree, TreeStats, hash_blocks
 
-__all__ = ["SHARED_TIERS", "Allocated", "KVStore", "Lease", "OutOfBlocks", "Replayed",
+__all__ = ["SHARED_TIERS", "Allocated", "KVStore", "Lease", "OutOfBlocks", "Parked", "Replayed",
            "StoreMatch", "StoreStats"]
 
 
@@ -604,60 +604,50 @@ class KVStore:
         return m.num_blocks
 
     def park(self, lease: Lease) -> Parked:
-        """Commit and release ``lease``, then move its now-unlocked GPU blocks one tier
-        down (host, else the first shared tier) as one batch: a preempted sequence
-        resumes by promoting them back (``match``/``acquire``) instead of recomputing.
+        """Commit and release ``lease``, then move its now-unlocked GPU blocks one level
+        down (the host pool) as one batch: a preempted sequence resumes by promoting
+        them back (``match``/``acquire``) instead of recomputing.
 
         Moves the deepest run of the lease's committed blocks that no other lease locks,
         that is not pinned and whose GPU descendants are all in the run, leaf first (as
-        demotion would take them), through :meth:`RadixTree.demote` and one copy.
-        Without a tier below the GPU the blocks stay cached on the GPU.
+        demotion would take them), through :meth:`RadixTree.demote` and one copy. With
+        no host tier nothing moves: the blocks stay cached on the GPU.
         """
         if lease.pending is not None:
             self.wait(lease)
-        path = []
+        path: list[Node] = []
         if not lease.released:
             self.commit(lease, lease.computed)
             if lease.node is not None:
                 path = self.tree.path(lease.node)
         self.release(lease)
-        if len(self.tiers) < 2:
+        gpu, below = self._levels[0], self._levels[1]
+        if below.room.capacity == 0:
             return Parked(None, 0, 0)
-        below = self.tiers[1]
-        gpu_t, to = self._t["gpu"], self._t[below]
         run: list[Node] = []
         for node in reversed(path):
-            if node.lock or node.priority or node.locs[gpu_t] is None or \
-                    node.nchild[gpu_t] != (1 if run else 0):
+            if node.lock or node.priority or node.locs[gpu.index] is None or \
+                    node.nchild[gpu.index] != (1 if run else 0):
                 break
             run.append(node)
         if not run:
-            return Parked(below, 0, 0)
-        need = sum(1 for n in run if n.locs[to] is None)
-        if below == "host":
-            self._make_room_host(need)
-            locs: list[Any] = list(self.host.alloc(min(need, self.host.num_free)).slots)
-        else:
-            self._make_room_shared(below, need)
-            locs = [True] * min(need, self._room(below))
+            return Parked(below.name, 0, 0)
+        self._ensure_free(below, sum(1 for n in run if n.locs[below.index] is None))
         for node in run:  # first in the GPU's eviction order, for this one demotion
             self.tree.set_priority(node, -1)
         try:
-            d = self.tree.demote(gpu_t, to, len(run), locs)
+            d = self.tree.demote(gpu.index, below.index, len(run), below.room.take(len(run)))
         finally:
             for node in run:
                 self.tree.set_priority(node, 0)
-        if below == "host":
-            self.mover.gpu_to_host([m.src for m in d.moved], [m.dst for m in d.moved])
-            if d.unused:
-                self.host.free(d.unused)
-        else:
-            self.mover.gpu_to_shared(below, [m.node for m in d.moved], [m.src for m in d.moved])
+        below.room.give(d.unused)
+        for node in self.mover.demote(gpu.name, below.name, d.moved):
+            self.tree.clear_location(node, below.index)
         freed = [m.src for m in d.moved] + [e.location for e in d.dropped]
-        self.gpu.free(freed)
-        self._demotions["gpu"] += len(d.moved)
-        self._evictions["gpu"] += len(freed)
-        return Parked(below, len(d.moved), len(d.dropped))
+        gpu.room.give(freed)
+        self._demotions[gpu.name] += len(d.moved)
+        self._evictions[gpu.name] += len(freed)
+        return Parked(below.name, len(d.moved), len(d.dropped))
 
     # --------------------------------------------------------------- eviction
 
