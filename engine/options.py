@@ -17,7 +17,7 @@ from kvstore.config import POLICIES
 
 DEFAULT_HOST_BYTES = 1 << 30
 DEFAULT_DISK_BYTES = 4 << 30
-DEFAULT_POLICY = "write-through"
+DEFAULT_POLICY = "write-back"
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -25,7 +25,18 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     model = p.add_argument_group("model")
     model.add_argument("--model", default="smollm2",
                        help="'smollm2' (the bundled SmolLM2-135M-Instruct), a local Hugging "
-                            "Face checkpoint directory or a .gguf file (default: %(default)s)")
+                            "Face checkpoint directory or a .gguf file (default: %(default)s); "
+                            "with --load-format dummy a shape name (llama3-8b, llama3.1-8b, "
+                            "qwen2-7b, mistral-7b, llama2-7b, qwen2-0.5b, smollm2) or a "
+                            "config.json")
+    model.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                       help="auto: the model's weights; dummy: random weights of its shape "
+                            "(deterministic, made on the device in seconds; for benchmarks "
+                            "at real model shapes) (default: %(default)s)")
+    model.add_argument("--tokenizer", default=None, metavar="NAME",
+                       help="--load-format dummy only: 'none' (default; clients send token "
+                            "ids to /v1/completions), 'smollm2' or a directory with a "
+                            "tokenizer.json")
     model.add_argument("--device", default=None,
                        help="cuda, cuda:N or cpu (default: cuda when present, else cpu)")
     model.add_argument("--dtype", type=dtype_arg, default=None,
@@ -55,9 +66,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="share blocks through a kvstore daemon, http://host:port; its "
                             "token is read from $KVSTORE_DAEMON_TOKEN (default: none)")
     tiers.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES,
-                       help="write-through copies each block down the tiers as soon as it "
-                            "is computed; write-back when it is evicted (default: "
-                            "%(default)s)")
+                       help="write-back moves a block down the tiers when it is evicted; "
+                            "write-through also copies it to host and disk as soon as it is "
+                            "computed. Either way committed blocks are published to the "
+                            "shared tiers (disk, Redis, daemon) at once, in the background "
+                            "(default: %(default)s)")
     tiers.add_argument("--no-prefix-reuse", action="store_true",
                        help="never reuse cached prefixes (for comparisons)")
     return model
@@ -78,4 +91,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "disk_bytes": args.disk_bytes, "redis_url": args.redis,
             "remote_url": args.remote, "policy": args.policy,
             "enable_cache": not args.no_prefix_reuse,
-            "model_cache_dir": args.model_cache_dir}
+            "model_cache_dir": args.model_cache_dir, "load_format": args.load_format,
+            "tokenizer": args.tokenizer}

@@ -20,6 +20,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "hit-rate": ("bench.hit_rate", "cache hit rate on real and generated workloads"),
     "engine": ("bench.engine_bench", "engine TTFT (cold vs cached) and throughput"),
     "attention": ("bench.attention_bench", "paged attention kernels vs torch SDPA"),
+    "serve": ("bench.serve_bench", "serving under load over HTTP, cache tiers on vs off"),
     "pressure": ("bench.pressure_bench", "closed-loop clients over a small GPU KV pool: tiers vs preemption"),
 }
 

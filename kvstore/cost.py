@@ -6,8 +6,8 @@ The model learns online, from measurements, two things:
   (fed by the mover's measured loads: host -> GPU copies and shared-tier loads);
 - the engine's prefill time for ``T`` new tokens after ``c`` cached ones:
   ``per_token_s * T + per_token_context_s * T * (c + (T + 1) / 2)`` (the second term is
-  attention, which grows with the context; fed by the engine after every step through
-  :meth:`CostModel.timed`).
+  attention, which grows with the context), plus a fixed cost per step that recompute
+  does not add to (fed by the engine after every step through :meth:`CostModel.timed`).
 
 A match is a prefix of blocks, each from one tier. Loading block ``i`` only pays if
 every block before it is loaded too, so :meth:`CostModel.plan` picks the number ``k`` of
@@ -46,8 +46,9 @@ RATE_TTL_S = 120.0
 hit is loaded and measured again. A tier the model declines is never measured, so this
 is what lets a tier that got faster (a warm page cache, a recovered server) win back."""
 
-MIN_PREFILL_TOKENS = 16
-"""Steps with fewer new tokens (pure decode steps) do not teach the prefill rate."""
+MIN_PREFILL_TOKENS = 2
+"""A step teaches the prefill rate only if one of its sequences computes at least this
+many new tokens: pure decode steps (one token a sequence) cost differently."""
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,17 @@ class LoadRate:
 @dataclass(frozen=True)
 class PrefillRate:
     """Prefill time of ``T`` tokens after ``c`` cached ones:
-    ``per_token_s * T + per_token_context_s * T * (c + (T + 1) / 2)`` seconds."""
+    ``per_token_s * T + per_token_context_s * T * (c + (T + 1) / 2)`` seconds, plus
+    ``per_step_s`` once per engine step (reading the weights, launching kernels, sampling),
+    which a step pays whatever it computes, so recomputing blocks does not add it."""
 
     per_token_s: float
     per_token_context_s: float = 0.0
+    per_step_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.per_token_s >= 0 or not self.per_token_context_s >= 0 or \
-                self.per_token_s + self.per_token_context_s <= 0:
+                not self.per_step_s >= 0 or self.per_token_s + self.per_token_context_s <= 0:
             raise ValueError(f"PrefillRate needs non-negative rates, not both 0, got {self}")
 
     def seconds(self, tokens: int, context: int) -> float:
@@ -99,53 +103,58 @@ class Plan:
     recompute_s: float
 
 
-@dataclass
 class _Fit:
-    """Exponentially weighted least squares of ``y = a * x1 + b * x2`` (normal sums)."""
+    """Exponentially weighted, non-negative least squares of ``y = sum w_j x_j``.
 
-    s11: float = 0.0
-    s12: float = 0.0
-    s22: float = 0.0
-    s1y: float = 0.0
-    s2y: float = 0.0
-    n: int = 0
+    Keeps the weighted normal sums only. :meth:`solve` tries every subset of the
+    features (at most 3) and keeps the non-negative solution of least loss; when data
+    cannot tell subsets apart (one step size seen so far), the earlier subset in
+    ``prefer`` wins.
+    """
 
-    def add(self, x1: float, x2: float, y: float) -> None:
+    def __init__(self, k: int, prefer: Sequence[tuple[int, ...]]) -> None:
+        self.k = k
+        self.prefer = list(prefer)
+        self.xx = [[0.0] * k for _ in range(k)]
+        self.xy = [0.0] * k
+        self.yy = 0.0
+        self.n = 0
+
+    def add(self, x: Sequence[float], y: float) -> None:
         d = DECAY
-        self.s11 = d * self.s11 + x1 * x1
-        self.s12 = d * self.s12 + x1 * x2
-        self.s22 = d * self.s22 + x2 * x2
-        self.s1y = d * self.s1y + x1 * y
-        self.s2y = d * self.s2y + x2 * y
+        for i in range(self.k):
+            self.xy[i] = d * self.xy[i] + x[i] * y
+            for j in range(self.k):
+                self.xx[i][j] = d * self.xx[i][j] + x[i] * x[j]
+        self.yy = d * self.yy + y * y
         self.n += 1
 
-    def solve(self) -> tuple[float, float] | None:
-        """Non-negative ``(a, b)``; one of them 0 when the data cannot separate them."""
+    def solve(self) -> list[float] | None:
+        """Non-negative weights (0 for features left out), or ``None`` before any data."""
         if self.n == 0:
             return None
-        det = self.s11 * self.s22 - self.s12 * self.s12
-        if det > 1e-9 * self.s11 * self.s22:
-            a = (self.s1y * self.s22 - self.s2y * self.s12) / det
-            b = (self.s2y * self.s11 - self.s1y * self.s12) / det
-            if a >= 0 and b >= 0:
-                return a, b
-        # Degenerate or a negative coefficient: the best fit on one feature.
-        fits = []
-        if self.s11 > 0:
-            a = max(0.0, self.s1y / self.s11)
-            fits.append((self._loss(a, 0.0), a, 0.0))
-        if self.s22 > 0:
-            b = max(0.0, self.s2y / self.s22)
-            fits.append((self._loss(0.0, b), 0.0, b))
-        if not fits:
-            return None
-        _, a, b = min(fits)
-        return a, b
+        import numpy as np
 
-    def _loss(self, a: float, b: float) -> float:
-        # sum (y - a x1 - b x2)^2 up to the constant sum y^2
-        return a * a * self.s11 + b * b * self.s22 + 2 * a * b * self.s12 \
-            - 2 * a * self.s1y - 2 * b * self.s2y
+        xx, xy = np.array(self.xx), np.array(self.xy)
+        best: tuple[float, list[float]] | None = None
+        for subset in self.prefer:
+            idx = list(subset)
+            w_sub, *_ = np.linalg.lstsq(xx[np.ix_(idx, idx)], xy[idx], rcond=None)
+            if (w_sub < 0).any() or not np.isfinite(w_sub).all():
+                continue
+            w = np.zeros(self.k)
+            w[idx] = w_sub
+            loss = float(w @ xx @ w - 2 * w @ xy + self.yy)
+            if best is None or loss < best[0] - 1e-9 * max(self.yy, 1e-30):
+                best = (loss, [float(v) for v in w])
+        return None if best is None else best[1]
+
+
+_LOAD_SUBSETS = [(1,), (0, 1), (0,)]
+"""Load features (latency, bytes): when in doubt, all time is per byte."""
+_PREFILL_SUBSETS = [(1,), (1, 2), (2,), (0, 1, 2), (0, 1), (0, 2), (0,)]
+"""Prefill features (per step, tokens, attention): when in doubt, no fixed per-step
+cost (recompute looks dearer, so hits are taken, as a store without a model does)."""
 
 
 @dataclass
@@ -163,6 +172,8 @@ class CostModel:
     ``block_bytes``: bytes of one block; ``block_size``: tokens per block.
     ``load_rates``/``prefill``: injected rates (tiers not named are learned).
     ``learn``: False freezes the model at the injected rates (tests, benchmarks).
+    ``decide``: False takes every hit while still learning (benchmarks measuring the
+    load path); it may be switched at any time.
     Thread-safe: the mover's threads and the engine's may feed it at once.
     """
 
@@ -171,6 +182,7 @@ class CostModel:
     load_rates: Mapping[str, LoadRate] = field(default_factory=dict)
     prefill: PrefillRate | None = None
     learn: bool = True
+    decide: bool = True
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -179,7 +191,7 @@ class CostModel:
         self._prefill = self.prefill
         self._load_fits: dict[str, _Fit] = {}
         self._measured_at: dict[str, float] = {}
-        self._prefill_fit = _Fit()
+        self._prefill_fit = _Fit(3, _PREFILL_SUBSETS)
         self._pending: list[_Pending] = []
 
     # ------------------------------------------------------------------ rates
@@ -199,8 +211,8 @@ class CostModel:
         if not self.learn or tier in self._fixed or nbytes <= 0 or not seconds > 0:
             return
         with self._lock:
-            fit = self._load_fits.setdefault(tier, _Fit())
-            fit.add(1.0, float(nbytes), seconds)
+            fit = self._load_fits.setdefault(tier, _Fit(2, _LOAD_SUBSETS))
+            fit.add((1.0, float(nbytes)), seconds)
             solved = fit.solve()
             if solved is None:
                 return
@@ -214,27 +226,29 @@ class CostModel:
                         seconds: float) -> None:
         """One engine step that ran ``query_lens[i]`` new tokens of sequence ``i``, whose
         length after the step is ``seq_lens[i]`` tokens, in ``seconds``."""
+        if max(query_lens, default=0) < MIN_PREFILL_TOKENS:
+            return
         tokens, attention = _features(query_lens, seq_lens)
         self._add_prefill(tokens, attention, seconds)
 
     def _add_prefill(self, tokens: int, attention: float, seconds: float) -> None:
-        if not self.learn or self.prefill is not None or tokens < MIN_PREFILL_TOKENS \
-                or not seconds > 0:
+        if not self.learn or self.prefill is not None or not seconds > 0:
             return
         with self._lock:
-            self._prefill_fit.add(float(tokens), attention, seconds)
+            self._prefill_fit.add((1.0, float(tokens), attention), seconds)
             solved = self._prefill_fit.solve()
-            if solved is not None and solved[0] + solved[1] > 0:
-                self._prefill = PrefillRate(*solved)
+            if solved is not None and solved[1] + solved[2] > 0:
+                self._prefill = PrefillRate(solved[1], solved[2], solved[0])
 
     def timed(self, run: Callable[..., T], ids: list[int], tables: list[list[int]],
               query_lens: list[int], seq_lens: list[int]) -> T:
         """``run(ids, tables, query_lens, seq_lens)`` (the engine's model step), timed
         and fed to the prefill rate. On CUDA the time comes from events read once they
         complete (no synchronization is added); on CPU from the wall clock."""
-        tokens, attention = _features(query_lens, seq_lens)
-        if not self.learn or self.prefill is not None or tokens < MIN_PREFILL_TOKENS:
+        if not self.learn or self.prefill is not None or \
+                max(query_lens, default=0) < MIN_PREFILL_TOKENS:
             return run(ids, tables, query_lens, seq_lens)
+        tokens, attention = _features(query_lens, seq_lens)
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
             t0 = time.perf_counter()
@@ -282,7 +296,7 @@ class CostModel:
             rates = dict(self._rates)
             prefill = self._prefill
         bs, bb = self.block_size, self.block_bytes
-        if prefill is None:
+        if prefill is None or not self.decide:
             best_k, best_load, best_re = n, self._load_s(sources, rates), 0.0
         else:
             best_k, best_load, best_re = 0, 0.0, prefill.seconds(n * bs, context)

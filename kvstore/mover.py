@@ -12,8 +12,8 @@
   ``tiers.base`` contract), header check against the request (key, parent, tokens,
   layout; no second checksum), payload copy into the worker's pinned staging lane
   (numpy copy: releases the GIL), then one batched host -> GPU copy into the
-  destination slots (a tier with ``get_into``, LMDB, lends views into its storage: the
-  payload is copied once). Workers overlap: one reads its batch from the tier while another's
+  destination slots (``get_into``: LMDB lends views into its storage, so the payload
+  is copied once). Workers overlap: one reads its batch from the tier while another's
   copy runs on the GPU. The first block that is missing or corrupt ends the hit:
   blocks after it are not used (the engine recomputes them); batches wholly after a
   known failure are skipped.
@@ -75,6 +75,7 @@ class _LoadState:
     """Shared by the batches of one load: the earliest failure so far."""
 
     failed: int | None = None
+    ready: torch.cuda.Event | None = None  # CUDA: the slots may be written after this
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fail(self, index: int) -> None:
@@ -124,7 +125,7 @@ class Load:
         if not all(f.done() for f in self._futures):
             return False
         if t is not None and self._cuda:
-            t.wait_on_stream(torch.cuda.current_stream(t._device))
+            t.wait_on_stream()  # the current stream of the GPU pool's device
         self._ready = True
         return True
 
@@ -327,7 +328,13 @@ class BlockMover:
         shared = sorted((r for r in requests if r.tier != "host"), key=lambda r: r.index)
         if shared:
             assert self._loaders is not None, "a shared-tier load needs shared tiers"
-            state = _LoadState()
+            # The slots were reserved now, on the store's thread: the workers' copies
+            # wait for the compute enqueued so far, not for compute enqueued later.
+            ready = None
+            if self._cuda:
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.gpu.device))
+            state = _LoadState(ready=ready)
             batch: list[LoadRequest] = []
             for r in shared:
                 if batch and (r.tier != batch[0].tier or len(batch) == self._lane_blocks):
@@ -343,9 +350,9 @@ class BlockMover:
         Each value is checked against its request (key, parent, tokens, layout; the tier
         verified the checksum, per the ``tiers.base`` contract) and its payload copied
         into this worker's staging lane, then the longest good run from the batch's
-        first block goes to the GPU in one copy. A tier with ``get_into`` (LMDB) hands
-        out views into its storage, so the payload is copied once, by numpy, without
-        the GIL; others return ``bytes`` from ``get``.
+        first block goes to the GPU in one copy. Every tier hands blocks over through
+        ``get_into``; LMDB lends views into its storage, so the payload is copied once,
+        by numpy, without the GIL.
         """
         name = reqs[0].tier
         if state.failed_before(reqs[0].index):
@@ -369,14 +376,8 @@ class BlockMover:
         try:
             tier = self.shared[name]
             keys = [r.key for r in reqs]
-            get_into = getattr(tier, "get_into", None)
             try:
-                if get_into is not None:
-                    get_into(keys, take)
-                else:
-                    for i, blob in enumerate(tier.get(keys)):
-                        if blob is not None:
-                            take(i, blob)
+                tier.get_into(keys, take)
             except Exception:  # a tier must not raise; if one does, the rest is a miss
                 logger.exception("tier %s raised on get", name)
             ok = good.index(False) if False in good else len(good)
@@ -385,7 +386,8 @@ class BlockMover:
                     self.corrupt += len(bad)
                 tier.delete([reqs[i].key for i in bad])
             if ok:
-                copy_slots(staging.pool, lane[:ok], self.gpu, [r.slot for r in reqs[:ok]]).wait()
+                copy_slots(staging.pool, lane[:ok], self.gpu, [r.slot for r in reqs[:ok]],
+                           after=state.ready).wait()
         finally:
             staging.give(lane)
         failure = reqs[ok].index if ok < len(reqs) else None

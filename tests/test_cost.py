@@ -91,17 +91,41 @@ def test_online_fits_recover_exact_linear_rates():
     assert rate is not None
     assert rate.bytes_per_s == pytest.approx(2e9, rel=1e-6)
     assert rate.latency_s == pytest.approx(2e-3, rel=1e-6)
-    truth = PrefillRate(per_token_s=3e-5, per_token_context_s=2e-9)
-    for q, s in (([512], [512]), ([256, 256], [1024, 300]), ([2048], [4096]), ([64], [64])):
+    truth = PrefillRate(per_token_s=3e-5, per_token_context_s=2e-9, per_step_s=4e-3)
+    steps = (([512], [512]), ([256, 256], [1024, 300]), ([2048], [4096]), ([64], [64]),
+             ([32], [8032]))
+    for q, s in steps:
         ctx = sum(t * (n - t + (t + 1) / 2) for t, n in zip(q, s))
-        cm.observe_prefill(q, s, truth.per_token_s * sum(q) + truth.per_token_context_s * ctx)
+        cm.observe_prefill(q, s, truth.per_step_s + truth.per_token_s * sum(q)
+                           + truth.per_token_context_s * ctx)
     learned = cm.prefill_rate()
     assert learned is not None
-    assert learned.per_token_s == pytest.approx(truth.per_token_s, rel=1e-6)
-    assert learned.per_token_context_s == pytest.approx(truth.per_token_context_s, rel=1e-6)
+    assert learned.per_token_s == pytest.approx(truth.per_token_s, rel=1e-5)
+    assert learned.per_token_context_s == pytest.approx(truth.per_token_context_s, rel=1e-5)
+    assert learned.per_step_s == pytest.approx(truth.per_step_s, rel=1e-5)
     # Decode steps (one token a sequence) do not teach the prefill rate.
     cm.observe_prefill([1] * 8, [100] * 8, 1.0)
     assert cm.prefill_rate() == learned
+
+
+def test_one_step_size_is_read_as_per_token_cost():
+    # A single prefill size cannot separate the per-step cost from the per-token one:
+    # the model charges it all per token (recompute looks dearer: hits are taken).
+    cm = CostModel(block_bytes=MIB, block_size=16)
+    for _ in range(3):
+        cm.observe_prefill([1000], [1000], 0.025)
+    rate = cm.prefill_rate()
+    assert rate is not None and rate.per_step_s == 0.0
+    assert rate.seconds(1000, 0) == pytest.approx(0.025, rel=1e-6)
+
+
+def test_decide_off_takes_every_hit_and_still_learns():
+    cm = fixed(disk=LoadRate(1.0))
+    cm.decide = False
+    assert cm.plan(["disk"] * 4).blocks == 4
+    learner = CostModel(block_bytes=MIB, block_size=16, decide=False)
+    learner.observe_load("disk", MIB, 1e-3)
+    assert learner.load_rate("disk") is not None
 
 
 def test_injected_rates_are_not_overwritten_by_measurements():

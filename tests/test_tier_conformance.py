@@ -286,6 +286,25 @@ def test_duplicate_and_missing_keys_in_a_get_batch(opened: Opened) -> None:
         "gets": 8, "hits": 5, "misses": 3, "bytes_read": 5 * BLOCK_BYTES}
 
 
+def test_get_into_hands_over_what_get_returns(opened: Opened) -> None:
+    tier = opened.tier
+    items = blocks(4)
+    missing = keys_of(blocks(1, seed=2))[0]
+    tier.put(items[:3])
+    keys = [items[2][0], missing, items[0][0], items[3][0], items[1][0]]
+    taken: dict[int, bytes] = {}
+
+    def take(i: int, view: memoryview) -> None:
+        taken[i] = bytes(view)  # the view is valid only during the call
+
+    before = tier.stats()
+    got = tier.get_into(keys, take)
+    assert got == [True, False, True, False, True]
+    assert taken == {0: items[2][1], 2: items[0][1], 4: items[1][1]}
+    assert delta(tier.stats(), before) == {
+        "gets": 5, "hits": 3, "misses": 2, "bytes_read": 3 * BLOCK_BYTES}
+
+
 def test_very_large_batch(opened: Opened) -> None:
     tier = opened.tier
     items = blocks(3000)

@@ -9,7 +9,7 @@ it stored (:class:`PutResult`), so a dropped write is never recorded as stored.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,6 +62,20 @@ class PutResult:
         return PutResult(stored=frozenset(keys), bytes_stored=sum(sizes[k] for k in keys))
 
 
+Take = Callable[[int, memoryview], None]
+"""Receives the ``i``-th requested block as a view valid only during the call."""
+
+
+def take_each(blobs: Sequence[bytes | None], take: Take) -> list[bool]:
+    """``get_into`` for a tier whose ``get`` already returns copies."""
+    got = []
+    for i, blob in enumerate(blobs):
+        if blob is not None:
+            take(i, memoryview(blob))
+        got.append(blob is not None)
+    return got
+
+
 class HashTier(Protocol):
     """A store of encoded blocks addressed by key."""
 
@@ -73,6 +87,14 @@ class HashTier(Protocol):
 
     def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Verified encoded blocks, ``None`` for a miss, a corrupt block or a failure."""
+        ...
+
+    def get_into(self, keys: Sequence[bytes], take: Take) -> list[bool]:
+        """:meth:`get` handing each verified block to ``take(i, view)`` instead of
+        returning it; the view is valid only during the call (copy what you keep). A tier
+        that can lend views into its storage (LMDB) avoids a copy; others pass their
+        ``get`` results through :func:`take_each`. Returns, per key, whether ``take`` got
+        it; an exception from ``take`` propagates."""
         ...
 
     def put(self, items: Sequence[tuple[bytes, bytes]]) -> PutResult:

@@ -48,7 +48,7 @@ from urllib.parse import urlsplit
 import msgpack
 
 from radix.hashing import KEY_BYTES
-from tiers.base import PutResult, TierStats
+from tiers.base import PutResult, Take, TierStats, take_each
 from tiers.breaker import CircuitBreaker
 from tiers.codec import verify_block
 from tiers.wire import (
@@ -206,6 +206,10 @@ class HTTPTier:
             if count < len(chunk):
                 break
         return total
+
+    def get_into(self, keys: Sequence[bytes], take: Take) -> list[bool]:
+        """:meth:`get`, each block handed to ``take`` (see :class:`tiers.base.HashTier`)."""
+        return take_each(self.get(keys), take)
 
     def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Verified encoded blocks in key order; ``None`` for a miss, a corrupt block or

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from radix.hashing import KEY_BYTES
-from tiers.base import PutResult, TierStats
+from tiers.base import PutResult, Take, TierStats, take_each
 from tiers.codec import verify_block
 
 
@@ -127,6 +127,10 @@ class MemoryTier:
                     break
                 count += 1
         return count
+
+    def get_into(self, keys: Sequence[bytes], take: Take) -> list[bool]:
+        """:meth:`get`, each block handed to ``take`` (see :class:`tiers.base.HashTier`)."""
+        return take_each(self.get(keys), take)
 
     def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Verified encoded blocks in key order; ``None`` for a miss or a corrupt block

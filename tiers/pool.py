@@ -674,7 +674,8 @@ def _validate(src: SlotPool, src_slots: Iterable[int], dst: SlotPool,
 
 
 def copy_slots(src: SlotPool, src_slots: Sequence[int], dst: SlotPool,
-               dst_slots: Sequence[int], *, strategy: Strategy = "auto") -> Transfer:
+               dst_slots: Sequence[int], *, strategy: Strategy = "auto",
+               after: torch.cuda.Event | None = None) -> Transfer:
     """Copy block ``src_slots[i]`` of ``src`` into block ``dst_slots[i]`` of ``dst``, for
     all ``i``, in one call.
 
@@ -690,6 +691,11 @@ def copy_slots(src: SlotPool, src_slots: Sequence[int], dst: SlotPool,
     overwritten only after earlier readers); the returned :class:`Transfer` completes
     asynchronously. See :data:`Strategy` for the strategies; an explicit strategy that
     cannot apply to the pools raises ``ValueError``.
+
+    ``after`` (CUDA): order the copy after this event instead of after the work enqueued
+    on the current streams, for a copy issued from another thread than the one that
+    reserved the slots (the event recorded there, when they were reserved): later
+    compute that cannot touch these slots then does not delay it.
     """
     s_list, d_list = _validate(src, src_slots, dst, dst_slots, strategy)
     n = len(s_list)
@@ -706,7 +712,7 @@ def copy_slots(src: SlotPool, src_slots: Sequence[int], dst: SlotPool,
             _gather_scatter(src._flat, dst._flat, s_list, d_list,
                             same_storage=src is dst)
         return Transfer(n, nbytes, resolved, seconds=time.perf_counter() - t0)
-    return _copy_cuda(src, s_list, dst, d_list, runs, resolved)
+    return _copy_cuda(src, s_list, dst, d_list, runs, resolved, after)
 
 
 def _host_device(src: SlotPool, dst: SlotPool) -> tuple[SlotPool, SlotPool] | None:
@@ -794,15 +800,19 @@ def _gather_scatter(src_flat: torch.Tensor, dst_flat: torch.Tensor, s_list: list
 
 
 def _copy_cuda(src: SlotPool, s_list: list[int], dst: SlotPool, d_list: list[int],
-               runs: list[tuple[int, int, int]], strategy: str) -> Transfer:
+               runs: list[tuple[int, int, int]], strategy: str,
+               after: torch.cuda.Event | None = None) -> Transfer:
     """Enqueue the copy on the side stream of the CUDA device involved."""
     _reap_deferred()
     n = len(s_list)
     device = src.device if src.device.type == "cuda" else dst.device
     stream = side_stream(device)
-    for dev in {src.device, dst.device}:
-        if dev.type == "cuda":
-            stream.wait_stream(torch.cuda.current_stream(dev))
+    if after is not None:
+        stream.wait_event(after)
+    else:
+        for dev in {src.device, dst.device}:
+            if dev.type == "cuda":
+                stream.wait_stream(torch.cuda.current_stream(dev))
     finalize: Callable[[], None] | None = None
     keepalive: list[Any] = [src, dst]
     with torch.cuda.device(device), torch.cuda.stream(stream):

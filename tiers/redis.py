@@ -60,7 +60,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import MovedError, RedisError, ResponseError
 from redis.retry import Retry
 
-from tiers.base import PutResult, TierStats
+from tiers.base import PutResult, Take, TierStats, take_each
 from tiers.breaker import CircuitBreaker
 from tiers.codec import verify_block
 
@@ -328,6 +328,10 @@ class RedisTier:
                 break
             n += 1
         return n
+
+    def get_into(self, keys: Sequence[bytes], take: Take) -> list[bool]:
+        """:meth:`get`, each block handed to ``take`` (see :class:`tiers.base.HashTier`)."""
+        return take_each(self.get(keys), take)
 
     def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Verified encoded blocks in key order; ``None`` for a miss, a corrupt block

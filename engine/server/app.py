@@ -113,6 +113,7 @@ async def _generate(request: web.Request, state: ServerState, reply: Reply,
             raise _engine_error(exc) from None
     ordered = [finals[i] for i in range(len(prompts))]
     choices = [reply.choice(i * opts.n + c.index, c.text, c.finish_reason, False)
+               | ({"token_ids": list(c.token_ids)} if opts.return_token_ids else {})
                for i, out in enumerate(ordered) for c in out.outputs]
     return web.json_response({**reply.envelope(False), "choices": choices,
                               "usage": usage(ordered)})
@@ -129,12 +130,16 @@ async def _stream(request: web.Request, state: ServerState, reply: Reply,
     n = opts.n
     extra = {"usage": None} if opts.include_usage else {}
     sent: dict[int, int] = {}  # choice index -> characters sent
+    ids_sent: dict[int, int] = {}  # choice index -> token ids sent (return_token_ids)
     ended: set[int] = set()
     finals: dict[int, RequestOutput] = {}
 
-    async def chunk(index: int, text: str, finish: str | None, role: bool = False) -> None:
-        await sse.send({**reply.envelope(True), "choices": [
-            reply.choice(index, text, finish, True, role)], **extra})
+    async def chunk(index: int, text: str, finish: str | None, role: bool = False,
+                    ids: Sequence[int] = ()) -> None:
+        choice = reply.choice(index, text, finish, True, role)
+        if opts.return_token_ids:
+            choice["token_ids"] = list(ids)
+        await sse.send({**reply.envelope(True), "choices": [choice], **extra})
 
     try:
         if reply.kind == "chat":
@@ -153,9 +158,12 @@ async def _stream(request: web.Request, state: ServerState, reply: Reply,
                         start = sent.get(index, 0)
                         end = len(c.text) if c.finish_reason else sendable_length(c.text,
                                                                                   params.stop)
-                        if end > start:
-                            await chunk(index, c.text[start:end], None)
+                        new_ids = (c.token_ids[ids_sent.get(index, 0):]
+                                   if opts.return_token_ids else [])
+                        if end > start or new_ids:
+                            await chunk(index, c.text[start:end], None, ids=new_ids)
                             sent[index] = end
+                            ids_sent[index] = len(c.token_ids)
                         if c.finish_reason:
                             ended.add(index)
                             await chunk(index, "", c.finish_reason)

@@ -35,7 +35,7 @@ _IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_too
 _COMMON = frozenset({"model", "stream", "stream_options", "temperature", "top_p", "top_k",
                      "seed", "n", "stop", "max_tokens", "presence_penalty",
                      "frequency_penalty", "logit_bias", "logprobs", "ignore_eos",
-                     "stop_token_ids"}) | _IGNORED
+                     "stop_token_ids", "return_token_ids"}) | _IGNORED
 _CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                           "tool_choice", "functions", "function_call", "response_format",
                           "modalities", "audio", "prediction", "reasoning_effort",
@@ -148,6 +148,7 @@ class Options:
     stop: tuple[str, ...]
     stop_token_ids: tuple[int, ...]
     ignore_eos: bool
+    return_token_ids: bool = False  # non-standard: add each choice's generated token ids
 
 
 def parse_options(body: Mapping[str, Any], kind: str, model_names: Sequence[str]) -> Options:
@@ -205,7 +206,7 @@ def parse_options(body: Mapping[str, Any], kind: str, model_names: Sequence[str]
         n=n or 1, stop=_stop_strings(body.get("stop")),
         stop_token_ids=_token_list(body.get("stop_token_ids"), "stop_token_ids",
                                    allow_empty=True),
-        ignore_eos=_flag(body, "ignore_eos"))
+        ignore_eos=_flag(body, "ignore_eos"), return_token_ids=_flag(body, "return_token_ids"))
 
 
 def _refuse_unsupported(body: Mapping[str, Any], kind: str) -> None:

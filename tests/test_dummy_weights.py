@@ -1,0 +1,131 @@
+"""Dummy weights (``load_format="dummy"``): real shapes, deterministic random values,
+their own fingerprint, and an engine on them that obeys the cache's correctness rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import ModelConfig
+from engine.llm import LLM
+from engine.loader import (
+    DUMMY_SHAPES,
+    DummyWeights,
+    dummy_model,
+    model_config,
+    resolve_model,
+)
+from engine.sampling import SamplingParams
+
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 50000,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "bos_token_id": 1, "eos_token_id": 2}
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(DUMMY_SHAPES))
+def test_named_shapes_are_valid_configs(name: str) -> None:
+    config = ModelConfig.from_hf_dict(DUMMY_SHAPES[name])
+    assert model_config(name, load_format="dummy") == config
+    weights = DummyWeights(config)
+    assert "model.embed_tokens.weight" in weights and "nope" not in weights
+    assert len(weights) == len(list(weights))
+
+
+def test_llama3_8b_shape_is_the_real_one() -> None:
+    c = model_config("llama3-8b", load_format="dummy")
+    params = (2 * c.vocab_size * c.hidden_size + c.num_layers * (
+        c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        + c.num_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size))
+    assert 8.0e9 < params < 8.1e9  # Llama-3-8B: 8.03 B parameters
+    assert c.kv_layout(16, "bfloat16").block_bytes == 16 * 32 * 2 * 8 * 128 * 2
+    assert model_config("llama3.1-8b", load_format="dummy").max_context_len == 131072
+
+
+def test_weights_are_deterministic_and_seeded(tiny_config: Path) -> None:
+    a = dummy_model(tiny_config)
+    b = dummy_model(tiny_config.parent)  # a directory holding config.json
+    c = dummy_model(tiny_config, seed=1)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(a.weights[name], b.weights[name])
+    assert torch.equal(a.weights[name], a.weights[name])  # every read is the same
+    assert not torch.equal(a.weights[name], c.weights[name])
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert a.fingerprint != dummy_model(tiny_config, dtype="bfloat16").fingerprint
+    w = a.weights[name]
+    assert w.shape == (64, 128) and w.dtype == torch.float32
+    assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
+    assert torch.equal(a.weights["model.norm.weight"], torch.ones(64))
+    assert a.tokenizer is None and a.path is None and a.name == "tiny-dummy"
+
+
+def test_dummy_model_differs_from_the_real_one() -> None:
+    real = resolve_model("smollm2")
+    fake = resolve_model("smollm2", load_format="dummy", tokenizer="smollm2")
+    shape = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+             "num_kv_heads", "head_dim", "tie_word_embeddings", "rope_theta")
+    assert all(getattr(fake.config, k) == getattr(real.config, k) for k in shape)
+    assert fake.fingerprint != real.fingerprint
+    assert fake.tokenizer is not None
+    assert fake.tokenizer.encode("hello world") == real.tokenizer.encode("hello world")
+
+
+def test_bad_arguments_name_what_to_change(tiny_config: Path) -> None:
+    with pytest.raises(ValueError, match="unknown dummy model shape"):
+        dummy_model("llama9-1t")
+    with pytest.raises(ValueError, match="load format"):
+        resolve_model("smollm2", load_format="fast")
+    with pytest.raises(ValueError, match="only be chosen for dummy"):
+        resolve_model("smollm2", tokenizer="smollm2")
+    with pytest.raises(ValueError, match="tokenizer"):
+        dummy_model(tiny_config, tokenizer="gpt5")
+    small = dict(TINY, vocab_size=1000)
+    tiny_config.write_text(json.dumps(small))
+    with pytest.raises(ValueError, match="more than the 1000"):
+        dummy_model(tiny_config, tokenizer="smollm2")
+
+
+def test_activations_stay_finite_in_bf16(tiny_config: Path) -> None:
+    """Every layer's output stays finite and moderate through a bf16 engine run."""
+    deep = dict(TINY, num_hidden_layers=16, hidden_size=256, intermediate_size=768)
+    tiny_config.write_text(json.dumps(deep))
+    outputs: list[torch.Tensor] = []
+    with LLM(str(tiny_config), load_format="dummy", device="cpu", dtype="bfloat16",
+             gpu_blocks=64) as llm:
+        for layer in llm.model.layers:
+            layer.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
+        out = llm.generate(list(range(3, 60)), SamplingParams(max_tokens=4, temperature=0.0,
+                                                              ignore_eos=True))[0]
+    assert len(outputs) == 16 * 4 and len(out.outputs[0].token_ids) == 4
+    for x in outputs:
+        assert x.dtype == torch.bfloat16 and torch.isfinite(x).all()
+        assert x.float().abs().max() < 1e3
+
+
+def test_llm_on_dummy_weights_cached_equals_uncached(tiny_config: Path) -> None:
+    """Token-id prompts through the engine: a prompt extending a cached one gives the
+    same greedy tokens as with prefix reuse off."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prefix = [(7 * i + 3) % 50000 for i in range(70)]
+    second = prefix + [11, 12, 13, 14, 15]
+    with LLM(str(tiny_config), load_format="dummy", device="cpu", gpu_blocks=64) as llm, \
+            LLM(str(tiny_config), load_format="dummy", device="cpu", gpu_blocks=64,
+                enable_cache=False) as cold:
+        first = llm.generate(prefix, params)[0]
+        assert first.cached_tokens == {} or sum(first.cached_tokens.values()) == 0
+        warm = llm.generate(second, params)[0]
+        assert sum(warm.cached_tokens.values()) >= 64
+        assert warm.outputs[0].token_ids == cold.generate(second, params)[0].outputs[0].token_ids
+        assert len(warm.outputs[0].token_ids) == 12
+        assert llm.tokenizer is None

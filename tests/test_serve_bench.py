@@ -1,0 +1,81 @@
+"""``kvstore bench serve`` end to end on the CPU: real ``kvstore serve`` processes with the
+real SmolLM2, a real Redis, one server per cache configuration. Functional only (the
+harness works and reports), never timing."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from bench import serve_bench
+from bench.servers import RedisServer
+from bench.workloads import MOONCAKE_BLOCK_TOKENS, MooncakeTokens
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_configuration_serves_and_reuses_the_history(
+        tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    rc = serve_bench.main([
+        "--device", "cpu", "--configs", "all", "--redis", redis_server.url,
+        "--clients", "2", "--rounds", "2", "--new-tokens", "40", "--output-tokens", "4",
+        "--gpu-kv-bytes", "16MiB", "--host-kv-bytes", "32MiB", "--disk-kv-bytes", "64MiB",
+        "--disk-dir", str(tmp_path / "disk"), "--warmup", "1", "--max-num-seqs", "4",
+        "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    summary = {r["config"]: r for r in _rows(out / "summary.csv")}
+    assert list(summary) == list(serve_bench.CONFIGS)
+    for name, row in summary.items():
+        assert name in printed
+        assert int(row["requests"]) == 4 and int(row["errors"]) == 0, row
+        assert float(row["ttft_p50_ms"]) > 0 and float(row["output_tok_per_s"]) > 0
+    requests = _rows(out / "requests.csv")
+    assert len(requests) == 4 * len(serve_bench.CONFIGS)
+    for r in requests:
+        assert int(r["completion_tokens"]) == 4 and not r["error"]
+        assert int(r["prompt_tokens"]) == (40 if r["round"] == "0" else 40 + 4 + 40)
+        if r["config"] == "off" or r["round"] == "0":
+            assert int(r["cached_tokens"]) == 0, r
+        else:  # round 1 re-sends round 0's prompt and reply: 43 tokens of KV, 2 blocks
+            assert int(r["cached_tokens"]) == 32, r
+    for name in serve_bench.CONFIGS[1:]:  # the simulation agrees on this small load
+        assert float(summary[name]["sim_hit_rate"]) == pytest.approx(
+            int(summary[name]["cached_tokens"]) / int(summary[name]["prompt_tokens"]), abs=1e-4)
+    assert (out / "serve_bench.png").stat().st_size > 10_000
+    assert (out / "server-gpu-host-disk-redis.log").is_file()
+    assert (out / "stats-gpu-host-disk-redis.json").is_file()
+
+
+def test_bad_arguments_are_refused_with_the_flag_named(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, needle in ((["--configs", "gpu,tpu"], "--configs"),
+                         (["--configs", "gpu+host+disk+redis"], "--redis"),
+                         (["--request-rate", "2", "--max-parallel", "3"], "not both"),
+                         (["--clients", "0"], "--clients")):
+        with pytest.raises(SystemExit) as exc:
+            serve_bench.main(argv)
+        assert exc.value.code == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_mooncake_tokens_share_exactly_the_shared_hash_ids() -> None:
+    tokens = MooncakeTokens(vocab_size=1000, seed=3)
+    a = tokens.prompt({"input_length": 1100, "hash_ids": [5, 6, 7]})
+    b = tokens.prompt({"input_length": 700, "hash_ids": [5, 9]})
+    assert len(a) == 1100 and len(b) == 700
+    n = MOONCAKE_BLOCK_TOKENS
+    assert (a[:n] == b[:n]).all() and not (a[n:700] == b[n:700]).all()
+    assert (MooncakeTokens(1000, seed=3).prompt({"input_length": 1100,
+                                                  "hash_ids": [5, 6, 7]}) == a).all()
+    assert a.max() < 1000
+    with pytest.raises(ValueError, match="hash ids"):
+        tokens.prompt({"input_length": 2000, "hash_ids": [1]})
