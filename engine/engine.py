@@ -20,6 +20,7 @@ from engine.runner import ModelRunner
 from engine.sampling import SamplingParams, make_generator, sample
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import CompletionOutput, RequestOutput, Sequence, Status
+from engine.stats import EngineStats
 from engine.tokenizer import Tokenizer
 from kvstore.store import KVStore
 from radix import Namespace, hash_blocks
@@ -61,6 +62,11 @@ class Engine:
         self._next_id = id_source or itertools.count().__next__
         self._requests: dict[str, _Request] = {}
         self.steps = 0
+        self._computed = 0
+        self._recomputed = 0
+        self._finished = 0
+        self._prompt_tokens = 0
+        self._generated_tokens = 0
         self._cuda_graphs = cuda_graphs
         self._runner: ModelRunner | None = None
 
@@ -101,14 +107,7 @@ class Engine:
         if req is None:
             return
         for seq in req.seqs:
-            if seq in self.scheduler.waiting:
-                self.scheduler.waiting.remove(seq)
-            if seq in self.scheduler.loading:
-                self.scheduler.loading.remove(seq)
-                assert seq.lease is not None
-                self.store.release(seq.lease)
-                seq.lease = None
-            self.scheduler.finish(seq)
+            self.scheduler.cancel(seq)
 
     @property
     def has_unfinished(self) -> bool:
@@ -142,7 +141,10 @@ class Engine:
         samplers = []
         for i, (seq, n) in enumerate(zip(step.seqs, step.query_lens)):
             samples = step.samples(i)
-            seq.num_computed += n
+            before = seq.recomputed_tokens
+            seq.advance(n)
+            self._computed += n
+            self._recomputed += seq.recomputed_tokens - before
             assert seq.lease is not None
             self.store.commit(seq.lease, seq.num_computed)
             if samples:
@@ -210,6 +212,7 @@ class Engine:
         child.lease = lease
         child.num_computed = seq.num_computed
         child.cached_tokens = dict(seq.cached_tokens)
+        child.max_computed = seq.max_computed
         if self.tokenizer is not None:
             child.decoder = self.tokenizer.stream(skip_special_tokens=True)
         self.scheduler.add_running(child)
@@ -258,11 +261,33 @@ class Engine:
         decode = max(last) - min(first) if first and last and done else None
         outs = [CompletionOutput(s.index, s.text, s.output_ids[:], s.finish_reason)
                 for s in seqs]
+        resumed: dict[str, int] = {}
+        for s in seqs:
+            for tier, n in s.resumed_tokens.items():
+                resumed[tier] = resumed.get(tier, 0) + n
         out = RequestOutput(req.request_id, req.prompt_ids, outs, dict(req.seqs[0].cached_tokens),
-                            ttft, decode, done)
+                            ttft, decode, done, resumed,
+                            sum(s.preemptions for s in seqs),
+                            sum(s.computed_tokens for s in seqs),
+                            sum(s.recomputed_tokens for s in seqs))
         if done:
             del self._requests[req.request_id]
+            self._finished += 1
+            self._prompt_tokens += len(req.prompt_ids)
+            self._generated_tokens += sum(len(s.output_ids) for s in seqs)
         return out
+
+    def stats(self) -> EngineStats:
+        """Counters since the engine was created (see :mod:`engine.stats`)."""
+        sched = self.scheduler
+        return EngineStats(
+            steps=self.steps, requests_finished=self._finished,
+            prompt_tokens=self._prompt_tokens, generated_tokens=self._generated_tokens,
+            cached_tokens=dict(sched.cached_tokens), resumed_tokens=dict(sched.resumed_tokens),
+            computed_tokens=self._computed, recomputed_tokens=self._recomputed,
+            preemptions=sched.preemptions, parked_blocks=sched.parked_blocks,
+            deferred_admissions=sched.deferred, waiting=len(sched.waiting),
+            loading=len(sched.loading), running=len(sched.running))
 
     def run(self) -> Iterator[RequestOutput]:
         """Step until every request is finished, yielding snapshots as they progress."""

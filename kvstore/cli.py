@@ -22,6 +22,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "attention": ("bench.attention_bench", "paged attention kernels vs torch SDPA"),
     "serve": ("bench.serve_bench", "serving under load over HTTP, cache tiers on vs off"),
     "router": ("bench.router_bench", "routing policies over replicas; router overhead"),
+    "pressure": ("bench.pressure_bench",
+                 "closed-loop clients over a small GPU KV pool: tiers vs preemption"),
 }
 
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -50,7 +50,7 @@ from kvstore.events import NULL_EVENTS, EventSink
 from kvstore.simulation import CountingPool, NullMover, NullPool
 from radix import BlockChain, IntegrityError, Namespace, Node, TreeStats, hash_blocks
 
-__all__ = ["SHARED_TIERS", "Allocated", "KVStore", "Lease", "OutOfBlocks", "Replayed",
+__all__ = ["SHARED_TIERS", "Allocated", "KVStore", "Lease", "OutOfBlocks", "Parked", "Replayed",
            "StoreMatch", "StoreStats"]
 
 
@@ -134,6 +134,21 @@ class OutOfBlocks:
 
     needed: int
     available: int
+
+
+@dataclass(frozen=True)
+class Parked:
+    """Result of :meth:`KVStore.park`: blocks that left the GPU for ``tier`` (``None``:
+    no tier below the GPU, nothing moved). ``moved`` were copied down; ``dropped`` were
+    already held there (write-through) and only left the GPU."""
+
+    tier: str | None
+    moved: int
+    dropped: int
+
+    @property
+    def blocks(self) -> int:
+        return self.moved + self.dropped
 
 
 @dataclass(frozen=True)
@@ -593,6 +608,52 @@ class KVStore:
         for node in m.nodes:
             self.tree.set_priority(node, priority)
         return m.num_blocks
+
+    def park(self, lease: Lease) -> Parked:
+        """Commit and release ``lease``, then move its now-unlocked GPU blocks one level
+        down (the host pool) as one batch: a preempted sequence resumes by promoting
+        them back (``match``/``acquire``) instead of recomputing.
+
+        Moves the deepest run of the lease's committed blocks that no other lease locks,
+        that is not pinned and whose GPU descendants are all in the run, leaf first (as
+        demotion would take them), through :meth:`RadixTree.demote` and one copy. With
+        no host tier nothing moves: the blocks stay cached on the GPU.
+        """
+        if lease.pending is not None:
+            self.wait(lease)
+        path: list[Node] = []
+        if not lease.released:
+            self.commit(lease, lease.computed)
+            if lease.node is not None:
+                path = self.tree.path(lease.node)
+        self.release(lease)
+        gpu, below = self._levels[0], self._levels[1]
+        if below.room.capacity == 0:
+            return Parked(None, 0, 0)
+        run: list[Node] = []
+        for node in reversed(path):
+            if node.lock or node.priority or node.locs[gpu.index] is None or \
+                    node.nchild[gpu.index] != (1 if run else 0):
+                break
+            run.append(node)
+        if not run:
+            return Parked(below.name, 0, 0)
+        self._ensure_free(below, sum(1 for n in run if n.locs[below.index] is None))
+        for node in run:  # first in the GPU's eviction order, for this one demotion
+            self.tree.set_priority(node, -1)
+        try:
+            d = self.tree.demote(gpu.index, below.index, len(run), below.room.take(len(run)))
+        finally:
+            for node in run:
+                self.tree.set_priority(node, 0)
+        below.room.give(d.unused)
+        for node in self.mover.demote(gpu.name, below.name, d.moved):
+            self.tree.clear_location(node, below.index)
+        freed = [m.src for m in d.moved] + [e.location for e in d.dropped]
+        gpu.room.give(freed)
+        self._demotions[gpu.name] += len(d.moved)
+        self._evictions[gpu.name] += len(freed)
+        return Parked(below.name, len(d.moved), len(d.dropped))
 
     # --------------------------------------------------------------- eviction
 
