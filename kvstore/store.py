@@ -155,7 +155,8 @@ class KVStore:
         self.block_size = config.block_size
         names = config.tier_names()
         self.tiers = names
-        self.tree = RadixTree(names)
+        self.tree = RadixTree(names, eviction=config.eviction,
+                              knee_blocks=config.eviction_knee_tokens / config.block_size)
         self._t = {name: i for i, name in enumerate(names)}
         self._host = "host" in self._t
         # Write-back moves blocks between tiers (the index records one tier per block);

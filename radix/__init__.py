@@ -1,5 +1,6 @@
 """Prefix index: block hashing and the radix tree. Pure data structures, no I/O."""
 
+from radix.eviction import EVICTIONS, Eviction, EvictionOrder
 from radix.hashing import KEY_BYTES, BlockChain, Namespace, chain_key, hash_blocks, token_bytes
 from radix.tree import (
     Demotion,
@@ -14,7 +15,7 @@ from radix.tree import (
 )
 
 __all__ = [
-    "KEY_BYTES", "BlockChain", "Demotion", "Evicted", "Inserted", "IntegrityError", "Match",
+    "EVICTIONS", "KEY_BYTES", "BlockChain", "Demotion", "Evicted", "Eviction", "EvictionOrder", "Inserted", "IntegrityError", "Match",
     "Moved", "Namespace", "Node", "RadixTree", "TreeStats", "chain_key", "hash_blocks",
     "token_bytes",
 ]

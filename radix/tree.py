@@ -14,10 +14,14 @@ Invariants (checked by :meth:`RadixTree.check_integrity`):
   no child has a location in ``t`` (leaf-first, per tier).
 - Every node evictable from ``t`` has exactly one live entry in tier ``t``'s heap.
 - No node other than the root is both without any location and without children.
+- A live heap entry's (priority, key) never exceeds the node's current one (keys only
+  grow while an entry lives; a lowered priority gets a fresh entry).
 
-Eviction is least-recently-used per tier through a lazy heap: touching a node only
-updates its stamp; a popped entry whose key is stale is pushed again with the current
-key. Each evicted block costs O(log n) amortized; there is no scan and no re-heapify.
+Each tier evicts in its own order (:mod:`radix.eviction`: ``lru`` by default, ``lfu``,
+``cost``) through a lazy heap: touching a node only updates its stamp (and, for the
+aged orders, its per-tier key); a popped entry whose key is stale is pushed again with
+the current key. Each evicted block costs O(log n) amortized; there is no scan and no
+re-heapify.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from radix.eviction import DEFAULT_KNEE_TOKENS, EvictionOrder, eviction_orders
+
 
 class IntegrityError(AssertionError):
     """An invariant of the index does not hold (a bug, never a user error)."""
@@ -37,7 +43,8 @@ class Node:
     """One full block in the index. Fields are managed by :class:`RadixTree` only."""
 
     __slots__ = ("key", "tokens", "parent", "parent_key", "children", "locs", "nloc", "nchild",
-                 "refs", "lock", "stamp", "priority", "hseq", "evictable", "depth")
+                 "refs", "lock", "stamp", "priority", "hseq", "evictable", "depth", "uses",
+                 "score")
 
     def __init__(self, key: bytes, tokens: bytes, parent: Node | None, num_tiers: int,
                  stamp: int, parent_key: bytes = b"") -> None:
@@ -56,6 +63,8 @@ class Node:
         self.hseq = [0] * num_tiers  # seq of this node's live heap entry per tier; 0 = none
         self.evictable = 0  # bit t set: evictable from tier t
         self.depth = 0 if parent is None else parent.depth + 1
+        self.uses = 1  # accesses since creation (creation counts)
+        self.score = [0.0] * num_tiers  # per tier: key of an aged eviction order
 
     def location(self, tier: int) -> Any:
         """This block's location in ``tier``, or ``None`` when the tier does not hold it."""
@@ -147,21 +156,30 @@ class TreeStats:
 
 
 class RadixTree:
-    """Prefix index over block keys with per-tier leaf-first LRU eviction.
+    """Prefix index over block keys with per-tier leaf-first eviction.
 
     ``tiers`` names the tiers in order (index 0 is usually "gpu"); methods take the
     tier's index (see :meth:`tier`). ``clock`` returns increasing access stamps; the
-    default is a counter, so orders are deterministic. Not thread-safe: the caller
+    default is a counter, so orders are deterministic. ``eviction`` is the eviction
+    order of every tier (a name of :data:`radix.eviction.EVICTIONS`) or one per tier;
+    ``knee_blocks`` is the ``cost`` order's knee in blocks. Not thread-safe: the caller
     serializes access.
     """
 
-    def __init__(self, tiers: Sequence[str], clock: Callable[[], int] | None = None) -> None:
+    def __init__(self, tiers: Sequence[str], clock: Callable[[], int] | None = None,
+                 eviction: str | Sequence[str | EvictionOrder] = "lru",
+                 knee_blocks: float = DEFAULT_KNEE_TOKENS / 16) -> None:
         if not tiers:
             raise ValueError("RadixTree needs at least one tier name")
         if len(set(tiers)) != len(tiers):
             raise ValueError(f"tier names must be unique, got {list(tiers)}")
         self.tier_names = tuple(tiers)
         self._ntiers = len(tiers)
+        self.eviction = eviction_orders(eviction if isinstance(eviction, str)
+                                        else tuple(eviction), len(tiers), knee_blocks)
+        self._aged = [o.aged for o in self.eviction]
+        self._aged_tiers = [t for t in range(len(tiers)) if self._aged[t]]
+        self._age = [0.0] * len(tiers)  # per aged tier: the last evicted key
         self._clock = clock if clock is not None else itertools.count(1).__next__
         self._seq = itertools.count(1)
         self.root = Node(b"", b"", None, self._ntiers, 0)
@@ -203,10 +221,20 @@ class RadixTree:
         return Match(out)
 
     def touch(self, nodes: Sequence[Node]) -> None:
-        """Mark ``nodes`` as used now (one stamp for all). O(len(nodes)); no heap work."""
+        """Mark ``nodes`` as used now (one stamp for all; one more use each).
+
+        O(len(nodes)), times the tiers for the aged orders; no heap work.
+        """
         stamp = self._clock()
-        for node in nodes:
-            node.stamp = stamp
+        if self._aged_tiers:
+            for node in nodes:
+                node.stamp = stamp
+                node.uses += 1
+                self._rescore(node)
+        else:
+            for node in nodes:
+                node.stamp = stamp
+                node.uses += 1
 
     def stats(self) -> TreeStats:
         names = self.tier_names
@@ -276,6 +304,9 @@ class RadixTree:
                 return Inserted(nodes, placed, True)
             else:
                 child.stamp = stamp
+                child.uses += 1
+                if self._aged_tiers:
+                    self._rescore(child)
             if child.locs[tier] is None:
                 self._set(child, tier, loc)
                 placed.append(True)
@@ -374,7 +405,7 @@ class RadixTree:
                         self._push(node, t)
 
     def evict(self, tier: int, n: int) -> list[Evicted]:
-        """Remove up to ``n`` blocks from ``tier``, least recently used leaves first.
+        """Remove up to ``n`` blocks from ``tier``, in the tier's eviction order.
 
         Nodes that no tier holds any more are pruned. O(log n) amortized per block.
         """
@@ -389,7 +420,8 @@ class RadixTree:
         return out
 
     def demote(self, tier: int, to: int, n: int, locations: Sequence[Any]) -> Demotion:
-        """Free up to ``n`` blocks of ``tier`` by moving LRU leaves down to tier ``to``.
+        """Free up to ``n`` blocks of ``tier`` by moving its first leaves in eviction
+        order down to tier ``to``.
 
         A victim already held by ``to`` just leaves ``tier`` (``dropped``); any other
         takes the next of ``locations`` in ``to`` (``moved``: the caller copies the
@@ -419,7 +451,17 @@ class RadixTree:
 
     # ---------------------------------------------------------------- internals
 
+    def _rescore(self, node: Node) -> None:
+        """Key of an accessed node in every aged tier that holds it: age + value."""
+        locs, score = node.locs, node.score
+        for t in self._aged_tiers:
+            if locs[t] is not None:
+                score[t] = self._age[t] + self.eviction[t].value(node.uses, node.depth)
+
     def _set(self, node: Node, tier: int, loc: Any) -> None:
+        if self._aged[tier]:  # entering an aged tier's cache: age + value
+            node.score[tier] = self._age[tier] + self.eviction[tier].value(node.uses,
+                                                                           node.depth)
         node.locs[tier] = loc
         node.nloc += 1
         self._blocks[tier] += 1
@@ -494,7 +536,8 @@ class RadixTree:
         seq = next(self._seq)
         node.hseq[tier] = seq
         heap = self._heaps[tier]
-        heapq.heappush(heap, (node.priority, node.stamp, seq, node))
+        key = node.score[tier] if self._aged[tier] else node.stamp
+        heapq.heappush(heap, (node.priority, key, seq, node))
         if len(heap) > 2 * self._blocks[tier] + 1024:
             self._compact(tier)
 
@@ -505,11 +548,12 @@ class RadixTree:
         self._heaps[tier] = heap
 
     def _peek(self, tier: int) -> Node | None:
-        """The current LRU evictable node of ``tier``, settling stale entries on the way."""
+        """The next evictable node of ``tier``, settling stale entries on the way."""
         heap = self._heaps[tier]
         bit = 1 << tier
+        aged = self._aged[tier]
         while heap:
-            prio, stamp, seq, node = heap[0]
+            prio, key, seq, node = heap[0]
             if node.hseq[tier] != seq:
                 heapq.heappop(heap)  # dead entry
                 continue
@@ -517,7 +561,7 @@ class RadixTree:
                 heapq.heappop(heap)
                 node.hseq[tier] = 0
                 continue
-            if prio != node.priority or stamp != node.stamp:
+            if prio != node.priority or key != (node.score[tier] if aged else node.stamp):
                 heapq.heappop(heap)  # key went stale (touched): re-insert with current key
                 self._push(node, tier)
                 heap = self._heaps[tier]  # _push may have compacted into a new list
@@ -528,8 +572,10 @@ class RadixTree:
     def _pop(self, tier: int) -> Node | None:
         node = self._peek(tier)
         if node is not None:
-            heapq.heappop(self._heaps[tier])
+            key = heapq.heappop(self._heaps[tier])[1]
             node.hseq[tier] = 0
+            if self._aged[tier] and key > self._age[tier]:
+                self._age[tier] = key
         return node
 
     # ------------------------------------------------------------- integrity
@@ -597,6 +643,12 @@ class RadixTree:
         if evictable != self._evictable:
             fail(f"evictable counts {self._evictable} != actual {evictable}")
         for t in range(self._ntiers):
+            for prio, key, seq, node in self._heaps[t]:
+                if seq in live[t] and node.hseq[t] == seq:
+                    cur = node.score[t] if self._aged[t] else node.stamp
+                    if (prio, key) > (node.priority, cur):
+                        fail(f"heap entry key {(prio, key)} above the node's current "
+                             f"{(node.priority, cur)} in tier {t}: {node!r}")
             seqs = [e[2] for e in self._heaps[t]]
             if len(seqs) != len(set(seqs)):
                 fail(f"duplicate heap entries in tier {t}")
