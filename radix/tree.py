@@ -179,11 +179,12 @@ class RadixTree:
                                         else tuple(eviction), len(tiers), knee_blocks)
         self._aged = [o.aged for o in self.eviction]
         self._aged_tiers = [t for t in range(len(tiers)) if self._aged[t]]
-        self._age = [0.0] * len(tiers)  # per aged tier: the last evicted key
+        self._age = 0.0  # aged orders: the largest key evicted so far (see _rescore)
         self._clock = clock if clock is not None else itertools.count(1).__next__
         self._seq = itertools.count(1)
         self.root = Node(b"", b"", None, self._ntiers, 0)
-        self._heaps: list[list[tuple[int, int, int, Node]]] = [[] for _ in tiers]
+        # Entries: (priority, key, stamp, seq, node); ties on the key go LRU first.
+        self._heaps: list[list[tuple[int, float, int, int, Node]]] = [[] for _ in tiers]
         self._nodes = 0
         self._locked = 0
         self._blocks = [0] * self._ntiers
@@ -298,6 +299,8 @@ class RadixTree:
             if child is None:
                 pkey = root_key if node is self.root else node.key
                 child = Node(key, toks, node, self._ntiers, stamp, pkey)
+                if self._aged_tiers:
+                    self._rescore(child)
                 node.children[key] = child
                 self._nodes += 1
             elif child.tokens != toks:
@@ -410,10 +413,13 @@ class RadixTree:
         Nodes that no tier holds any more are pruned. O(log n) amortized per block.
         """
         out: list[Evicted] = []
+        aged = self._aged[tier]
         while len(out) < n:
             node = self._pop(tier)
             if node is None:
                 break
+            if aged and node.score[tier] > self._age:
+                self._age = node.score[tier]  # leaving the cache: the aging clock moves
             loc = node.locs[tier]
             self._clear(node, tier)
             out.append(Evicted(node, loc))
@@ -452,16 +458,13 @@ class RadixTree:
     # ---------------------------------------------------------------- internals
 
     def _rescore(self, node: Node) -> None:
-        """Key of an accessed node in every aged tier that holds it: age + value."""
-        locs, score = node.locs, node.score
+        """Key of an accessed node in every aged order: age + value (set at access
+        only, so a block keeps its key when it is demoted, as in one big cache)."""
+        score, age = node.score, self._age
         for t in self._aged_tiers:
-            if locs[t] is not None:
-                score[t] = self._age[t] + self.eviction[t].value(node.uses, node.depth)
+            score[t] = age + self.eviction[t].value(node.uses, node.depth)
 
     def _set(self, node: Node, tier: int, loc: Any) -> None:
-        if self._aged[tier]:  # entering an aged tier's cache: age + value
-            node.score[tier] = self._age[tier] + self.eviction[tier].value(node.uses,
-                                                                           node.depth)
         node.locs[tier] = loc
         node.nloc += 1
         self._blocks[tier] += 1
@@ -537,13 +540,13 @@ class RadixTree:
         node.hseq[tier] = seq
         heap = self._heaps[tier]
         key = node.score[tier] if self._aged[tier] else node.stamp
-        heapq.heappush(heap, (node.priority, key, seq, node))
+        heapq.heappush(heap, (node.priority, key, node.stamp, seq, node))
         if len(heap) > 2 * self._blocks[tier] + 1024:
             self._compact(tier)
 
     def _compact(self, tier: int) -> None:
         """Drop dead entries (amortized O(1) per push: runs when half the heap is dead)."""
-        heap = [e for e in self._heaps[tier] if e[3].hseq[tier] == e[2]]
+        heap = [e for e in self._heaps[tier] if e[4].hseq[tier] == e[3]]
         heapq.heapify(heap)
         self._heaps[tier] = heap
 
@@ -553,7 +556,7 @@ class RadixTree:
         bit = 1 << tier
         aged = self._aged[tier]
         while heap:
-            prio, key, seq, node = heap[0]
+            prio, key, stamp, seq, node = heap[0]
             if node.hseq[tier] != seq:
                 heapq.heappop(heap)  # dead entry
                 continue
@@ -561,7 +564,8 @@ class RadixTree:
                 heapq.heappop(heap)
                 node.hseq[tier] = 0
                 continue
-            if prio != node.priority or key != (node.score[tier] if aged else node.stamp):
+            if prio != node.priority or stamp != node.stamp or (
+                    aged and key != node.score[tier]):
                 heapq.heappop(heap)  # key went stale (touched): re-insert with current key
                 self._push(node, tier)
                 heap = self._heaps[tier]  # _push may have compacted into a new list
@@ -572,10 +576,8 @@ class RadixTree:
     def _pop(self, tier: int) -> Node | None:
         node = self._peek(tier)
         if node is not None:
-            key = heapq.heappop(self._heaps[tier])[1]
+            heapq.heappop(self._heaps[tier])
             node.hseq[tier] = 0
-            if self._aged[tier] and key > self._age[tier]:
-                self._age[tier] = key
         return node
 
     # ------------------------------------------------------------- integrity
@@ -643,13 +645,13 @@ class RadixTree:
         if evictable != self._evictable:
             fail(f"evictable counts {self._evictable} != actual {evictable}")
         for t in range(self._ntiers):
-            for prio, key, seq, node in self._heaps[t]:
+            for prio, key, _, seq, node in self._heaps[t]:
                 if seq in live[t] and node.hseq[t] == seq:
                     cur = node.score[t] if self._aged[t] else node.stamp
                     if (prio, key) > (node.priority, cur):
                         fail(f"heap entry key {(prio, key)} above the node's current "
                              f"{(node.priority, cur)} in tier {t}: {node!r}")
-            seqs = [e[2] for e in self._heaps[t]]
+            seqs = [e[3] for e in self._heaps[t]]
             if len(seqs) != len(set(seqs)):
                 fail(f"duplicate heap entries in tier {t}")
             missing = live[t] - set(seqs)
