@@ -183,7 +183,8 @@ class RadixTree:
         self._clock = clock if clock is not None else itertools.count(1).__next__
         self._seq = itertools.count(1)
         self.root = Node(b"", b"", None, self._ntiers, 0)
-        # Entries: (priority, key, stamp, seq, node); ties on the key go LRU first.
+        # Entries: (priority, key, tie, seq, node). The key is the stamp (lru) or the
+        # aged order's score with the stamp as tie (equal scores go LRU first).
         self._heaps: list[list[tuple[int, float, int, int, Node]]] = [[] for _ in tiers]
         self._nodes = 0
         self._locked = 0
@@ -539,8 +540,11 @@ class RadixTree:
         seq = next(self._seq)
         node.hseq[tier] = seq
         heap = self._heaps[tier]
-        key = node.score[tier] if self._aged[tier] else node.stamp
-        heapq.heappush(heap, (node.priority, key, node.stamp, seq, node))
+        if self._aged[tier]:
+            entry = (node.priority, node.score[tier], node.stamp, seq, node)
+        else:
+            entry = (node.priority, node.stamp, 0, seq, node)
+        heapq.heappush(heap, entry)
         if len(heap) > 2 * self._blocks[tier] + 1024:
             self._compact(tier)
 
@@ -556,7 +560,7 @@ class RadixTree:
         bit = 1 << tier
         aged = self._aged[tier]
         while heap:
-            prio, key, stamp, seq, node = heap[0]
+            prio, key, tie, seq, node = heap[0]
             if node.hseq[tier] != seq:
                 heapq.heappop(heap)  # dead entry
                 continue
@@ -564,8 +568,9 @@ class RadixTree:
                 heapq.heappop(heap)
                 node.hseq[tier] = 0
                 continue
-            if prio != node.priority or stamp != node.stamp or (
-                    aged and key != node.score[tier]):
+            if prio != node.priority or (
+                    (key != node.score[tier] or tie != node.stamp) if aged
+                    else key != node.stamp):
                 heapq.heappop(heap)  # key went stale (touched): re-insert with current key
                 self._push(node, tier)
                 heap = self._heaps[tier]  # _push may have compacted into a new list
