@@ -14,7 +14,8 @@ up; it never looks for one whose key went down), which each order below respects
   entering the tier and on every access, with the same aging. A block's recompute cost
   per byte grows with its position in the sequence (every block has the same bytes;
   prefilling the block at token position ``p`` costs the weights' FLOPs plus attention
-  over ``p`` earlier tokens): ``cost = 1 + depth * block_size / knee``, where ``knee``
+  over ``p`` earlier tokens): ``cost = 1 + position * block_size / knee`` (``position``:
+  the block's 0-based index in its sequence), where ``knee``
   (tokens) is the context length at which a token's attention FLOPs equal its weight
   FLOPs, about ``params / (2 * layers * hidden)``: ~4k tokens for SmolLM2-135M, ~30k for
   an 8B Llama. Blocks that are costly to recompute survive proportionally more
@@ -61,12 +62,12 @@ class EvictionOrder:
         """True for the orders keyed by ``age + value`` (``lfu``, ``cost``)."""
         return self.name != "lru"
 
-    def value(self, uses: int, depth: int) -> float:
+    def value(self, uses: int, position: int) -> float:
         """What an access is worth to an aged order (``lfu``: uses; ``cost``: recompute
-        cost of the block at ``depth``, 1 for the first block)."""
+        cost of the block at ``position`` in its sequence, 0-based: 1 for the first)."""
         if self.name == "lfu":
             return float(uses)
-        return 1.0 + depth / self.knee_blocks
+        return 1.0 + position / self.knee_blocks
 
 
 def eviction_orders(spec: str | EvictionOrder | tuple[str | EvictionOrder, ...] | list,

@@ -463,7 +463,7 @@ class RadixTree:
         only, so a block keeps its key when it is demoted, as in one big cache)."""
         score, age = node.score, self._age
         for t in self._aged_tiers:
-            score[t] = age + self.eviction[t].value(node.uses, node.depth)
+            score[t] = age + self.eviction[t].value(node.uses, node.depth - 1)
 
     def _set(self, node: Node, tier: int, loc: Any) -> None:
         node.locs[tier] = loc
