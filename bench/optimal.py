@@ -4,17 +4,18 @@ A request references the chain of its full blocks; it hits the longest run of le
 prompt blocks the cache holds (the store's rule, see :meth:`kvstore.store.KVStore.replay`)
 and then every one of its blocks must be cached at once (a sequence holds its blocks on
 the GPU while it runs). :func:`belady` replays a workload through a cache of
-``capacity`` blocks that, whenever it needs room, evicts the unlocked cached block whose
-next use lies farthest in the future (a block no later request uses: infinitely far),
-the deepest first among equals. Only the running request's blocks are locked.
+``capacity`` blocks that, whenever it needs room, evicts the unlocked cached leaf whose
+next use lies farthest in the future (a block no later request uses: infinitely far).
+Only the running request's blocks are locked.
 
 Why this is the optimum (docs/eviction.md has the long form):
 
-- A parent is used whenever a child is (a request that hits a block hits its whole
-  prefix), so a parent's next use is never later than its child's; with the tie broken
-  towards depth, the farthest block is always a leaf, and the cache stays a rooted
-  subtree. MIN is therefore leaf-first by itself, and a request's hit equals the number
-  of its prompt blocks the cache holds.
+- A parent is used whenever a child is (a request that uses a block uses its whole
+  prefix), so a parent's next use is never later than its child's: the farthest
+  unlocked block can always be found among the leaves (a parent ties at best with its
+  child, and evicting the child first loses nothing). Leaf-first MIN is therefore MIN
+  itself; the cache stays a rooted subtree, and a request's hit equals the number of
+  its prompt blocks the cache holds.
 - Belady's exchange argument carries over to requests that reference several blocks
   which must be resident together (the victim is chosen outside the running request),
   and to references that are not counted (generated output blocks: inserted, never
@@ -31,10 +32,10 @@ schedule reaches all three bounds at once: each tier evicts its farthest-next-us
 into the tier below, top-down. :func:`optimal_split` reports that schedule's hits by tier.
 
 Cost: one pass over the workload to number blocks and compute next uses
-(:class:`ReferenceString`), then O(log n) per reference and per eviction: a max-heap of
-evictable leaves keyed by (next use, depth, id) packed into one int, with lazy
-invalidation (an entry is live while it equals the block's current key and the block is
-a cached leaf).
+(:class:`ReferenceString`), then O(log n) per request and per eviction: a max-heap of
+evictable leaves keyed by (next use, id) packed into one int, with lazy invalidation (an
+entry is live while it equals the block's live entry; a block's entry is cleared when
+it is used, gains a cached child or leaves the cache).
 """
 
 from __future__ import annotations
@@ -149,13 +150,10 @@ def belady(refs: ReferenceString, capacity: int, progress: str | None = None) ->
                          f"({refs.largest_request} blocks)")
     n = refs.num_blocks
     parent = refs.parent
-    id_bits = max(1, n.bit_length())
-    depth_bits = max(1, max(refs.depth, default=0).bit_length())
-    # Packed heap key: -((next_use << depth_bits | depth) << id_bits | id): the smallest
-    # entry is the farthest next use, deepest, then highest id (a fixed total order).
-    packed_depth = [d << id_bits | b for b, d in enumerate(refs.depth)]
-    shift = depth_bits + id_bits
-    mask = (1 << id_bits) - 1
+    # Packed heap key: -(next_use << shift | id): the smallest entry is the farthest
+    # next use, then the highest id (a fixed total order; ties do not change the hits).
+    shift = max(1, n.bit_length())
+    mask = (1 << shift) - 1
     present = bytearray(n)
     nchild = [0] * n
     nu = [0] * n  # next use of the block as of its last reference
@@ -194,7 +192,7 @@ def belady(refs: ReferenceString, capacity: int, progress: str | None = None) ->
                 if p >= 0:
                     nchild[p] -= 1
                     if not nchild[p] and mark[p] != j:
-                        e = entry[p] = -(nu[p] << shift | packed_depth[p])
+                        e = entry[p] = -(nu[p] << shift | p)
                         push(heap, e)
             present[ids[i]] = 1
             size += 1
@@ -204,7 +202,7 @@ def belady(refs: ReferenceString, capacity: int, progress: str | None = None) ->
         if k:
             b = ids[-1]
             if not nchild[b]:
-                e = entry[b] = -(nu[b] << shift | packed_depth[b])
+                e = entry[b] = -(nu[b] << shift | b)
                 push(heap, e)
         if len(heap) > 4 * capacity + 1024:
             heap = [e for e in heap if entry[(-e) & mask] == e]
