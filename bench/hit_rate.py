@@ -57,7 +57,7 @@ from bench.baselines import FlatFIFOCache, InfiniteCache, gpu_only_store
 from bench.optimal import ReferenceString, optimal_split
 from kvstore.config import POLICIES, StoreConfig
 from kvstore.store import KVStore
-from radix.eviction import EVICTIONS
+from radix.eviction import DEFAULT_KNEE_TOKENS, EVICTIONS
 
 TIERS = ("gpu", "host", "disk", "redis")
 SPLIT = (1, 3, 30)
@@ -115,6 +115,8 @@ class Row:
     eviction: str = ""
     optimal_hit: int | None = None
     """Hit tokens of the optimal cache of this cache's own capacity (``None``: none)."""
+    saved_prefill: float | None = None
+    """Fraction of the prompts' prefill cost (attention included) the hits saved."""
 
     @property
     def hit(self) -> int:
@@ -199,14 +201,29 @@ def sweep(workload: wl.Workload, factors: Sequence[float], full_mooncake: bool
     return list(caps.values()), f_min
 
 
-def replay(workload: wl.Workload, replayer: Replayer, desc: str) -> tuple[dict[str, int], float]:
-    """Replay every request; return hit tokens by tier and the wall time (seconds)."""
+def prefill_cost(tokens: int, knee: int = DEFAULT_KNEE_TOKENS) -> float:
+    """Prefill cost of the first ``tokens`` tokens of a sequence, in units of one
+    token's weight FLOPs: token ``p`` costs ``1 + p / knee`` (attention over ``p``
+    earlier tokens; ``knee`` as in :mod:`radix.eviction`)."""
+    return tokens + tokens * (tokens - 1) / (2 * knee)
+
+
+def replay(workload: wl.Workload, replayer: Replayer, desc: str
+           ) -> tuple[dict[str, int], float, float]:
+    """Replay every request; return hit tokens by tier, the wall time (seconds) and the
+    fraction of the prompts' prefill cost the hits saved (:func:`prefill_cost`)."""
     hits: Counter[str] = Counter()
+    saved = 0.0
     t0 = time.perf_counter()
     for r in tqdm(workload.requests, desc=desc, unit="req", leave=False, mininterval=0.5):
-        for tier, n in replayer(r.keys, r.blocks, r.prompt_tokens).items():
-            hits[tier] += n
-    return dict(hits), time.perf_counter() - t0
+        n = 0
+        for tier, k in replayer(r.keys, r.blocks, r.prompt_tokens).items():
+            hits[tier] += k
+            n += k
+        saved += prefill_cost(n)
+    secs = time.perf_counter() - t0
+    total = sum(prefill_cost(r.prompt_tokens) for r in workload.requests)
+    return dict(hits), secs, saved / total if total else 0.0
 
 
 def _store_replayer(store: KVStore) -> Replayer:
@@ -244,8 +261,8 @@ def run_workload(workload: wl.Workload, capacities: Sequence[Capacity],
     name, bs, prompt = workload.name, workload.block_size, workload.prompt_tokens
     rows = []
     inf = InfiniteCache(bs)
-    hits, secs = replay(workload, inf.replay, f"{name} {INFINITE}")
-    rows.append(Row(name, INFINITE, "", None, bs, prompt, hits, secs))
+    hits, secs, saved = replay(workload, inf.replay, f"{name} {INFINITE}")
+    rows.append(Row(name, INFINITE, "", None, bs, prompt, hits, secs, saved_prefill=saved))
     refs = ReferenceString.of(workload)
     for cap in capacities:
         tag = f"{name} x{cap.factor:.3g}"
@@ -263,19 +280,21 @@ def run_workload(workload: wl.Workload, capacities: Sequence[Capacity],
                                          host_blocks=cap.host, disk_blocks=cap.disk,
                                          policy=policy, eviction=ev)  # type: ignore[arg-type]
             store = KVStore(cfg)
-            hits, secs = replay(workload, _store_replayer(store), f"{tag} {policy} {ev}")
+            hits, secs, saved = replay(workload, _store_replayer(store),
+                                       f"{tag} {policy} {ev}")
             rows.append(Row(name, TIERED, policy, cap, bs, prompt, hits, secs,
-                            _store_counters(store), ev, best))
+                            _store_counters(store), ev, best, saved))
         for label, blocks, bound in ((GPU_ONLY, cap.total, best),
                                      (GPU_SHARE, cap.gpu, best_gpu)):
             store = gpu_only_store(bs, blocks)
-            hits, secs = replay(workload, _store_replayer(store), f"{tag} {label}")
+            hits, secs, saved = replay(workload, _store_replayer(store), f"{tag} {label}")
             rows.append(Row(name, label, "", cap, bs, prompt, hits, secs,
-                            _store_counters(store), optimal_hit=bound))
+                            _store_counters(store), optimal_hit=bound, saved_prefill=saved))
         flat = FlatFIFOCache(bs, cap.total)
-        hits, secs = replay(workload, flat.replay, f"{tag} {FLAT}")
+        hits, secs, saved = replay(workload, flat.replay, f"{tag} {FLAT}")
         rows.append(Row(name, FLAT, "", cap, bs, prompt, hits, secs,
-                        {"evictions_cache": flat.evictions}, optimal_hit=best))
+                        {"evictions_cache": flat.evictions}, optimal_hit=best,
+                        saved_prefill=saved))
     return rows
 
 
@@ -320,8 +339,8 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     fields = ["workload", "cache", "policy", "eviction", "factor", "block_size",
               "capacity_tokens", "cache_blocks", "gpu_blocks", "host_blocks", "disk_blocks",
               "prompt_tokens", "hit_tokens", "hit_rate", *(f"hit_rate_{t}" for t in TIERS),
-              "fraction_of_infinite", "optimal_hit_tokens", "fraction_of_optimal", "seconds",
-              *counter_keys]
+              "fraction_of_infinite", "optimal_hit_tokens", "fraction_of_optimal",
+              "saved_prefill", "seconds", *counter_keys]
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
@@ -343,6 +362,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
                 "optimal_hit_tokens": "" if r.optimal_hit is None else r.optimal_hit,
                 "fraction_of_optimal": "" if r.fraction_of_optimal is None
                 else f"{r.fraction_of_optimal:.6f}",
+                "saved_prefill": "" if r.saved_prefill is None else f"{r.saved_prefill:.6f}",
                 "seconds": f"{r.seconds:.3f}",
             }
             for t in TIERS:
@@ -572,6 +592,13 @@ def _eviction_targets(points: dict[tuple[str, float], dict[str, Row]],
                    f"x{factor:.3g}: default {DEFAULT_EVICTION} {100 * r.hit_rate:.2f}% = "
                    f"{100 * frac:.1f}% of the optimal {best} (target >= 90%; write-back "
                    f"orders: {others})")
+        saved = ", ".join(f"{e} {100 * p[lab].saved_prefill:.2f}%"
+                          for lab, pol, e in tiered
+                          for p in [points[(name, factor)]]
+                          if pol == "write-back" and lab in p
+                          and p[lab].saved_prefill is not None)
+        out.append(f"INFO {name} smallest capacity x{factor:.3g}: prefill cost saved "
+                   f"(attention included, knee {DEFAULT_KNEE_TOKENS} tokens): {saved}")
     return out
 
 

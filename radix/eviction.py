@@ -6,23 +6,24 @@ may only grow while its heap entry lives (the heap re-inserts an entry whose key
 up; it never looks for one whose key went down), which each order below respects.
 
 - ``lru``: the node's last access stamp. Least recently used leaf first.
-- ``lfu``: LFU with dynamic aging (LFU-DA): on entering the tier and on every access
-  the key becomes ``age + uses`` (``uses``: accesses since the node was created); each
-  eviction raises the tier's ``age`` to the evicted key. Frequently used blocks stay;
-  the age lets once-popular blocks that went cold leave eventually.
-- ``cost``: GreedyDual over recompute cost: the key becomes ``age + cost(depth)`` on
-  entering the tier and on every access, with the same aging. A block's recompute cost
-  per byte grows with its position in the sequence (every block has the same bytes;
-  prefilling the block at token position ``p`` costs the weights' FLOPs plus attention
-  over ``p`` earlier tokens): ``cost = 1 + position * block_size / knee`` (``position``:
-  the block's 0-based index in its sequence), where ``knee``
-  (tokens) is the context length at which a token's attention FLOPs equal its weight
-  FLOPs, about ``params / (2 * layers * hidden)``: ~4k tokens for SmolLM2-135M, ~30k for
-  an 8B Llama. Blocks that are costly to recompute survive proportionally more
-  evictions; with equal costs the order is LRU's.
+- ``lfu``: LFU with dynamic aging (LFU-DA): at every access the key becomes
+  ``age + uses`` (``uses``: accesses since the node was created). Frequently used
+  blocks stay; the age lets once-popular blocks that went cold leave eventually.
+- ``cost``: GreedyDual over recompute cost: at every access the key becomes
+  ``age + cost``. A block's recompute cost per byte grows with its position in the
+  sequence (every block has the same bytes; prefilling the block at token position
+  ``p`` costs the weights' FLOPs plus attention over ``p`` earlier tokens):
+  ``cost = 1 + position * block_size / knee`` (``position``: the block's 0-based index
+  in its sequence), where ``knee`` (tokens) is the context length at which a token's
+  attention FLOPs equal its weight FLOPs, about ``params / (2 * layers * hidden)``: ~4k
+  tokens for SmolLM2-135M, ~30k for an 8B Llama. Blocks that are costly to recompute
+  survive proportionally more evictions; with equal costs the order is LRU's.
 
-``age`` is per tier (each tier is its own cache). All orders cost O(log n) per evicted
-block through the tree's lazy heap; ``lfu`` and ``cost`` add O(tiers) per accessed block.
+``age`` is one clock per index: the largest key of a block evicted out of a tier
+(:meth:`radix.tree.RadixTree.evict`; a demotion does not move it). Keys are set at
+access only, so a demoted block keeps its key, as in one cache spread over the tiers.
+Equal keys go least recently used first. All orders cost O(log n) per evicted block
+through the tree's lazy heap; ``lfu`` and ``cost`` add O(tiers) per accessed block.
 """
 
 from __future__ import annotations

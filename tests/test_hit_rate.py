@@ -25,6 +25,7 @@ from bench.hit_rate import (
     TIERED,
     Capacity,
     main,
+    prefill_cost,
     reference_blocks,
     run_workload,
     sweep,
@@ -407,7 +408,7 @@ def test_main_writes_table_csv_and_plot(tmp_path: Path, capsys: pytest.CaptureFi
     assert "tiered write-back lru" in out and "flat FIFO" in out and "PASS" in out
     assert "of opt" in out and OPTIMAL in out
     assert "default eviction lru >= LRU" in out and "smallest capacity" in out
-    assert "no cache beats the optimal" in out
+    assert "no cache beats the optimal" in out and "prefill cost saved" in out
     with (tmp_path / "hit_rate.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert {r["cache"] for r in rows} == {INFINITE, OPTIMAL, TIERED, GPU_ONLY, GPU_SHARE, FLAT}
@@ -422,6 +423,14 @@ def test_main_writes_table_csv_and_plot(tmp_path: Path, capsys: pytest.CaptureFi
         assert 0 < frac <= 1 and int(r["optimal_hit_tokens"]) >= int(r["hit_tokens"])
         if r["cache"] == OPTIMAL:
             assert frac == 1 and float(r["hit_rate_gpu"]) > 0
+        else:
+            assert 0 < float(r["saved_prefill"]) < 1
     assert (tmp_path / "hit_rate.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         main(["--workloads", "nope", "--out", str(tmp_path)])
+
+
+def test_prefill_cost_counts_attention() -> None:
+    # token p costs 1 + p / knee: 3 tokens with a knee of 2 cost 1 + 1.5 + 2
+    assert prefill_cost(3, knee=2) == 4.5
+    assert prefill_cost(0) == 0 and prefill_cost(1) == 1
