@@ -155,3 +155,14 @@ def test_no_eviction_order_beats_the_optimum(requests, gpu_extra, host, disk):
             assert hits.get("gpu", 0) <= g, (ev, policy)
             assert hits.get("gpu", 0) + hits.get("host", 0) <= gh, (ev, policy)
             assert sum(hits.values()) <= split.total, (ev, policy)
+
+
+def test_store_config_selects_the_eviction_order():
+    store = KVStore(StoreConfig.simulation(block_size=16, gpu_blocks=4, host_blocks=4,
+                                           eviction="cost"))
+    assert [o.name for o in store.tree.eviction] == ["cost", "cost"]
+    assert store.tree.eviction[0].knee_blocks == 8192 / 16
+    with pytest.raises(ValueError, match="eviction must be one of lru, lfu, cost"):
+        StoreConfig.simulation(block_size=16, gpu_blocks=4, eviction="mru")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="eviction_knee_tokens"):
+        StoreConfig(layout=None, gpu_blocks=4, eviction_knee_tokens=0)
