@@ -650,11 +650,11 @@ class RadixTree:
         if evictable != self._evictable:
             fail(f"evictable counts {self._evictable} != actual {evictable}")
         for t in range(self._ntiers):
-            for prio, key, _, seq, node in self._heaps[t]:
+            for prio, hkey, _, seq, node in self._heaps[t]:
                 if seq in live[t] and node.hseq[t] == seq:
                     cur = node.score[t] if self._aged[t] else node.stamp
-                    if (prio, key) > (node.priority, cur):
-                        fail(f"heap entry key {(prio, key)} above the node's current "
+                    if (prio, hkey) > (node.priority, cur):
+                        fail(f"heap entry key {(prio, hkey)} above the node's current "
                              f"{(node.priority, cur)} in tier {t}: {node!r}")
             seqs = [e[3] for e in self._heaps[t]]
             if len(seqs) != len(set(seqs)):
