@@ -34,6 +34,9 @@ from typing import Any
 
 from radix.eviction import DEFAULT_KNEE_TOKENS, EvictionOrder, eviction_orders
 
+_NO_SCORE: list[float] = []
+"""Shared by nodes of trees without an aged order (never mutated, only replaced)."""
+
 
 class IntegrityError(AssertionError):
     """An invariant of the index does not hold (a bug, never a user error)."""
@@ -64,7 +67,7 @@ class Node:
         self.evictable = 0  # bit t set: evictable from tier t
         self.depth = 0 if parent is None else parent.depth + 1
         self.uses = 1  # accesses since creation (creation counts)
-        self.score = [0.0] * num_tiers  # per tier: key of an aged eviction order
+        self.score = _NO_SCORE  # per tier: key of an aged order (made on first access)
 
     def location(self, tier: int) -> Any:
         """This block's location in ``tier``, or ``None`` when the tier does not hold it."""
@@ -183,8 +186,9 @@ class RadixTree:
         self._clock = clock if clock is not None else itertools.count(1).__next__
         self._seq = itertools.count(1)
         self.root = Node(b"", b"", None, self._ntiers, 0)
-        # Entries: (priority, key, tie, seq, node). The key is the stamp (lru) or the
-        # aged order's score with the stamp as tie (equal scores go LRU first).
+        # Entries: (priority, key, tie, seq, node). The key is the stamp (lru; the tie
+        # is the seq) or the aged order's score with the stamp as tie (equal scores go
+        # LRU first).
         self._heaps: list[list[tuple[int, float, int, int, Node]]] = [[] for _ in tiers]
         self._nodes = 0
         self._locked = 0
@@ -462,6 +466,8 @@ class RadixTree:
         """Key of an accessed node in every aged order: age + value (set at access
         only, so a block keeps its key when it is demoted, as in one big cache)."""
         score, age = node.score, self._age
+        if not score:
+            score = node.score = [0.0] * self._ntiers
         for t in self._aged_tiers:
             score[t] = age + self.eviction[t].value(node.uses, node.depth - 1)
 
@@ -543,7 +549,7 @@ class RadixTree:
         if self._aged[tier]:
             entry = (node.priority, node.score[tier], node.stamp, seq, node)
         else:
-            entry = (node.priority, node.stamp, 0, seq, node)
+            entry = (node.priority, node.stamp, seq, seq, node)  # ties end at seq
         heapq.heappush(heap, entry)
         if len(heap) > 2 * self._blocks[tier] + 1024:
             self._compact(tier)
