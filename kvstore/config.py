@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from radix.eviction import DEFAULT_KNEE_TOKENS, EVICTIONS, Eviction
 from tiers.layout import KVLayout
 
 Policy = Literal["write-back", "write-through"]
@@ -45,6 +46,11 @@ class StoreConfig:
     - ``load_workers``/``load_batch_bytes``: threads of the shared-tier -> GPU load
       pipeline and the payload bytes each reads and copies at a time (its pinned
       staging lane).
+    - ``eviction``: which evictable block of a tier goes first (radix/eviction.py):
+      ``lru`` (default), ``lfu`` (LFU with aging) or ``cost`` (keeps blocks that cost the
+      most to recompute: the deeper in the sequence, the costlier).
+    - ``eviction_knee_tokens``: the ``cost`` order's knee, the context length (tokens) at
+      which attention costs a token as much as the weights (~params / (2 layers hidden)).
     - ``redis_ttl_s``: expiry of blocks written to Redis; ``None`` = none.
     - ``namespace``: key prefix in Redis and the daemon (separates deployments).
     - ``auth_token``: bearer token for the daemon; ``None`` = none.
@@ -64,6 +70,8 @@ class StoreConfig:
     remote_blocks: int = 0
     auth_token: str | None = None
     policy: Policy = "write-back"
+    eviction: Eviction = "lru"
+    eviction_knee_tokens: int = DEFAULT_KNEE_TOKENS
     device: str = "cpu"
     namespace: str = "kv"
     publish: bool = True
@@ -94,6 +102,11 @@ class StoreConfig:
              f"{self.load_batch_bytes!r}")
         need(self.policy in POLICIES,
              f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        need(self.eviction in EVICTIONS,
+             f"eviction must be one of {', '.join(EVICTIONS)}, got {self.eviction!r}")
+        need(isinstance(self.eviction_knee_tokens, int) and self.eviction_knee_tokens > 0,
+             f"eviction_knee_tokens must be a positive number of tokens, got "
+             f"{self.eviction_knee_tokens!r}")
         if self.layout is not None:
             need(self.layout.block_size == self.block_size,
                  f"block_size {self.block_size} differs from the layout's "
@@ -110,11 +123,13 @@ class StoreConfig:
     @classmethod
     def simulation(cls, block_size: int, gpu_blocks: int, host_blocks: int = 0,
                    disk_blocks: int = 0, redis_blocks: int = 0,
-                   policy: Policy = "write-back") -> StoreConfig:
+                   policy: Policy = "write-back", eviction: Eviction = "lru"
+                   ) -> StoreConfig:
         """A capacity-only store: the same policies, no KV bytes (tiers in blocks)."""
         return cls(layout=None, block_size=block_size, gpu_blocks=gpu_blocks,
                    host_blocks=host_blocks, disk_blocks=disk_blocks,
-                   redis_blocks=redis_blocks, policy=policy, publish=False)
+                   redis_blocks=redis_blocks, policy=policy, eviction=eviction,
+                   publish=False)
 
     @property
     def simulated(self) -> bool:

@@ -1,9 +1,9 @@
 """KV events: which blocks an engine holds, published to a Redis stream for routers.
 
 An engine's index records a block in a tier (``stored``) or forgets it (``removed``)
-through two choke points of :class:`radix.RadixTree` (``_set``/``_clear``): every
+through the observer of :class:`radix.RadixTree` (:class:`radix.TreeObserver`): every
 insert, promotion, demotion, eviction and corrupt-block drop passes through them. A
-:class:`PublishingTree` (the index of an engine with events configured) records each
+:class:`PublishingObserver` (watching the index of an engine with events configured) records each
 change of a replica-local tier (gpu, host, disk) as one small tuple in a bounded
 in-memory queue; a background thread drains the queue every ``flush_interval_s`` and
 appends one batch per flush to a Redis stream (``XADD ... MAXLEN ~ N``). The engine's
@@ -14,7 +14,7 @@ Shared tiers (redis, remote) are not published: every replica reaches them equal
 they never distinguish one replica from another.
 
 An engine without events configured uses :data:`NULL_EVENTS`: its index is a plain
-``RadixTree`` and nothing is recorded, queued or sent.
+``RadixTree`` with no observer and nothing is recorded, queued or sent.
 
 Wire format (version 1), one stream entry per batch, fields:
 
@@ -40,9 +40,8 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from radix import KEY_BYTES, Node, RadixTree
+from radix import KEY_BYTES, NO_OBSERVER, Node, TreeObserver
 
 logger = logging.getLogger("kvstore.events")
 
@@ -141,9 +140,9 @@ class EventStats:
 class NullEvents:
     """No events configured: a plain index, nothing recorded, nothing sent."""
 
-    def tree(self, tiers: Sequence[str]) -> RadixTree:
-        """The store's index over ``tiers``."""
-        return RadixTree(tiers)
+    def observer(self, tiers: Sequence[str]) -> TreeObserver:
+        """What watches the store's index over ``tiers``: nobody."""
+        return NO_OBSERVER
 
     def stats(self) -> EventStats:
         return EventStats(0, 0, 0, 0, 0, 0)
@@ -158,33 +157,29 @@ class NullEvents:
 NULL_EVENTS = NullEvents()
 
 
-class PublishingTree(RadixTree):
-    """The store's index, recording every location change of a published tier.
+class PublishingObserver:
+    """Watches the store's index: records every location change of a published tier.
 
-    Overrides the tree's two choke points (``_set``, ``_clear``); everything else is
-    the plain :class:`RadixTree`. ``tests/test_router.py`` checks that the events
-    rebuild exactly the index's locations, so a change of the tree's internals that
-    bypasses them fails a test.
+    The tree calls it from its two choke points (every insert, promotion, demotion,
+    eviction and dropped corrupt block passes through them). ``tests/test_router.py``
+    checks that the events rebuild exactly the index's locations.
     """
 
     def __init__(self, tiers: Sequence[str], publisher: EventPublisher) -> None:
-        super().__init__(tiers)
         self._put = publisher.put
         # tree tier index -> wire tier code, for published tiers only
         self._codes = {i: TIERS.index(name) for i, name in enumerate(tiers)
                        if name in LOCAL_TIERS}
 
-    def _set(self, node: Node, tier: int, loc: Any) -> None:
-        super()._set(node, tier, loc)
+    def placed(self, node: Node, tier: int) -> None:
         code = self._codes.get(tier)
         if code is not None:
             self._put((STORED, code, node.key, node.parent_key))
 
-    def _clear(self, node: Node, tier: int) -> None:
+    def cleared(self, node: Node, tier: int) -> None:
         code = self._codes.get(tier)
         if code is not None:
             self._put((REMOVED, code, node.key, node.parent_key))
-        super()._clear(node, tier)
 
 
 class EventPublisher:
@@ -219,9 +214,9 @@ class EventPublisher:
         self._thread = threading.Thread(target=self._run, name="kv-events", daemon=True)
         self._thread.start()
 
-    def tree(self, tiers: Sequence[str]) -> RadixTree:
-        """The store's index over ``tiers``, publishing its changes."""
-        return PublishingTree(tiers, self)
+    def observer(self, tiers: Sequence[str]) -> TreeObserver:
+        """What watches the store's index over ``tiers``: this publisher."""
+        return PublishingObserver(tiers, self)
 
     def put(self, event: tuple[int, int, bytes, bytes]) -> None:
         """Queue one event (store thread). A full queue drops it and counts it."""
@@ -313,4 +308,4 @@ def open_events(url: str | None, replica_id: str, root: bytes) -> EventSink:
 
 __all__ = ["CLEARED", "EVENT", "LOCAL_TIERS", "NULL_EVENTS", "OPS", "REMOVED", "STORED",
            "TIERS", "Event", "EventPublisher", "EventSink", "EventStats", "EventsConfig",
-           "NullEvents", "PublishingTree", "decode_events", "open_events", "stream_name"]
+           "NullEvents", "PublishingObserver", "decode_events", "open_events", "stream_name"]

@@ -48,7 +48,15 @@ from kvstore.config import SHARED_TIERS, StoreConfig
 from kvstore.cost import CostModel, Plan
 from kvstore.events import NULL_EVENTS, EventSink
 from kvstore.simulation import CountingPool, NullMover, NullPool
-from radix import BlockChain, IntegrityError, Namespace, Node, TreeStats, hash_blocks
+from radix import (
+    BlockChain,
+    IntegrityError,
+    Namespace,
+    Node,
+    RadixTree,
+    TreeStats,
+    hash_blocks,
+)
 
 __all__ = ["SHARED_TIERS", "Allocated", "KVStore", "Lease", "OutOfBlocks", "Parked", "Replayed",
            "StoreMatch", "StoreStats"]
@@ -214,7 +222,9 @@ class KVStore:
         # The index always has a host column: an absent host tier is a pool of no slots.
         index_names = ["gpu", "host", *self._shared]
         self.events = events
-        self.tree = events.tree(index_names)
+        self.tree = RadixTree(index_names, eviction=config.eviction,
+                              knee_blocks=config.eviction_knee_tokens / config.block_size,
+                              observer=events.observer(index_names))
         self._index_names = index_names
         self._t = {name: i for i, name in enumerate(index_names)}
         # Write-back moves blocks between tiers (the index records one tier per block);

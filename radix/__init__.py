@@ -1,7 +1,9 @@
 """Prefix index: block hashing and the radix tree. Pure data structures, no I/O."""
 
+from radix.eviction import EVICTIONS, Eviction, EvictionOrder
 from radix.hashing import KEY_BYTES, BlockChain, Namespace, chain_key, hash_blocks, token_bytes
 from radix.tree import (
+    NO_OBSERVER,
     Demotion,
     Evicted,
     Inserted,
@@ -10,11 +12,12 @@ from radix.tree import (
     Moved,
     Node,
     RadixTree,
+    TreeObserver,
     TreeStats,
 )
 
 __all__ = [
-    "KEY_BYTES", "BlockChain", "Demotion", "Evicted", "Inserted", "IntegrityError", "Match",
-    "Moved", "Namespace", "Node", "RadixTree", "TreeStats", "chain_key", "hash_blocks",
-    "token_bytes",
+    "EVICTIONS", "KEY_BYTES", "NO_OBSERVER", "BlockChain", "Demotion", "Evicted", "Eviction",
+    "EvictionOrder", "Inserted", "IntegrityError", "Match", "Moved", "Namespace", "Node",
+    "RadixTree", "TreeObserver", "TreeStats", "chain_key", "hash_blocks", "token_bytes",
 ]

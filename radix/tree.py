@@ -14,10 +14,14 @@ Invariants (checked by :meth:`RadixTree.check_integrity`):
   no child has a location in ``t`` (leaf-first, per tier).
 - Every node evictable from ``t`` has exactly one live entry in tier ``t``'s heap.
 - No node other than the root is both without any location and without children.
+- A live heap entry's (priority, key) never exceeds the node's current one (keys only
+  grow while an entry lives; a lowered priority gets a fresh entry).
 
-Eviction is least-recently-used per tier through a lazy heap: touching a node only
-updates its stamp; a popped entry whose key is stale is pushed again with the current
-key. Each evicted block costs O(log n) amortized; there is no scan and no re-heapify.
+Each tier evicts in its own order (:mod:`radix.eviction`: ``lru`` by default, ``lfu``,
+``cost``) through a lazy heap: touching a node only updates its stamp (and, for the
+aged orders, its per-tier key); a popped entry whose key is stale is pushed again with
+the current key. Each evicted block costs O(log n) amortized; there is no scan and no
+re-heapify.
 """
 
 from __future__ import annotations
@@ -26,7 +30,36 @@ import heapq
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+from radix.eviction import DEFAULT_KNEE_TOKENS, EvictionOrder, eviction_orders
+
+
+class TreeObserver(Protocol):
+    """Told of every change of a block's location in a tier (insert, promotion,
+    demotion, eviction, a dropped corrupt block): the tree's two choke points call it.
+    Called under the caller's serialization; must be cheap and must not raise."""
+
+    def placed(self, node: Node, tier: int) -> None:
+        """``node`` is now held in tier ``tier`` (an index into the tree's tiers)."""
+
+    def cleared(self, node: Node, tier: int) -> None:
+        """``node`` is about to leave tier ``tier``."""
+
+
+class _NoObserver:
+    def placed(self, node: Node, tier: int) -> None:
+        return None
+
+    def cleared(self, node: Node, tier: int) -> None:
+        return None
+
+
+NO_OBSERVER: TreeObserver = _NoObserver()
+"""Nobody watches the index (the default)."""
+
+_NO_SCORE: list[float] = []
+"""Shared by nodes of trees without an aged order (never mutated, only replaced)."""
 
 
 class IntegrityError(AssertionError):
@@ -37,7 +70,8 @@ class Node:
     """One full block in the index. Fields are managed by :class:`RadixTree` only."""
 
     __slots__ = ("key", "tokens", "parent", "parent_key", "children", "locs", "nloc", "nchild",
-                 "refs", "lock", "stamp", "priority", "hseq", "evictable", "depth")
+                 "refs", "lock", "stamp", "priority", "hseq", "evictable", "depth", "uses",
+                 "score")
 
     def __init__(self, key: bytes, tokens: bytes, parent: Node | None, num_tiers: int,
                  stamp: int, parent_key: bytes = b"") -> None:
@@ -56,6 +90,8 @@ class Node:
         self.hseq = [0] * num_tiers  # seq of this node's live heap entry per tier; 0 = none
         self.evictable = 0  # bit t set: evictable from tier t
         self.depth = 0 if parent is None else parent.depth + 1
+        self.uses = 1  # accesses since creation (creation counts)
+        self.score = _NO_SCORE  # per tier: key of an aged order (made on first access)
 
     def location(self, tier: int) -> Any:
         """This block's location in ``tier``, or ``None`` when the tier does not hold it."""
@@ -147,25 +183,40 @@ class TreeStats:
 
 
 class RadixTree:
-    """Prefix index over block keys with per-tier leaf-first LRU eviction.
+    """Prefix index over block keys with per-tier leaf-first eviction.
 
     ``tiers`` names the tiers in order (index 0 is usually "gpu"); methods take the
     tier's index (see :meth:`tier`). ``clock`` returns increasing access stamps; the
-    default is a counter, so orders are deterministic. Not thread-safe: the caller
+    default is a counter, so orders are deterministic. ``eviction`` is the eviction
+    order of every tier (a name of :data:`radix.eviction.EVICTIONS`) or one per tier;
+    ``knee_blocks`` is the ``cost`` order's knee in blocks. ``observer`` is told of
+    every location change (:class:`TreeObserver`; KV events). Not thread-safe: the caller
     serializes access.
     """
 
-    def __init__(self, tiers: Sequence[str], clock: Callable[[], int] | None = None) -> None:
+    def __init__(self, tiers: Sequence[str], clock: Callable[[], int] | None = None,
+                 eviction: str | Sequence[str | EvictionOrder] = "lru",
+                 knee_blocks: float = DEFAULT_KNEE_TOKENS / 16,
+                 observer: TreeObserver = NO_OBSERVER) -> None:
         if not tiers:
             raise ValueError("RadixTree needs at least one tier name")
         if len(set(tiers)) != len(tiers):
             raise ValueError(f"tier names must be unique, got {list(tiers)}")
         self.tier_names = tuple(tiers)
         self._ntiers = len(tiers)
+        self._observer = observer
+        self.eviction = eviction_orders(eviction if isinstance(eviction, str)
+                                        else tuple(eviction), len(tiers), knee_blocks)
+        self._aged = [o.aged for o in self.eviction]
+        self._aged_tiers = [t for t in range(len(tiers)) if self._aged[t]]
+        self._age = 0.0  # aged orders: the largest key evicted so far (see _rescore)
         self._clock = clock if clock is not None else itertools.count(1).__next__
         self._seq = itertools.count(1)
         self.root = Node(b"", b"", None, self._ntiers, 0)
-        self._heaps: list[list[tuple[int, int, int, Node]]] = [[] for _ in tiers]
+        # Entries: (priority, key, tie, seq, node). The key is the stamp (lru; the tie
+        # is the seq) or the aged order's score with the stamp as tie (equal scores go
+        # LRU first).
+        self._heaps: list[list[tuple[int, float, int, int, Node]]] = [[] for _ in tiers]
         self._nodes = 0
         self._locked = 0
         self._blocks = [0] * self._ntiers
@@ -203,10 +254,20 @@ class RadixTree:
         return Match(out)
 
     def touch(self, nodes: Sequence[Node]) -> None:
-        """Mark ``nodes`` as used now (one stamp for all). O(len(nodes)); no heap work."""
+        """Mark ``nodes`` as used now (one stamp for all; one more use each).
+
+        O(len(nodes)), times the tiers for the aged orders; no heap work.
+        """
         stamp = self._clock()
-        for node in nodes:
-            node.stamp = stamp
+        if self._aged_tiers:
+            for node in nodes:
+                node.stamp = stamp
+                node.uses += 1
+                self._rescore(node)
+        else:
+            for node in nodes:
+                node.stamp = stamp
+                node.uses += 1
 
     def stats(self) -> TreeStats:
         names = self.tier_names
@@ -270,12 +331,17 @@ class RadixTree:
             if child is None:
                 pkey = root_key if node is self.root else node.key
                 child = Node(key, toks, node, self._ntiers, stamp, pkey)
+                if self._aged_tiers:
+                    self._rescore(child)
                 node.children[key] = child
                 self._nodes += 1
             elif child.tokens != toks:
                 return Inserted(nodes, placed, True)
             else:
                 child.stamp = stamp
+                child.uses += 1
+                if self._aged_tiers:
+                    self._rescore(child)
             if child.locs[tier] is None:
                 self._set(child, tier, loc)
                 placed.append(True)
@@ -374,22 +440,26 @@ class RadixTree:
                         self._push(node, t)
 
     def evict(self, tier: int, n: int) -> list[Evicted]:
-        """Remove up to ``n`` blocks from ``tier``, least recently used leaves first.
+        """Remove up to ``n`` blocks from ``tier``, in the tier's eviction order.
 
         Nodes that no tier holds any more are pruned. O(log n) amortized per block.
         """
         out: list[Evicted] = []
+        aged = self._aged[tier]
         while len(out) < n:
             node = self._pop(tier)
             if node is None:
                 break
+            if aged and node.score[tier] > self._age:
+                self._age = node.score[tier]  # leaving the cache: the aging clock moves
             loc = node.locs[tier]
             self._clear(node, tier)
             out.append(Evicted(node, loc))
         return out
 
     def demote(self, tier: int, to: int, n: int, locations: Sequence[Any]) -> Demotion:
-        """Free up to ``n`` blocks of ``tier`` by moving LRU leaves down to tier ``to``.
+        """Free up to ``n`` blocks of ``tier`` by moving its first leaves in eviction
+        order down to tier ``to``.
 
         A victim already held by ``to`` just leaves ``tier`` (``dropped``); any other
         takes the next of ``locations`` in ``to`` (``moved``: the caller copies the
@@ -419,6 +489,15 @@ class RadixTree:
 
     # ---------------------------------------------------------------- internals
 
+    def _rescore(self, node: Node) -> None:
+        """Key of an accessed node in every aged order: age + value (set at access
+        only, so a block keeps its key when it is demoted, as in one big cache)."""
+        score, age = node.score, self._age
+        if not score:
+            score = node.score = [0.0] * self._ntiers
+        for t in self._aged_tiers:
+            score[t] = age + self.eviction[t].value(node.uses, node.depth - 1)
+
     def _set(self, node: Node, tier: int, loc: Any) -> None:
         node.locs[tier] = loc
         node.nloc += 1
@@ -429,8 +508,10 @@ class RadixTree:
         self._refresh(node)
         if parent is not self.root and parent.nchild[tier] == 1:
             self._refresh(parent)
+        self._observer.placed(node, tier)
 
     def _clear(self, node: Node, tier: int) -> None:
+        self._observer.cleared(node, tier)
         node.locs[tier] = None
         node.nloc -= 1
         self._blocks[tier] -= 1
@@ -494,22 +575,27 @@ class RadixTree:
         seq = next(self._seq)
         node.hseq[tier] = seq
         heap = self._heaps[tier]
-        heapq.heappush(heap, (node.priority, node.stamp, seq, node))
+        if self._aged[tier]:
+            entry = (node.priority, node.score[tier], node.stamp, seq, node)
+        else:
+            entry = (node.priority, node.stamp, seq, seq, node)  # ties end at seq
+        heapq.heappush(heap, entry)
         if len(heap) > 2 * self._blocks[tier] + 1024:
             self._compact(tier)
 
     def _compact(self, tier: int) -> None:
         """Drop dead entries (amortized O(1) per push: runs when half the heap is dead)."""
-        heap = [e for e in self._heaps[tier] if e[3].hseq[tier] == e[2]]
+        heap = [e for e in self._heaps[tier] if e[4].hseq[tier] == e[3]]
         heapq.heapify(heap)
         self._heaps[tier] = heap
 
     def _peek(self, tier: int) -> Node | None:
-        """The current LRU evictable node of ``tier``, settling stale entries on the way."""
+        """The next evictable node of ``tier``, settling stale entries on the way."""
         heap = self._heaps[tier]
         bit = 1 << tier
+        aged = self._aged[tier]
         while heap:
-            prio, stamp, seq, node = heap[0]
+            prio, key, tie, seq, node = heap[0]
             if node.hseq[tier] != seq:
                 heapq.heappop(heap)  # dead entry
                 continue
@@ -517,7 +603,9 @@ class RadixTree:
                 heapq.heappop(heap)
                 node.hseq[tier] = 0
                 continue
-            if prio != node.priority or stamp != node.stamp:
+            if prio != node.priority or (
+                    (key != node.score[tier] or tie != node.stamp) if aged
+                    else key != node.stamp):
                 heapq.heappop(heap)  # key went stale (touched): re-insert with current key
                 self._push(node, tier)
                 heap = self._heaps[tier]  # _push may have compacted into a new list
@@ -597,7 +685,13 @@ class RadixTree:
         if evictable != self._evictable:
             fail(f"evictable counts {self._evictable} != actual {evictable}")
         for t in range(self._ntiers):
-            seqs = [e[2] for e in self._heaps[t]]
+            for prio, hkey, _, seq, node in self._heaps[t]:
+                if seq in live[t] and node.hseq[t] == seq:
+                    cur = node.score[t] if self._aged[t] else node.stamp
+                    if (prio, hkey) > (node.priority, cur):
+                        fail(f"heap entry key {(prio, hkey)} above the node's current "
+                             f"{(node.priority, cur)} in tier {t}: {node!r}")
+            seqs = [e[3] for e in self._heaps[t]]
             if len(seqs) != len(set(seqs)):
                 fail(f"duplicate heap entries in tier {t}")
             missing = live[t] - set(seqs)

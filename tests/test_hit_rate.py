@@ -21,13 +21,16 @@ from bench.hit_rate import (
     GPU_ONLY,
     GPU_SHARE,
     INFINITE,
+    OPTIMAL,
     TIERED,
     Capacity,
     main,
+    prefill_cost,
     reference_blocks,
     run_workload,
     sweep,
 )
+from radix.eviction import EVICTIONS
 from radix.hashing import Namespace, hash_blocks, tokens_from_bytes
 
 
@@ -308,20 +311,37 @@ def _small_workload() -> wl.Workload:
     return wl.Workload("small", 16, reqs)
 
 
-def test_infinite_cache_upper_bounds_every_cache() -> None:
+def test_infinite_and_optimal_bound_every_cache() -> None:
     w = _small_workload()
-    caps = [Capacity(f, max(40, n // 34), n * 3 // 34, n * 30 // 34)
+    largest = max(len(r.keys) for r in w.requests)  # the GPU must hold it
+    caps = [Capacity(f, max(largest, n // 34), n * 3 // 34, n * 30 // 34)
             for f, n in ((0.1, 60), (0.3, 200), (1.0, 600))]
-    rows = run_workload(w, caps, ["write-back", "write-through"])
+    rows = run_workload(w, caps, ["write-back", "write-through"], EVICTIONS)
     inf = next(r for r in rows if r.cache == INFINITE)
     assert 0 < inf.hit < w.prompt_tokens
     others = [r for r in rows if r.cache != INFINITE]
-    assert len(others) == 3 * 5
+    # per capacity: the optimal, write-back x 3 eviction orders, write-through, 3 baselines
+    assert len(others) == 3 * 8
+    assert {r.eviction for r in others if r.cache == TIERED} == set(EVICTIONS)
     assert all(r.hit <= inf.hit for r in others)
     assert any(r.hit < inf.hit for r in others)
-    for r in others:
-        if r.cache == TIERED:
-            assert set(r.hit_tokens) <= {"gpu", "host", "disk"}
+    for cap in caps:
+        at = {r.label: r for r in rows if r.capacity == cap}
+        opt = at[OPTIMAL]
+        assert set(opt.hit_tokens) == {"gpu", "host", "disk"}
+        for r in at.values():
+            bound = opt.hit_tokens["gpu"] if r.cache == GPU_SHARE else opt.hit
+            assert r.optimal_hit == bound
+            assert r.hit <= bound, r.label
+            assert r.fraction_of_optimal == r.hit / bound
+            if r.cache == TIERED:
+                assert set(r.hit_tokens) <= {"gpu", "host", "disk"}
+                assert r.hit_tokens.get("gpu", 0) <= opt.hit_tokens["gpu"]
+                assert r.hit_tokens.get("gpu", 0) + r.hit_tokens.get("host", 0) <= \
+                    opt.hit_tokens["gpu"] + opt.hit_tokens["host"]
+    # The smallest capacity is where a policy's choices matter: the optimal is ahead.
+    small = {r.label: r for r in rows if r.capacity == caps[0]}
+    assert small[OPTIMAL].hit > small[f"{TIERED} write-back lru"].hit
 
 
 def _tiered_sweep() -> tuple[list[Capacity], list]:
@@ -337,7 +357,7 @@ def test_tiered_store_at_least_flat_fifo_and_its_gpu_share() -> None:
     caps, rows = _tiered_sweep()
     for cap in caps:
         at = {r.label: r for r in rows if r.capacity == cap}
-        tiered = at[f"{TIERED} write-back"]
+        tiered = at[f"{TIERED} write-back lru"]
         assert tiered.hit >= at[FLAT].hit, cap
         assert tiered.hit >= at[GPU_SHARE].hit, cap
         assert tiered.hit_tokens.get("disk", 0) > 0 or cap.factor == caps[-1].factor
@@ -349,7 +369,7 @@ def test_tiered_write_back_is_near_the_one_tier_bound() -> None:
     caps, rows = _tiered_sweep()
     for cap in caps:
         at = {r.label: r for r in rows if r.capacity == cap}
-        assert at[f"{TIERED} write-back"].hit_rate >= at[GPU_ONLY].hit_rate - 0.01, cap
+        assert at[f"{TIERED} write-back lru"].hit_rate >= at[GPU_ONLY].hit_rate - 0.01, cap
 
 
 def test_gpu_only_store_is_leaf_first_lru() -> None:
@@ -385,11 +405,32 @@ def test_main_writes_table_csv_and_plot(tmp_path: Path, capsys: pytest.CaptureFi
                "--policies", "write-back", "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "tiered write-back" in out and "flat FIFO" in out and "PASS" in out
+    assert "tiered write-back lru" in out and "flat FIFO" in out and "PASS" in out
+    assert "of opt" in out and OPTIMAL in out
+    assert "default eviction lru >= LRU" in out and "smallest capacity" in out
+    assert "no cache beats the optimal" in out and "prefill cost saved" in out
     with (tmp_path / "hit_rate.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert {r["cache"] for r in rows} == {INFINITE, TIERED, GPU_ONLY, GPU_SHARE, FLAT}
-    assert len(rows) == 1 + 2 * 4
+    assert {r["cache"] for r in rows} == {INFINITE, OPTIMAL, TIERED, GPU_ONLY, GPU_SHARE, FLAT}
+    # per capacity: the optimal, write-back x 3 eviction orders, 3 baselines
+    assert len(rows) == 1 + 2 * 7
+    assert {r["eviction"] for r in rows if r["cache"] == TIERED} == set(EVICTIONS)
+    for r in rows:
+        if r["cache"] == INFINITE:
+            assert r["fraction_of_optimal"] == ""
+            continue
+        frac = float(r["fraction_of_optimal"])
+        assert 0 < frac <= 1 and int(r["optimal_hit_tokens"]) >= int(r["hit_tokens"])
+        if r["cache"] == OPTIMAL:
+            assert frac == 1 and float(r["hit_rate_gpu"]) > 0
+        else:
+            assert 0 < float(r["saved_prefill"]) < 1
     assert (tmp_path / "hit_rate.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         main(["--workloads", "nope", "--out", str(tmp_path)])
+
+
+def test_prefill_cost_counts_attention() -> None:
+    # token p costs 1 + p / knee: 3 tokens with a knee of 2 cost 1 + 1.5 + 2
+    assert prefill_cost(3, knee=2) == 4.5
+    assert prefill_cost(0) == 0 and prefill_cost(1) == 1

@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from radix import IntegrityError, Namespace, RadixTree, hash_blocks
+from radix import EVICTIONS, EvictionOrder, IntegrityError, Namespace, RadixTree, hash_blocks
 
 ROOT = Namespace("test-model", block_size=2).root()
 GPU, HOST, DISK = 0, 1, 2
@@ -17,8 +17,8 @@ def chain(*tokens: int):
     return hash_blocks(ROOT, list(tokens), 2)
 
 
-def make_tree() -> RadixTree:
-    return RadixTree(["gpu", "host", "disk"])
+def make_tree(eviction: str = "lru", knee_blocks: float = 512.0) -> RadixTree:
+    return RadixTree(["gpu", "host", "disk"], eviction=eviction, knee_blocks=knee_blocks)
 
 
 def insert(tree: RadixTree, tokens: list[int], tier: int = GPU, first_loc: int = 0):
@@ -202,6 +202,104 @@ def test_many_evictions_keep_heap_bounded():
     tree.check_integrity()
 
 
+# ------------------------------------------------------------- eviction orders
+
+
+def test_lfu_evicts_fewest_uses_first_and_ages():
+    tree = make_tree("lfu")
+    _, a = insert(tree, [1, 1], first_loc=0)
+    _, b = insert(tree, [2, 2], first_loc=1)
+    insert(tree, [3, 3], first_loc=2)
+    tree.touch(a.nodes)
+    tree.touch(a.nodes)
+    tree.touch(b.nodes)  # uses: a 3, b 2, c 1; keys = age 0 + uses
+    assert [n.uses for n in (a.nodes[0], b.nodes[0])] == [3, 2]
+    assert [e.location for e in tree.evict(GPU, 1)] == [2]  # c, the newest, goes first
+    # Aging: the clock is now c's key 1, so a new block's key is 1 + 1 = 2, equal to b's;
+    # the tie goes least recently used first (b), then d (2) before a (3).
+    insert(tree, [4, 4], first_loc=3)
+    assert [e.location for e in tree.evict(GPU, 3)] == [1, 3, 0]
+    tree.check_integrity()
+
+
+def test_lfu_aging_lets_a_cold_popular_block_go():
+    tree = make_tree("lfu")
+    _, hot = insert(tree, [1, 1], first_loc=0)
+    for _ in range(3):
+        tree.touch(hot.nodes)  # key 0 + 4 uses
+    gone = []
+    for i in range(6):  # a newcomer enters at age + 1; each eviction raises the age
+        insert(tree, [10 + i, 10 + i], first_loc=10 + i)
+        gone += [e.location for e in tree.evict(GPU, 1)]
+        tree.check_integrity()
+    # Newcomers go while the age is below 4; at 4 the popular block, unused since,
+    # ties with the newcomer and goes first (older); then newcomers again.
+    assert gone == [10, 11, 12, 0, 13, 14]
+
+
+def test_cost_keeps_deep_blocks_longer():
+    # knee of 2 blocks: cost = 1 + depth / 2, i.e. 1, 1.5, 2 along a 3-block path.
+    tree = make_tree("cost", knee_blocks=2)
+    _, p = insert(tree, [1, 1, 2, 2, 3, 3], first_loc=0)
+    insert(tree, [5, 5], first_loc=10)  # newer, but one cheap block (cost 1)
+    assert [n.score[GPU] for n in p.nodes] == [1.0, 1.5, 2.0]
+    assert [e.location for e in tree.evict(GPU, 1)] == [10]
+    # The clock is now 1: a new first block enters at 1 + 1 = 2, a tie with the deep
+    # leaf (older, so it goes first); the path's middle block (1.5) goes before both.
+    insert(tree, [6, 6], first_loc=20)
+    assert [e.location for e in tree.evict(GPU, 4)] == [2, 1, 0, 20]
+    tree.check_integrity()
+
+
+def test_cost_with_equal_costs_is_lru():
+    tree = make_tree("cost")
+    for i in range(4):
+        insert(tree, [i, i], first_loc=i)
+    c = chain(1, 1)
+    tree.touch(tree.match(c.keys, c.blocks).nodes)
+    assert [e.location for e in tree.evict(GPU, 4)] == [0, 2, 3, 1]
+
+
+def test_per_tier_orders_and_bad_names():
+    tree = RadixTree(["gpu", "host"], eviction=["lru", "lfu"])
+    assert [o.name for o in tree.eviction] == ["lru", "lfu"]
+    _, res = insert(tree, [1, 1, 2, 2], tier=HOST)
+    tree.touch(res.nodes)
+    insert(tree, [3, 3], tier=HOST, first_loc=10)
+    insert(tree, [7, 7], tier=GPU, first_loc=20)
+    insert(tree, [8, 8], tier=GPU, first_loc=21)
+    insert(tree, [7, 7], tier=GPU, first_loc=22)  # a second use of [7, 7]
+    # host is LFU: the block used once goes before the older path used twice; the GPU
+    # is LRU: the block used last stays
+    assert [e.location for e in tree.evict(HOST, 1)] == [10]
+    assert [e.location for e in tree.evict(GPU, 1)] == [21]
+    tree.check_integrity()
+    with pytest.raises(ValueError, match="unknown eviction order"):
+        RadixTree(["gpu"], eviction="mru")
+    with pytest.raises(ValueError, match="one order per tier"):
+        RadixTree(["gpu", "host"], eviction=["lru"])
+    with pytest.raises(ValueError, match="knee_blocks"):
+        EvictionOrder("cost", 0)
+
+
+@pytest.mark.parametrize("eviction", EVICTIONS)
+def test_demotion_keeps_integrity_under_each_order(eviction):
+    tree = make_tree(eviction, knee_blocks=1)
+    for i in range(30):
+        _, res = insert(tree, [i % 4, i % 4, i, i, i + 1, i + 1], first_loc=100 * i)
+        if i % 3 == 0:
+            tree.touch(res.nodes[:1])
+        d = tree.demote(GPU, HOST, 2, [1000 + 2 * i, 1001 + 2 * i])
+        assert len(d.moved) + len(d.dropped) == 2
+        tree.demote(HOST, DISK, 1, [True])
+        tree.evict(DISK, 1)
+        tree.check_integrity()
+    for t in (GPU, HOST, DISK):
+        tree.evict(t, 10**6)
+        tree.check_integrity()
+    assert len(tree) == 0
+
+
 # --------------------------------------------------------------- property test
 
 ALPHABET = st.integers(min_value=0, max_value=2)
@@ -209,13 +307,31 @@ SEQS = st.lists(ALPHABET, min_size=2, max_size=8)
 
 
 class Ref:
-    """Reference model: plain dicts keyed by block path, scanned on every query."""
+    """Reference model: plain dicts keyed by block path, scanned on every query.
 
-    def __init__(self) -> None:
+    ``order`` is the eviction order of every tier; for the aged orders the model keeps
+    each block's uses and key (age + value at its last access) and the age (the largest
+    key evicted).
+    """
+
+    def __init__(self, order: EvictionOrder) -> None:
+        self.order = order
         self.locs: dict[tuple, dict[int, int]] = {}
         self.refs: dict[tuple, int] = {}
         self.stamp: dict[tuple, int] = {}
         self.prio: dict[tuple, int] = {}
+        self.uses: dict[tuple, int] = {}
+        self.score: dict[tuple, float] = {}
+        self.age = 0.0
+
+    def access(self, p: tuple, new: bool) -> None:
+        self.uses[p] = 1 if new else self.uses[p] + 1
+        self.score[p] = self.age + self.order.value(self.uses[p], len(p) - 1)
+
+    def key(self, p: tuple) -> tuple:
+        if self.order.aged:
+            return (self.prio[p], self.score[p], self.stamp[p])
+        return (self.prio[p], self.stamp[p])
 
     def lock(self, p: tuple) -> int:
         return sum(r for q, r in self.refs.items() if q[:len(p)] == p)
@@ -233,11 +349,14 @@ class Ref:
 
 
 class TreeMachine(RuleBasedStateMachine):
+    ORDER = EvictionOrder("lru")
+
     @initialize()
     def setup(self) -> None:
         self.clock = 0
-        self.tree = RadixTree(["gpu", "host", "disk"], clock=self._tick)
-        self.ref = Ref()
+        self.tree = RadixTree(["gpu", "host", "disk"], clock=self._tick,
+                              eviction=self.ORDER.name, knee_blocks=self.ORDER.knee_blocks)
+        self.ref = Ref(self.ORDER)
         self.next_loc = 0
 
     def _tick(self) -> int:
@@ -262,10 +381,12 @@ class TreeMachine(RuleBasedStateMachine):
         c, paths = self._paths(seq)
         locs = list(range(self.next_loc, self.next_loc + len(paths)))
         self.next_loc += len(paths)
+        new = [not self.ref.exists(p) for p in paths]
         res = self.tree.insert(c.keys, c.blocks, tier, locs)
         assert not res.collision
         stamp = self.clock
-        for p, loc, placed in zip(paths, locs, res.placed):
+        for p, loc, placed, fresh in zip(paths, locs, res.placed, new):
+            self.ref.access(p, fresh)
             entry = self.ref.locs.setdefault(p, {})
             assert placed == (tier not in entry)
             entry.setdefault(tier, loc)
@@ -288,6 +409,7 @@ class TreeMachine(RuleBasedStateMachine):
         self.tree.touch(m.nodes)
         for p in paths[:expected]:
             self.ref.stamp[p] = self.clock
+            self.ref.access(p, False)
 
     @rule(seq=SEQS)
     def lock(self, seq):
@@ -309,8 +431,8 @@ class TreeMachine(RuleBasedStateMachine):
 
     def _check_victim(self, tier: int, path: tuple, candidates: list[tuple]) -> None:
         assert path in candidates
-        best = min((self.ref.prio[q], self.ref.stamp[q]) for q in candidates)
-        assert (self.ref.prio[path], self.ref.stamp[path]) == best
+        best = min(self.ref.key(q) for q in candidates)
+        assert self.ref.key(path) == best
 
     @rule(tier=st.integers(0, 2), n=st.integers(1, 4))
     def evict(self, tier, n):
@@ -324,6 +446,8 @@ class TreeMachine(RuleBasedStateMachine):
             path = next(p for p in candidates if self.ref.locs[p][tier] == ev.location)
             self._check_victim(tier, path, candidates)
             del self.ref.locs[path][tier]
+            if self.ORDER.aged:
+                self.ref.age = max(self.ref.age, self.ref.score[path])
 
     @rule(tier=st.integers(0, 1), n=st.integers(1, 3))
     def demote(self, tier, n):
@@ -378,8 +502,25 @@ class TreeMachine(RuleBasedStateMachine):
         for p in [p for p in self.ref.locs if not self.ref.exists(p)]:
             del self.ref.locs[p]
             self.ref.prio.pop(p, None)
+            self.ref.uses.pop(p, None)
+            self.ref.score.pop(p, None)
 
 
 TreeMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
                                          deadline=None)
 test_tree_matches_reference_model = TreeMachine.TestCase
+
+
+class LFUTreeMachine(TreeMachine):
+    ORDER = EvictionOrder("lfu")
+
+
+class CostTreeMachine(TreeMachine):
+    ORDER = EvictionOrder("cost", knee_blocks=1.0)  # cost 1, 2, 3, ... by position
+
+
+for _machine in (LFUTreeMachine, CostTreeMachine):
+    _machine.TestCase.settings = settings(max_examples=60, stateful_step_count=40,
+                                          deadline=None)
+test_lfu_tree_matches_reference_model = LFUTreeMachine.TestCase
+test_cost_tree_matches_reference_model = CostTreeMachine.TestCase

@@ -38,7 +38,6 @@ from kvstore.events import (
     NULL_EVENTS,
     EventPublisher,
     EventsConfig,
-    PublishingTree,
     decode_events,
     open_events,
     stream_name,
@@ -97,7 +96,6 @@ def test_events_rebuild_the_index_through_promotion_demotion_and_eviction(
                                             flush_interval_s=0.005))
     store = KVStore(StoreConfig.simulation(block_size=4, gpu_blocks=12, host_blocks=16,
                                            disk_blocks=24), events=publisher)
-    assert isinstance(store.tree, PublishingTree)
     rng = random.Random(7)
     prefixes = [[rng.randrange(1000) for _ in range(rng.randrange(4, 24))] for _ in range(6)]
     for _ in range(200):
@@ -119,7 +117,7 @@ def test_a_restarted_replica_is_forgotten_and_a_full_queue_drops_and_counts(
         redis_server: RedisServer) -> None:
     root = Namespace("events-test-2", block_size=4).root()
     first = EventPublisher(EventsConfig(redis_server.url, "r", root))
-    tree = first.tree(["gpu", "host"])
+    tree = RadixTree(["gpu", "host"], observer=first.observer(["gpu", "host"]))
     tree.insert([b"k" * 16], [token_bytes([1, 2, 3, 4])], 0, [0], root_key=root)
     first.close()
     assert _read_stream(redis_server, root).held("r") == {"gpu": 1}
@@ -128,7 +126,7 @@ def test_a_restarted_replica_is_forgotten_and_a_full_queue_drops_and_counts(
     assert _read_stream(redis_server, root).held("r") == {}
     tiny = EventPublisher(EventsConfig(redis_server.url, "t", root, queue_events=2,
                                        flush_interval_s=60))
-    tree = tiny.tree(["gpu"])
+    tree = RadixTree(["gpu"], observer=tiny.observer(["gpu"]))
     keys = [bytes([i]) * 16 for i in range(5)]
     tree.insert(keys, [token_bytes([i] * 4) for i in range(5)], 0, list(range(5)),
                 root_key=root)
