@@ -20,12 +20,14 @@ BENCHES: dict[str, tuple[str, str]] = {
     "hit-rate": ("bench.hit_rate", "cache hit rate on real and generated workloads"),
     "engine": ("bench.engine_bench", "engine TTFT (cold vs cached) and throughput"),
     "attention": ("bench.attention_bench", "paged attention kernels vs torch SDPA"),
+    "plan": ("bench.plan_bench", "the plan's predictions next to the engine's measurements"),
 }
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("engine.chat", "multi-turn chat demo on the embedded engine"),
     "serve": ("engine.server", "OpenAI-compatible HTTP server"),
     "daemon": ("kvstore.daemon", "standalone cache daemon over HTTP"),
+    "plan": ("kvstore.plan", "capacity plan: memory, KV, batch, TTFT/TPOT, tier sizing"),
 }
 
 
