@@ -468,8 +468,10 @@ class TierTarget:
 class TierPlan:
     """Tier sizing on one workload. ``gpu_blocks`` is the GPU KV pool in the workload's
     blocks; ``gpu_hit_rate`` what the GPU alone reaches; ``infinite_hit_rate`` the upper
-    bound; ``host`` the host DRAM needed with no disk, ``disk`` the disk needed behind a
-    host tier of ``host_blocks`` (0: none). ``prompt_tokens`` of ``requests``."""
+    bound; ``host`` the host DRAM needed with no disk (write-back: the GPU demotes to
+    host); ``disk`` the disk needed behind a host tier of ``host_blocks`` (write-back
+    cascade), or with no host tier (``host_blocks == 0``) under write-through, since
+    write-back demotes only through host DRAM. ``prompt_tokens`` of ``requests``."""
 
     workload: str
     requests: int
@@ -497,14 +499,15 @@ def infinite_hit_rate(workload: Any) -> float:
 
 
 def simulated_hit_rate(workload: Any, gpu_blocks: int, host_blocks: int = 0,
-                       disk_blocks: int = 0) -> float:
-    """Hit rate of the store (simulation mode, write-back) with these capacities."""
+                       disk_blocks: int = 0, policy: str = "write-back") -> float:
+    """Hit rate of the store (simulation mode) with these capacities and ``policy``."""
     from kvstore.config import StoreConfig
     from kvstore.store import KVStore
 
     store = KVStore(StoreConfig.simulation(block_size=workload.block_size,
                                            gpu_blocks=gpu_blocks, host_blocks=host_blocks,
-                                           disk_blocks=disk_blocks))
+                                           disk_blocks=disk_blocks,
+                                           policy=policy))  # type: ignore[arg-type]
     hit = 0
     for r in workload.requests:
         hit += sum(store.replay(r.keys, r.blocks, r.prompt_tokens).hit_tokens.values())
@@ -558,7 +561,8 @@ def size_tiers(workload: Any, gpu_blocks: int, kv_bytes_per_token: int,
         if (host, disk) not in cache:
             if progress is not None:
                 progress(f"replay gpu={gpu} host={host} disk={disk} blocks")
-            cache[(host, disk)] = simulated_hit_rate(workload, gpu, host, disk)
+            policy = "write-back" if host or not disk else "write-through"
+            cache[(host, disk)] = simulated_hit_rate(workload, gpu, host, disk, policy)
         return cache[(host, disk)]
 
     block_bytes = bs * kv_bytes_per_token
@@ -731,7 +735,7 @@ def format_plan(plan: Plan) -> str:
             f"{'prefill saved':>14}",
         ]
         behind = (f"disk behind host {format_size(t.host_blocks * t.block_size * s.kv_bytes_per_token)}"
-                  if t.host_blocks else "disk (no host tier)")
+                  if t.host_blocks else "disk, write-through")
         for label, rows in (("host DRAM (no disk)", t.host), (behind, t.disk)):
             for r in rows:
                 cap = format_size(r.bytes) + ("" if r.reachable else "!")
