@@ -205,6 +205,7 @@ def bench_model(name: str, args: argparse.Namespace, dev: torch.device,
         f"decode bandwidth efficiency, batch {args.batch}":
             plan.decode_batch.bytes / (db * spec.bandwidth),
         "decode step per layer, batch 1 (s)": d1 / cfg.num_layers,
+        "prefill per layer (s)": ttft / cfg.num_layers,
     }
     if dev.type == "cuda":
         implied["peak memory allocated / plan budget"] = peak / plan.memory.usable
@@ -282,8 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_rows(name, rows))
         e = plan.efficiency
         print(f"  plan assumed: prefill {e.prefill_compute:.0%} of FLOP/s, decode "
-              f"{e.decode_memory:.0%} of bandwidth, floor {e.step_floor_per_layer * 1e6:.0f} "
-              "us a layer; measurements imply:")
+              f"{e.decode_memory:.0%} of bandwidth, floors {e.decode_floor_per_layer * 1e6:.0f} "
+              f"(decode) and {e.prefill_floor_per_layer * 1e6:.0f} (prefill) us a layer; "
+              "measurements imply:")
         for key, value in implied.items():
             shown = f"{value * 1e6:.1f} us" if key.endswith("(s)") else f"{value:.2f}"
             print(f"    {key}: {shown}")

@@ -36,24 +36,30 @@ from kvstore.units import format_size, parse_size
 
 # ---------------------------------------------------------------------------- constants
 
-PREFILL_COMPUTE_EFFICIENCY = 0.55
-"""Fraction of the GPU's dense bf16 FLOP/s the engine's prefill reaches (the fused QKV,
-gate/up and down GEMMs plus Triton paged attention, chunks of 2,048-8,192 tokens).
-Default from the roofline's fit to ``kvstore bench plan`` on an H200 (Llama-3-8B shape,
-random weights); recalibrate with that bench on the target GPU."""
+PREFILL_COMPUTE_EFFICIENCY = 0.70
+"""Fraction of the GPU's dense bf16 FLOP/s the engine's prefill reaches (fused QKV,
+gate/up and down GEMMs plus Triton paged attention, one 8,192-token chunk). From
+``kvstore bench plan`` on an H200 (Llama-3-8B shape, random bf16 weights, 2,048-token
+prompt): 0.73 of the measured 717 TFLOP/s. Recalibrate with that bench on the target GPU."""
 
-DECODE_MEMORY_EFFICIENCY = 0.70
+DECODE_MEMORY_EFFICIENCY = 0.72
 """Fraction of the HBM bandwidth a decode step reaches (weight GEMVs and paged-attention
-reads of the KV). Default from the same fit as :data:`PREFILL_COMPUTE_EFFICIENCY`."""
+reads of the KV). Same bench and shape, 2,048-token contexts: 0.77 at batch 1, 0.66 at
+batch 64, 0.80 at the largest batch (431), of the measured 3.94 TB/s."""
 
 DECODE_COMPUTE_EFFICIENCY = 0.40
 """Fraction of dense bf16 FLOP/s reached by the skinny GEMMs of a decode step (matters
-only for large batches, where decode turns compute-bound)."""
+only for large batches, where decode turns compute-bound; not yet measured)."""
 
-STEP_FLOOR_S_PER_LAYER = 12e-6
-"""Launch floor of one step per decoder layer (seconds): a small model's step is bound by
-kernel launches and graph replay, not by FLOPs or bytes. Default from SmolLM2 decode
-steps (30 layers, CUDA graphs) measured by ``kvstore bench plan``."""
+DECODE_FLOOR_S_PER_LAYER = 50e-6
+"""Floor of one decode step per decoder layer (seconds): a small model's step is bound by
+the engine's per-step host work and CUDA-graph replay, not by FLOPs or bytes. From the
+same bench: SmolLM2 (30 layers) decodes at batch 1 in 1.5 ms an engine step."""
+
+PREFILL_FLOOR_S_PER_LAYER = 550e-6
+"""Floor of one prefill chunk per decoder layer (seconds; eager, no CUDA graph). From the
+same bench: SmolLM2's 2,048-token prompt reaches its first token in 16.4 ms (one point:
+recalibrate at the context you plan for)."""
 
 MEMORY_UTILIZATION = 0.90
 """Fraction of GPU memory the plan lets the engine use (the rest: CUDA context, the
@@ -373,15 +379,16 @@ class Efficiency:
     prefill_compute: float = PREFILL_COMPUTE_EFFICIENCY
     decode_memory: float = DECODE_MEMORY_EFFICIENCY
     decode_compute: float = DECODE_COMPUTE_EFFICIENCY
-    step_floor_per_layer: float = STEP_FLOOR_S_PER_LAYER
+    decode_floor_per_layer: float = DECODE_FLOOR_S_PER_LAYER
+    prefill_floor_per_layer: float = PREFILL_FLOOR_S_PER_LAYER
 
     def __post_init__(self) -> None:
         for name in ("prefill_compute", "decode_memory", "decode_compute"):
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise PlanError(f"efficiency {name} must be in (0, 1], got {value}")
-        if self.step_floor_per_layer < 0:
-            raise PlanError("the per-layer step floor must be >= 0 seconds")
+        if min(self.decode_floor_per_layer, self.prefill_floor_per_layer) < 0:
+            raise PlanError("the per-layer step floors must be >= 0 seconds")
 
 
 @dataclass(frozen=True)
@@ -429,7 +436,7 @@ def prefill_roofline(cfg: ModelConfig, size: ModelSize, gpu: GPUSpec, tokens: in
              + attention_flops(cfg, tokens, 0))
     nbytes = (chunks * size.weights_bytes + tokens * size.kv_bytes_per_token
               + chunks * tokens / 2 * size.kv_bytes_per_token)
-    floor = chunks * cfg.num_layers * eff.step_floor_per_layer
+    floor = chunks * cfg.num_layers * eff.prefill_floor_per_layer
     return _roofline(flops, nbytes, gpu, eff.prefill_compute, eff.decode_memory, floor)
 
 
@@ -439,7 +446,7 @@ def decode_roofline(cfg: ModelConfig, size: ModelSize, gpu: GPUSpec, batch: int,
     per output token): the weights are read once per step, each sequence's KV once."""
     flops = 2.0 * size.matmul_parameters * batch + attention_flops(cfg, 1, context) * batch
     nbytes = size.weights_bytes + batch * context * size.kv_bytes_per_token
-    floor = cfg.num_layers * eff.step_floor_per_layer
+    floor = cfg.num_layers * eff.decode_floor_per_layer
     return _roofline(flops, nbytes, gpu, eff.decode_compute, eff.decode_memory, floor)
 
 
@@ -721,7 +728,8 @@ def format_plan(plan: Plan) -> str:
         "output tokens/s",
         f"assumed    efficiencies: prefill {e.prefill_compute:.0%} of FLOP/s, decode "
         f"{e.decode_memory:.0%} of bandwidth ({e.decode_compute:.0%} of FLOP/s when "
-        f"compute-bound), launch floor {e.step_floor_per_layer * 1e6:.0f} us a layer",
+        f"compute-bound); step floors a layer: decode {e.decode_floor_per_layer * 1e6:.0f} us, "
+        f"prefill {e.prefill_floor_per_layer * 1e6:.0f} us",
     ]
     if plan.tiers is not None:
         t = plan.tiers

@@ -125,7 +125,7 @@ def test_roofline_prefill_compute_bound_decode_memory_bound():
     smol = _cfg("smollm2")
     tiny = kp.decode_roofline(smol, kp.model_size(smol, "bf16"), gpu, 1, 128, eff)
     assert tiny.bound == "launch"
-    assert tiny.seconds == pytest.approx(30 * eff.step_floor_per_layer)
+    assert tiny.seconds == pytest.approx(30 * eff.decode_floor_per_layer)
     with pytest.raises(kp.PlanError, match="efficiency"):
         kp.Efficiency(prefill_compute=1.5)
 

@@ -36,7 +36,7 @@ def test_int8_error_at_most_half_a_step_per_head(dtype):
     # half a step from rounding (plus fp32 rounding of x * (1 / scale): 1e-4 of a step)
     assert bool((err <= step * (0.5 + 1e-4)).all())
     amax = x.float().abs().amax(dim=(3, 5))
-    torch.testing.assert_close(q.scales, amax / 127, rtol=0, atol=0)
+    torch.testing.assert_close(q.scales, amax / 127, rtol=1e-6, atol=0)
     assert int(q.codes.abs().max()) == 127  # every head uses the full range
     assert q.codes.dtype == torch.int8
 

@@ -4,10 +4,10 @@ A block is ``[num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]`` (see
 :mod:`tiers.layout`). Quantization is symmetric with one fp32 scale per (layer, K/V,
 KV head) of each block, taken over that head's ``block_size x head_dim`` values:
 
-- ``int8``: ``scale = amax / 127``, ``code = round_half_even(x / scale)`` in
+- ``int8``: ``scale = amax x fp32(1/127)``, ``code = round_half_even(x / scale)`` in
   ``[-127, 127]``; ``x' = code x scale``. The error of each value is at most
   ``scale / 2`` (half a step).
-- ``fp8``: ``scale = amax / 448``, ``code = e4m3(x / scale)`` (round to nearest even,
+- ``fp8``: ``scale = amax x fp32(1/448)``, ``code = e4m3(x / scale)`` (round to nearest even,
   clamped to +-448); ``x' = code x scale``. Relative error at most 2**-4 of the value
   (3 mantissa bits) above e4m3's subnormal range.
 
@@ -50,6 +50,10 @@ COMPRESSED_FORMATS = tuple(f for f in KV_FORMATS if f != "exact")
 """Formats :func:`quantize` produces (``int8``, ``fp8``)."""
 
 _QMAX = {"int8": 127.0, "fp8": 448.0}
+# scale = amax x fp32(1 / qmax): one correctly rounded fp32 multiply gives the same bits
+# on every device (a division by a scalar is a reciprocal multiply on CUDA, a true
+# division on CPU, and the two differ in the last bit).
+_INV_QMAX = {f: float(torch.tensor(1.0 / q, dtype=torch.float32)) for f, q in _QMAX.items()}
 _CODE_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 SCALE_BYTES = 4
 """Bytes of one scale (fp32)."""
@@ -132,7 +136,8 @@ def quantize_reference(blocks: Tensor, kv_format: str,
     idx = _slot_index(slots, blocks.shape[0], blocks.device)
     x = blocks.index_select(0, idx).float()
     amax = x.abs().amax(dim=(3, 5))  # [N, L, 2, H]
-    scales = amax / _QMAX[kv_format]
+    scales = amax * torch.tensor(_INV_QMAX[kv_format], dtype=torch.float32,
+                                 device=amax.device)
     inv = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
     y = x * inv[:, :, :, None, :, None]
     if kv_format == "int8":
@@ -161,7 +166,7 @@ if triton is not None:
 
     @triton.jit
     def _quantize_kernel(src, codes, scales, src_idx, block_size, heads, dim,
-                         QMAX: tl.constexpr, FP8: tl.constexpr, BS: tl.constexpr,
+                         INV_QMAX: tl.constexpr, FP8: tl.constexpr, BS: tl.constexpr,
                          D: tl.constexpr):
         # One program: one (block n, layer l, K/V c, head h); grid (N, layers * 2, heads).
         n = tl.program_id(0)
@@ -177,7 +182,7 @@ if triton is not None:
         x = tl.load(src + slot * per_block + lc * plane + offs, mask=mask, other=0.0)
         x = x.to(tl.float32)
         amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-        scale = amax / QMAX
+        scale = amax * INV_QMAX
         inv = tl.where(scale > 0, tl.div_rn(1.0, scale), 0.0)
         y = x * inv
         if FP8:
@@ -226,7 +231,7 @@ def quantize_triton(blocks: Tensor, kv_format: str,
     scales = torch.empty((n, layers, two, heads), dtype=torch.float32, device=blocks.device)
     if n:
         _quantize_kernel[(n, layers * two, heads)](
-            blocks, codes, scales, idx, bs, heads, dim, QMAX=_QMAX[kv_format],
+            blocks, codes, scales, idx, bs, heads, dim, INV_QMAX=_INV_QMAX[kv_format],
             FP8=kv_format == "fp8", BS=triton.next_power_of_2(bs),
             D=triton.next_power_of_2(dim))
     return QuantizedBlocks(kv_format, codes, scales)
