@@ -208,8 +208,8 @@ if triton is not None:
         d = tl.arange(0, D)[None, :]
         mask = (t < block_size) & (d < dim)
         offs = t * (heads * dim) + h * dim + d
-        c = tl.load(codes + n.to(tl.int64) * per_block + lc * plane + offs, mask=mask,
-                    other=0)
+        # masked lanes are never stored, so they need no fill value (none casts to fp8)
+        c = tl.load(codes + n.to(tl.int64) * per_block + lc * plane + offs, mask=mask)
         scale = tl.load(scales + (n.to(tl.int64) * tl.num_programs(1) + lc) * heads + h)
         x = c.to(tl.float32) * scale
         tl.store(dst + slot * per_block + lc * plane + offs, x.to(dst.dtype.element_ty),
