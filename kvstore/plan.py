@@ -750,6 +750,9 @@ def format_plan(plan: Plan) -> str:
                 lines.append(f"{label:<26} {r.fraction:>6.0%} {cap:>12} "
                              f"{format_size(r.int8_bytes):>11} {r.hit_rate:>8.1%} "
                              f"{r.prefill_saved_s:>12.1f} s")
+        if t.gpu_hit_rate >= max(TARGET_FRACTIONS) * t.infinite_hit_rate:
+            lines.append("           the GPU pool alone holds this workload's reuse: no lower "
+                         "tier is needed")
         lines.append(f"           ({t.replays} simulated replays in {t.seconds:.1f} s; "
                      "! = not reached with the whole footprint; prefill saved = GPU time "
                      "of the hit prompt tokens at the predicted prefill rate)")
