@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -74,9 +73,11 @@ MAX_NUM_BATCHED_TOKENS = 8192
 TARGET_FRACTIONS = (0.90, 0.95, 0.99)
 """Fractions of the infinite cache's hit rate the tier sizing aims at."""
 
-INT8_TIER_RATIO = 0.5
-"""Bytes of a block in the int8 lower-tier format per exact bf16/fp16 byte (payload;
-the per-head scales add < 1%)."""
+def int8_bytes_per_token(cfg: ModelConfig) -> int:
+    """Bytes of one token's KV in the int8 (or fp8) lower-tier format of
+    :mod:`tiers.quant`: one byte a value plus a 2-byte scale per head vector."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 2)
+
 
 DTYPES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2,
           "bf16": 2}
@@ -548,13 +549,15 @@ def smallest_capacity(hit_rate_at: Callable[[int], float], goal: float, upper: i
 
 def size_tiers(workload: Any, gpu_blocks: int, kv_bytes_per_token: int,
                prefill_s_per_token: float, host_blocks: int = 0,
+               int8_per_token: int | None = None,
                fractions: Sequence[float] = TARGET_FRACTIONS,
                progress: Callable[[str], None] | None = None) -> TierPlan:
     """Host and disk capacities reaching each fraction of the infinite hit rate.
 
     The GPU tier has ``gpu_blocks`` blocks (never fewer than the largest request, as a
     sequence must fit on the GPU). Each replay is memoised, so the bisections of the
-    three targets share their points.
+    three targets share their points. ``int8_per_token``: bytes a token in the int8
+    tier format (default half of ``kv_bytes_per_token``).
     """
     t0 = time.perf_counter()
     bs = workload.block_size
@@ -573,6 +576,7 @@ def size_tiers(workload: Any, gpu_blocks: int, kv_bytes_per_token: int,
         return cache[(host, disk)]
 
     block_bytes = bs * kv_bytes_per_token
+    int8_block = bs * (int8_per_token or kv_bytes_per_token // 2)
     prompt = workload.prompt_tokens
 
     def targets(tier: str, fn: Callable[[int], float]) -> tuple[TierTarget, ...]:
@@ -580,8 +584,7 @@ def size_tiers(workload: Any, gpu_blocks: int, kv_bytes_per_token: int,
         for f in fractions:
             blocks, reached_rate, ok = smallest_capacity(fn, f * inf, footprint)
             saved = reached_rate * prompt * prefill_s_per_token
-            out.append(TierTarget(tier, f, blocks, blocks * block_bytes,
-                                  math.ceil(blocks * block_bytes * INT8_TIER_RATIO),
+            out.append(TierTarget(tier, f, blocks, blocks * block_bytes, blocks * int8_block,
                                   reached_rate, saved, ok))
         return tuple(out)
 
@@ -837,6 +840,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          decode_memory=args.decode_efficiency)
         plan = make_plan(name, cfg, args.dtype, args.context, args.concurrency, gpu, eff,
                          args.memory_utilization, args.block_size)
+        if not args.gpu and gpu.source == "table":
+            plan = replace(plan, notes=plan.notes + (
+                f"no --gpu and no CUDA device here: planned for the {gpu.name}",))
         if args.workload:
             try:
                 workload = load_workload(args.workload, args.quick, args.trace)
@@ -849,7 +855,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             say = None if args.json else (lambda m: print(f"  {m}", file=sys.stderr,
                                                           flush=True))
             tiers = size_tiers(workload, gpu_blocks, plan.size.kv_bytes_per_token,
-                               per_token, host_blocks, progress=say)
+                               per_token, host_blocks, int8_bytes_per_token(cfg),
+                               progress=say)
             plan = replace(plan, tiers=tiers)
     except PlanError as exc:
         print(f"kvstore plan: {exc}", file=sys.stderr)

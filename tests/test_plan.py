@@ -4,7 +4,6 @@ memory and roofline arithmetic, tier sizing over the store's simulation, and the
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -38,6 +37,8 @@ def test_llama3_8b_bf16_128_kib_a_token():
     size = kp.model_size(_cfg("llama3-8b"), "bf16")
     assert size.kv_bytes_per_token == 128 * 1024
     assert size.parameters == 8_030_261_248
+    # the int8 tier format: a byte a value and a bf16 scale per head vector
+    assert kp.int8_bytes_per_token(_cfg("llama3-8b")) == 2 * 32 * 8 * (128 + 2)
 
 
 @pytest.mark.parametrize("name", ["smollm2", "llama2-7b", "qwen2-7b", "mistral-7b"])
@@ -160,7 +161,7 @@ def test_tier_sizing_on_the_store_simulation():
         # smallest to within the bisection's tolerance
         assert kp.simulated_hit_rate(work, tiers.gpu_blocks, max(0, t.blocks - step - 1)) < goal
         assert t.bytes == t.blocks * work.block_size * 1000
-        assert t.int8_bytes == math.ceil(t.bytes * kp.INT8_TIER_RATIO)
+        assert t.int8_bytes == t.blocks * work.block_size * 500  # default: half
         assert t.prefill_saved_s == pytest.approx(t.hit_rate * work.prompt_tokens * 1e-4)
     for t in tiers.disk:  # disk right behind the GPU (no host tier): write-through
         assert t.reachable and t.hit_rate >= t.fraction * tiers.infinite_hit_rate
@@ -196,3 +197,22 @@ def test_measured_ceilings_on_this_device():
     spec = kp.measure_device("cuda" if torch.cuda.is_available() else "cpu", seconds=0.05)
     assert spec.source == "measured"
     assert spec.flops > 0 and spec.bandwidth > 0 and spec.pcie > 0 and spec.memory_bytes > 0
+
+
+def test_plan_bench_on_cpu_measures_and_compares(capsys):
+    """The validation bench end to end on this device at tiny sizes: every row has a plan
+    and a measurement; on CPU both pools are --cpu-pool-blocks, so the largest batch the
+    store really holds must equal the plan's."""
+    from bench import plan_bench
+
+    assert plan_bench.main(["--device", "cpu", "--context", "32", "--batch", "2", "--steps",
+                            "2", "--repeat", "1", "--cpu-pool-blocks", "12",
+                            "--chunk", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "[smollm2]" in out
+    lines = {line.split("  ")[0]: line for line in out.splitlines()}
+    largest = lines["largest batch at 32 tokens"].split()
+    assert largest[-3] == largest[-2] == "6"  # 12 blocks / 2 blocks a sequence
+    for key in ("TTFT, 32-token prompt", "decode step, batch 1", "decode step, batch 2",
+                "decode step, batch 6 (largest)"):
+        assert key in lines and lines[key].count(" ms") == 2
