@@ -187,9 +187,13 @@ if triton is not None:
         x = tl.load(src + slot * per_block + lc * plane + offs, mask=mask, other=0.0)
         x = x.to(tl.float32)
         amax = tl.max(tl.abs(x), axis=1)  # [BS]: one per token (head vector)
-        scale = (amax * INV_QMAX).to(tl.bfloat16)
-        s32 = scale.to(tl.float32)
-        inv = tl.where(s32 > 0, tl.div_rn(tl.full(s32.shape, 1.0, tl.float32), s32), 0.0)
+        # bf16(amax x 1/qmax), rounded to nearest even on the bits (as torch's cast), so
+        # the result does not depend on how a backend rounds fp32 -> bf16
+        bits = (amax * INV_QMAX).to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        s32 = bits.to(tl.float32, bitcast=True)
+        scale = s32.to(tl.bfloat16)
+        inv = tl.where(s32 > 0, tl.div_rn(tl.full([BS], 1.0, tl.float32), s32), 0.0)
         y = x * inv[:, None]
         if FP8:
             y = tl.minimum(tl.maximum(y, -448.0), 448.0)
