@@ -124,12 +124,12 @@ def measure_decode(engine, batch: int, context: int, steps: int) -> float:
 def measure_largest_batch(engine, context: int) -> tuple[int, float]:
     """Sequences of ``context`` tokens the store holds at once (allocated until it is out
     of blocks), and the seconds of one decode step over all of them."""
-    from kvstore.store import OutOfBlocks
+    from kvstore.store import Lease, OutOfBlocks
     from radix import hash_blocks
 
     store = engine.store
     vocab = engine.model.config.vocab_size
-    leases = []
+    leases: list[Lease] = []
     while True:
         chain = hash_blocks(engine.root, _prompt(50_000 + len(leases), 16, vocab),
                             store.block_size)
