@@ -472,7 +472,7 @@ def tokenize_sharegpt(num_conversations: int, *, tokenizer: ChatTokenizer | None
         from tqdm import tqdm
         bar = tqdm(total=num_conversations, desc="tokenize sharegpt", unit="conv")
     while len(chats.convs) < num_conversations:
-        batch = []
+        batch: list[tuple[str, list[tuple[str, str]]]] = []
         for rec in pending:
             turns = sharegpt_turns(rec)
             if turns:

@@ -24,6 +24,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "router": ("bench.router_bench", "routing policies over replicas; router overhead"),
     "pressure": ("bench.pressure_bench",
                  "closed-loop clients over a small GPU KV pool: tiers vs preemption"),
+    "plan": ("bench.plan_bench", "the plan's predictions next to the engine's measurements"),
 }
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -31,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("engine.server.cli", "OpenAI-compatible HTTP server"),
     "daemon": ("kvstore.daemon.cli", "standalone cache daemon over HTTP"),
     "router": ("kvstore.router.cli", "OpenAI-compatible router over serve replicas, by prefix"),
+    "plan": ("kvstore.plan", "capacity plan: memory, KV, batch, TTFT/TPOT, tier sizing"),
 }
 
 

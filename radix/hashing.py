@@ -30,6 +30,10 @@ KEY_BYTES = 16
 LAYOUT_VERSION = 1
 """Version of the KV block layout ``[layers, 2, block_size, kv_heads, head_dim]``."""
 
+KV_FORMATS = ("exact", "int8", "fp8")
+"""KV formats a namespace may name: ``exact`` (the model dtype, every tier) or a
+compressed lower-tier format (:mod:`tiers.quant`; the GPU pool stays exact)."""
+
 _xxh3_128 = xxhash.xxh3_128_digest
 _BIG_ENDIAN = sys.byteorder == "big"
 
@@ -73,7 +77,10 @@ class Namespace:
 
     ``model`` is a model fingerprint (architecture and weights identity), ``dtype`` the
     KV dtype name, ``block_size`` in tokens, ``layout`` the KV layout version, and
-    ``tenant`` an optional salt that isolates tenants.
+    ``tenant`` an optional salt that isolates tenants. ``kv_format`` is the format of
+    the blocks below the GPU (one of :data:`KV_FORMATS`): a compressed format changes
+    every key, so exact and compressed blocks never mix; ``exact`` keeps the keys as
+    they were.
     """
 
     model: str
@@ -81,8 +88,12 @@ class Namespace:
     block_size: int = 16
     layout: int = LAYOUT_VERSION
     tenant: str = ""
+    kv_format: str = "exact"
 
     def __post_init__(self) -> None:
+        if self.kv_format not in KV_FORMATS:
+            raise ValueError(f"kv_format must be one of {', '.join(KV_FORMATS)}, "
+                             f"got {self.kv_format!r}")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be a positive number of tokens, got {self.block_size}")
         for name in ("model", "dtype", "tenant"):
@@ -91,8 +102,10 @@ class Namespace:
 
     def encode(self) -> bytes:
         """Canonical bytes of the namespace (NUL-separated, versioned)."""
-        parts = ("kvstore-ns-v1", self.model, self.dtype, str(self.block_size),
-                 str(self.layout), self.tenant)
+        parts: tuple[str, ...] = ("kvstore-ns-v1", self.model, self.dtype,
+                                  str(self.block_size), str(self.layout), self.tenant)
+        if self.kv_format != "exact":
+            parts += (f"kv-format={self.kv_format}",)
         return "\x00".join(parts).encode()
 
     def root(self) -> bytes:

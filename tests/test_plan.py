@@ -1,0 +1,218 @@
+"""kvstore plan: the textbook figures exactly, parameter counts against the real model,
+memory and roofline arithmetic, tier sizing over the store's simulation, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import workloads as wl
+from engine.config import ModelConfig
+from engine.model import CausalLM
+from kvstore import plan as kp
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def _cfg(name: str) -> ModelConfig:
+    return kp.resolve_model(name)[1]
+
+
+def test_llama2_7b_fp16_textbook_figures():
+    cfg = _cfg("llama2-7b")
+    size = kp.model_size(cfg, "fp16")
+    assert size.parameters == 6_738_415_616
+    assert f"{size.parameters / 1e9:.2f}" == "6.74"
+    assert size.weights_bytes == 2 * 6_738_415_616
+    assert f"{size.weights_bytes / 1e9:.1f}" == "13.5"  # the textbook's "7B x 2 = 14 GB"
+    assert size.kv_bytes_per_token == MiB // 2  # 0.5 MiB a token
+    assert size.kv_bytes_per_token * 4096 == 2 * GiB  # 2 GiB for 4,096 tokens
+    assert size.kv_bytes_per_block == 16 * MiB // 2
+
+
+def test_llama3_8b_bf16_128_kib_a_token():
+    size = kp.model_size(_cfg("llama3-8b"), "bf16")
+    assert size.kv_bytes_per_token == 128 * 1024
+    assert size.parameters == 8_030_261_248
+    # the int8 tier format: a byte a value and a bf16 scale per head vector
+    assert kp.int8_bytes_per_token(_cfg("llama3-8b")) == 2 * 32 * 8 * (128 + 2)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama2-7b", "qwen2-7b", "mistral-7b"])
+def test_parameter_count_matches_the_engine_model(name):
+    """The formula counts exactly the parameters the engine's model allocates (meta
+    tensors: no memory), with tied embeddings counted once and Qwen2's QKV bias."""
+    cfg = _cfg(name)
+    model = CausalLM.empty(cfg, device="meta", backend="torch")
+    assert kp.parameter_count(cfg) == sum(p.numel() for p in model.parameters())
+
+
+def test_mha_gqa_mqa_and_tied_embeddings_from_config_json(tmp_path):
+    base = dict(kp.named_model_configs()["llama2-7b"])
+    sizes = {}
+    for label, kv in (("mha", 32), ("gqa", 8), ("mqa", 1)):
+        path = tmp_path / label / "config.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({**base, "num_key_value_heads": kv}))
+        name, cfg = kp.resolve_model(str(path))
+        assert name == label
+        sizes[label] = kp.model_size(cfg, "bfloat16")
+    assert sizes["mha"].kv_bytes_per_token == 2 * 32 * 32 * 128 * 2
+    assert sizes["gqa"].kv_bytes_per_token * 4 == sizes["mha"].kv_bytes_per_token
+    assert sizes["mqa"].kv_bytes_per_token * 32 == sizes["mha"].kv_bytes_per_token
+    tied = ModelConfig.from_hf_dict({**base, "tie_word_embeddings": True})
+    assert kp.parameter_count(_cfg("llama2-7b")) - kp.parameter_count(tied) == 32000 * 4096
+    # a directory holding config.json works too
+    assert kp.resolve_model(str(tmp_path / "mqa"))[1].num_kv_heads == 1
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(kp.PlanError, match="unknown model 'gpt-5'.*smollm2.*llama3-8b"):
+        kp.resolve_model("gpt-5")
+    with pytest.raises(kp.PlanError, match="unknown dtype 'int3'.*bfloat16"):
+        kp.dtype_bytes("int3")
+    with pytest.raises(kp.PlanError, match="exceeds the model's context of 4096"):
+        kp.make_plan("llama2-7b", _cfg("llama2-7b"), "fp16", 8192, 1, kp.GPUS["h200"])
+    with pytest.raises(kp.PlanError, match="unknown GPU 'tpu'.*H200"):
+        kp.resolve_gpu("tpu")
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(kp.PlanError, match="cannot read"):
+        kp.resolve_model(str(bad))
+    bad.write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(kp.PlanError, match="not supported"):
+        kp.resolve_model(str(bad))
+
+
+def test_memory_plan_and_largest_batch():
+    cfg = _cfg("llama3-8b")
+    gpu = kp.GPUS["h100-sxm"]
+    plan = kp.make_plan("llama3-8b", cfg, "bf16", 4096, 300, gpu)
+    m, s = plan.memory, plan.size
+    assert m.usable == int(gpu.memory_bytes * kp.MEMORY_UTILIZATION)
+    assert m.kv_pool_bytes == m.usable - s.weights_bytes - m.activations
+    assert m.kv_pool_blocks == m.kv_pool_bytes // s.kv_bytes_per_block
+    assert m.blocks_per_sequence == 256
+    assert m.max_batch == m.kv_pool_blocks // 256
+    assert 0 < m.max_batch < 300 and not m.fits
+    assert any("exceeds the largest batch" in n for n in plan.notes)
+    # 70B in bf16 does not fit one H100: an empty pool, said so
+    big = kp.make_plan("llama3-70b", _cfg("llama3-70b"), "bf16", 4096, 1, gpu)
+    assert big.memory.kv_pool_bytes == 0 and big.memory.max_batch == 0
+    assert any("do not fit" in n for n in big.notes)
+
+
+def test_roofline_prefill_compute_bound_decode_memory_bound():
+    cfg = _cfg("llama3-8b")
+    gpu = kp.GPUS["h200"]
+    eff = kp.Efficiency()
+    size = kp.model_size(cfg, "bf16")
+    pre = kp.prefill_roofline(cfg, size, gpu, 4096, eff)
+    assert pre.bound == "compute"
+    assert pre.seconds == pytest.approx(pre.flops / (gpu.flops * eff.prefill_compute))
+    # linear layers: 2 FLOPs per matmul parameter per token dominate
+    assert pre.flops > 2 * (size.matmul_parameters - cfg.vocab_size * cfg.hidden_size) * 4096
+    dec = kp.decode_roofline(cfg, size, gpu, 1, 4096, eff)
+    assert dec.bound == "memory"
+    assert dec.bytes == size.weights_bytes + 4096 * size.kv_bytes_per_token
+    assert dec.seconds == pytest.approx(dec.bytes / (gpu.bandwidth * eff.decode_memory))
+    # a bigger batch reads the same weights: per-token time falls
+    dec64 = kp.decode_roofline(cfg, size, gpu, 64, 4096, eff)
+    assert dec64.seconds / 64 < dec.seconds
+    # a tiny model is bound by the launch floor
+    smol = _cfg("smollm2")
+    tiny = kp.decode_roofline(smol, kp.model_size(smol, "bf16"), gpu, 1, 128, eff)
+    assert tiny.bound == "launch"
+    assert tiny.seconds == pytest.approx(30 * eff.decode_floor_per_layer)
+    with pytest.raises(kp.PlanError, match="efficiency"):
+        kp.Efficiency(prefill_compute=1.5)
+
+
+def test_bisection_finds_the_smallest_capacity():
+    def rate(c: int) -> float:
+        return min(1.0, c / 1000)
+
+    cap, got, ok = kp.smallest_capacity(rate, 0.5, 4000, tolerance=0.001)
+    assert ok and 500 <= cap <= 504 and got >= 0.5
+    assert kp.smallest_capacity(rate, 0.0, 4000) == (0, 0.0, True)
+    cap, got, ok = kp.smallest_capacity(rate, 2.0, 4000)
+    assert not ok and cap == 4000
+
+
+def test_tier_sizing_on_the_store_simulation():
+    work = wl.generated_shared_prefix_workload(8, 4, system_prompt_len=256, question_len=32,
+                                               output_len=32)
+    largest = max(len(r.keys) for r in work.requests)
+    tiers = kp.size_tiers(work, gpu_blocks=largest, kv_bytes_per_token=1000,
+                          prefill_s_per_token=1e-4)
+    assert tiers.infinite_hit_rate == pytest.approx(kp.infinite_hit_rate(work))
+    assert tiers.infinite_hit_rate > 0.5
+    assert tiers.gpu_hit_rate < 0.9 * tiers.infinite_hit_rate  # the GPU alone falls short
+    caps = [t.blocks for t in tiers.host]
+    assert caps == sorted(caps) and caps[0] > 0
+    step = max(1, int(tiers.footprint_blocks * 0.02))
+    for t in tiers.host:
+        goal = t.fraction * tiers.infinite_hit_rate
+        assert t.reachable and t.hit_rate >= goal
+        assert t.hit_rate == kp.simulated_hit_rate(work, tiers.gpu_blocks, t.blocks)
+        # smallest to within the bisection's tolerance
+        assert kp.simulated_hit_rate(work, tiers.gpu_blocks, max(0, t.blocks - step - 1)) < goal
+        assert t.bytes == t.blocks * work.block_size * 1000
+        assert t.int8_bytes == t.blocks * work.block_size * 500  # default: half
+        assert t.prefill_saved_s == pytest.approx(t.hit_rate * work.prompt_tokens * 1e-4)
+    for t in tiers.disk:  # disk right behind the GPU (no host tier): write-through
+        assert t.reachable and t.hit_rate >= t.fraction * tiers.infinite_hit_rate
+        assert t.hit_rate == kp.simulated_hit_rate(work, tiers.gpu_blocks, 0, t.blocks,
+                                                   "write-through")
+    behind = kp.size_tiers(work, largest, 1000, 1e-4, host_blocks=tiers.host[0].blocks // 2)
+    for t in behind.disk:  # behind a host tier too small alone: the write-back cascade
+        assert t.reachable and t.blocks > 0
+        assert t.hit_rate == kp.simulated_hit_rate(work, largest, behind.host_blocks, t.blocks)
+
+
+def test_cli_text_json_and_errors(capsys):
+    assert kp.main(["--model", "llama2-7b", "--dtype", "fp16", "--context", "4096",
+                    "--gpu", "A100-80GB"]) == 0
+    text = capsys.readouterr().out
+    assert "6,738,415,616 (6.74 B)" in text and "13.48 GB" in text
+    assert "512.0 KiB a token" in text and "2.0 GiB for 4,096 tokens" in text
+    assert kp.main(["--model", "llama3-8b", "--context", "2048", "--concurrency", "8",
+                    "--gpu", "H200", "--workload", "generated", "--quick", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["size"]["kv_bytes_per_token"] == 131072
+    assert data["gpu"]["name"] == "H200"
+    assert [t["fraction"] for t in data["tiers"]["host"]] == [0.9, 0.95, 0.99]
+    assert kp.main(["--model", "nope", "--context", "10"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert kp.main(["--model", "smollm2", "--dtype", "fp4", "--context", "10"]) == 2
+    assert "unknown dtype" in capsys.readouterr().err
+    assert kp.main(["--model", "smollm2", "--context", "100000"]) == 2
+    assert "exceeds the model's context of 8192" in capsys.readouterr().err
+
+
+def test_measured_ceilings_on_this_device():
+    spec = kp.measure_device("cuda" if torch.cuda.is_available() else "cpu", seconds=0.05)
+    assert spec.source == "measured"
+    assert spec.flops > 0 and spec.bandwidth > 0 and spec.pcie > 0 and spec.memory_bytes > 0
+
+
+def test_plan_bench_on_cpu_measures_and_compares(capsys):
+    """The validation bench end to end on this device at tiny sizes: every row has a plan
+    and a measurement; on CPU both pools are --cpu-pool-blocks, so the largest batch the
+    store really holds must equal the plan's."""
+    from bench import plan_bench
+
+    assert plan_bench.main(["--device", "cpu", "--context", "32", "--batch", "2", "--steps",
+                            "2", "--repeat", "1", "--cpu-pool-blocks", "12",
+                            "--chunk", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "[smollm2]" in out
+    lines = {line.split("  ")[0]: line for line in out.splitlines()}
+    largest = lines["largest batch at 32 tokens"].split()
+    assert largest[-3] == largest[-2] == "6"  # 12 blocks / 2 blocks a sequence
+    for key in ("TTFT, 32-token prompt", "decode step, batch 1", "decode step, batch 2",
+                "decode step, batch 6 (largest)"):
+        assert key in lines and lines[key].count(" ms") == 2
