@@ -246,10 +246,10 @@ def self_check(backend: AttentionBackend, device: torch.device | str,
     slots = [tables[b][p // block_size] * block_size + p % block_size
              for b, (n, length) in enumerate(zip(query_lens, seq_lens, strict=True))
              for p in range(length - n, length)]
-    as_i32 = {"dtype": torch.int32, "device": device}
-    block_tables = torch.tensor(tables, **as_i32)
-    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], **as_i32)
-    lens = torch.tensor(seq_lens, **as_i32)
+    block_tables = torch.tensor(tables, dtype=torch.int32, device=device)
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32,
+                          device=device)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
     scale = 1.0 / math.sqrt(head_dim)
     results = []

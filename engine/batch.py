@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -139,8 +140,9 @@ class BatchStager:
         self._dev = torch.zeros(at, dtype=torch.uint8, device=self.device) if cuda else self._host
         self._copied = torch.cuda.Event() if cuda else None
         host_np = self._host.numpy()
-        h = {name: host_np[o:o + n * s].view(np.int64 if s == _I64 else np.int32)
-             for name, (o, n, s) in offsets.items()}
+        h: dict[str, npt.NDArray[np.signedinteger]] = {
+            name: host_np[o:o + n * s].view(np.int64 if s == _I64 else np.int32)
+            for name, (o, n, s) in offsets.items()}
         d = {name: self._dev[o:o + n * s].view(torch.int64 if s == _I64 else torch.int32)
              for name, (o, n, s) in offsets.items()}
         self._h_ids, self._h_pos, self._h_slots = h["ids"], h["pos"], h["slots"]

@@ -565,7 +565,7 @@ class _Fingerprinter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
-        digest = xxhash.xxh3_128_digest(memoryview(data).cast("B"))
+        digest = xxhash.xxh3_128_digest(data.data.cast("B"))
         ident = f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}|"
         self._entries[name] = ident.encode() + digest
 
@@ -670,7 +670,9 @@ def _source_hash(file: Path) -> str:
 
 def _is_complete(target: Path) -> bool:
     manifest = _read_json(target / MANIFEST)
-    return bool(manifest) and manifest.get("converter_version") == CONVERTER_VERSION
+    if not manifest:
+        return False
+    return manifest.get("converter_version") == CONVERTER_VERSION
 
 
 def _read_json(file: Path) -> dict[str, Any] | None:
@@ -807,6 +809,7 @@ def _gguf_tokenizer(meta: _GGUFMeta, tokens: list[str]) -> tuple[Any, dict[str, 
                          "(byte-level BPE) tokenizers import")
     pre = meta.get("tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    pre_tok: pre_tokenizers.PreTokenizer
     if pre in _DIGIT_SPLIT_PRE:
         pre_tok = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), byte_level])
@@ -839,8 +842,8 @@ def _gguf_tokenizer(meta: _GGUFMeta, tokens: list[str]) -> tuple[Any, dict[str, 
     if (add_bos and bos is None) or (add_eos and eos is None):
         raise ValueError("GGUF asks to add BOS/EOS but does not name the token id")
     if add_bos or add_eos:
-        first = [bos] if add_bos else []
-        last = [eos] if add_eos else []
+        first = [bos] if add_bos and bos is not None else []  # None raised just above
+        last = [eos] if add_eos and eos is not None else []
         specials = [(t, vocab[t]) for t in dict.fromkeys(first + last)]
         backend.post_processor = processors.TemplateProcessing(
             single=" ".join([*first, "$A", *last]),

@@ -221,6 +221,7 @@ class CausalLM(nn.Module):
         if self.lm_head is not None:
             self.lm_head.weight.copy_(take("lm_head.weight"))
         for i, layer in enumerate(self.layers):
+            assert isinstance(layer, DecoderLayer)  # ModuleList yields plain Modules
             p = f"model.layers.{i}."
             layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
             layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))

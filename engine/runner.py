@@ -74,7 +74,8 @@ class ModelRunner:
         self.eager_steps = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._graph_stager: BatchStager | None = None
-        self._graph_pool: tuple[int, int] | None = None
+        # torch's own name for what graph_pool_handle() returns (a NewType of tuple[int, int])
+        self._graph_pool: torch.cuda._POOL_HANDLE | None = None
         self._eager = BatchStager(block_size, model.device, max(1, max_num_tokens),
                                   max_num_seqs, max_num_seqs * 64)
 

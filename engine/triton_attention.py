@@ -258,7 +258,7 @@ if AVAILABLE:
         num_splits = tl.num_programs(2)
 
         # Sequence b = largest index with qsl[b] // block_q + b <= pid_q.
-        lo = 0
+        lo = 0  # type: tl.tensor  # (a tensor from the first tl.where; the JIT ignores comments)
         hi = num_seqs
         while lo < hi:
             mid = (lo + hi) // 2

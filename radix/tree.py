@@ -89,7 +89,7 @@ class Node:
         self.priority = 0  # higher is evicted later (pinned prefixes)
         self.hseq = [0] * num_tiers  # seq of this node's live heap entry per tier; 0 = none
         self.evictable = 0  # bit t set: evictable from tier t
-        self.depth = 0 if parent is None else parent.depth + 1
+        self.depth: int = 0 if parent is None else parent.depth + 1
         self.uses = 1  # accesses since creation (creation counts)
         self.score = _NO_SCORE  # per tier: key of an aged order (made on first access)
 
@@ -385,7 +385,9 @@ class RadixTree:
                 self._locked += 1
                 if node.evictable:
                     self._refresh(node)
-            node = node.parent  # type: ignore[assignment]
+            parent = node.parent
+            assert parent is not None  # every node below the root has a parent
+            node = parent
 
     def unlock(self, node: Node) -> None:
         """Undo one :meth:`lock` of ``node``. O(depth)."""
@@ -407,10 +409,10 @@ class RadixTree:
             return
         if old.refs <= 0:
             raise ValueError(f"relock from a node that is not locked: {old!r}")
-        node = new
-        while node is not None and node is not old and node.depth > old.depth:
-            node = node.parent
-        if node is not old:
+        walk: Node | None = new
+        while walk is not None and walk is not old and walk.depth > old.depth:
+            walk = walk.parent
+        if walk is not old:
             self.lock(new)
             self.unlock(old)
             return
@@ -423,7 +425,9 @@ class RadixTree:
                 self._locked += 1
                 if node.evictable:
                     self._refresh(node)
-            node = node.parent  # type: ignore[assignment]
+            parent = node.parent
+            assert parent is not None  # old is an ancestor of new (found above)
+            node = parent
 
     def set_priority(self, node: Node, priority: int) -> None:
         """Eviction priority of ``node``: higher is evicted later (pin a system prompt)."""
@@ -545,7 +549,9 @@ class RadixTree:
                 self._refresh(node)
                 if node.nloc == 0 and not node.children and hollow is None:
                     hollow = node
-            node = node.parent  # type: ignore[assignment]
+            parent = node.parent
+            assert parent is not None  # every node below the root has a parent
+            node = parent
         if hollow is not None:
             self._prune(hollow)
 

@@ -362,7 +362,7 @@ def decode_block(blob: bytes | memoryview, expected_key: bytes | None = None,
                  shape=facts.shape, payload=checked.payload.toreadonly())
 
 
-def verify_block(blob: bytes, key: bytes) -> bool:
+def verify_block(blob: bytes | memoryview, key: bytes) -> bool:
     """True when ``blob`` decodes to a verified block whose key is ``key``; never raises.
 
     Runs every check of :func:`decode_block` without building the :class:`Block`.

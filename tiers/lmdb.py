@@ -138,7 +138,7 @@ class _Txn:
     """The state one write transaction works on: handles, the running byte count, the
     keys it placed and evicted, and the damaged records it removed."""
 
-    def __init__(self, txn: lmdb.Transaction, tier: LMDBTier) -> None:
+    def __init__(self, txn: lmdb.Transaction[bytes], tier: LMDBTier) -> None:
         self.txn = txn
         self.blocks, self.index, self.lru = tier._blocks, tier._index, tier._lru
         self.placed: set[bytes] = set()

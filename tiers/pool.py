@@ -135,7 +135,7 @@ def _alloc_pinned(nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     offset = (-owner.data_ptr()) % _PAGE_BYTES
     # A tensor whose storage starts at the aligned address, so is_pinned() (which asks
     # about the storage base) sees the registered range; it keeps `owner` alive.
-    buffer = torch.frombuffer(memoryview(owner.numpy())[offset:offset + reg_bytes],
+    buffer = torch.frombuffer(owner.numpy().data[offset:offset + reg_bytes],
                               dtype=torch.uint8)
     try:
         rc = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), reg_bytes, 0)
@@ -427,7 +427,7 @@ class SlotPool:
         (s,) = self._check_allocated((slot,), "to_bytes")
         if self._np_u8 is not None:
             return memoryview(self._np_u8[s]).toreadonly()
-        return memoryview(self._flat_u8[s].cpu().numpy()).toreadonly()
+        return self._flat_u8[s].cpu().numpy().data.toreadonly()
 
     def from_bytes(self, slot: int, data: bytes | bytearray | memoryview) -> None:
         """Overwrite one allocated slot with ``block_bytes`` raw bytes in layout order.

@@ -55,7 +55,7 @@ from urllib.parse import parse_qsl, unquote
 
 import redis
 from redis.backoff import NoBackoff
-from redis.connection import AbstractConnection
+from redis.connection import Connection
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import MovedError, RedisError, ResponseError
 from redis.retry import Retry
@@ -195,7 +195,7 @@ def _parser_options() -> dict[str, Any]:
     if _RESP2Parser is None or not hasattr(_RESP2Parser, "on_connect"):
         return {}
 
-    class _DirectSocketBuffer(SocketBuffer):  # type: ignore[misc,valid-type]
+    class _DirectSocketBuffer(SocketBuffer):
         def read(self, length: int, timeout: Any = SENTINEL) -> bytes:
             want = length + 2  # the value and its CRLF
             if want <= _DIRECT_READ_BYTES or timeout is not SENTINEL:
@@ -218,9 +218,10 @@ def _parser_options() -> dict[str, Any]:
                 raise redis.exceptions.TimeoutError("Timeout reading from socket") from None
             return bytes(view[:length])
 
-    class _DirectRESP2Parser(_RESP2Parser):  # type: ignore[misc,valid-type]
+    class _DirectRESP2Parser(_RESP2Parser):
         def on_connect(self, connection: Any) -> None:
             super().on_connect(connection)
+            assert self._sock is not None  # set from the connected connection just above
             self._buffer = _DirectSocketBuffer(self._sock, self.socket_read_size,
                                                connection.socket_timeout)
 
@@ -534,14 +535,14 @@ class RedisTier:
         return [] if conn is None else self._receive(node, idxs, conn, out)
 
     def _send(self, node: _Node, idxs: list[int],
-              cmd: Callable[[int], tuple[Any, ...]]) -> AbstractConnection | None:
+              cmd: Callable[[int], tuple[Any, ...]]) -> Connection | None:
         """Send one node's commands in one write, guarded by its breaker. Returns the
         connection to read the replies from, or ``None`` (short-circuited or failed)."""
         if not node.breaker.allow():
             self._bump("short_circuited")
             return None
         pool = node.client.connection_pool
-        conn: AbstractConnection | None = None
+        conn: Connection | None = None
         try:
             conn = pool.get_connection()
             conn.send_packed_command(conn.pack_commands([cmd(i) for i in idxs]))
@@ -553,7 +554,7 @@ class RedisTier:
             return None
         return conn
 
-    def _receive(self, node: _Node, idxs: list[int], conn: AbstractConnection,
+    def _receive(self, node: _Node, idxs: list[int], conn: Connection,
                  out: list[Any]) -> list[tuple[int, _Node, MovedError]]:
         """Read one node's replies into ``out``; release the connection. Returns the
         commands answered ``MOVED``."""
