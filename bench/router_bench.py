@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.servers import RedisServer
-from kvstore.process import die_with_parent
 from kvstore.args import add_out_argument, plain_text
+from kvstore.process import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"listening on (http://[0-9.]+:[0-9]+)")
