@@ -312,10 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-requests", type=int, default=256,
                    help="throughput: requests (default: %(default)s)")
     p.add_argument("--requests-file", default=None,
-                   help="JSON list of {prompt: [ids], output_len: n} instead of ShareGPT")
+                   help="JSON list of {prompt: [ids], output_len: n} instead of ShareGPT "
+                        "(default: none)")
     p.add_argument("--save-requests", default=None, metavar="FILE",
                    help="write the ShareGPT-like requests to FILE (for a machine without "
-                        "the dataset) and exit")
+                        "the dataset) and exit (default: none)")
     p.add_argument("--models", nargs="+", default=["smollm2", "llama3-8b"],
                    choices=["smollm2", "llama3-8b"],
                    help="throughput: models (default: smollm2 llama3-8b)")

@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "present, else cpu)")
     p.add_argument("--replica-arg", action="append", default=None, metavar="ARG",
                    help="flag passed to the replica verbatim, e.g. --replica-arg=--model=smollm2 "
-                        "(repeatable)")
+                        "(repeatable; default: none)")
     p.add_argument("--startup-timeout", type=float, default=900.0, metavar="SECONDS",
                    help="replica start (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,

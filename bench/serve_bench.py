@@ -783,7 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = p.add_argument_group("server (started once per configuration)")
     srv.add_argument("--url", default=None,
                      help="benchmark this running server instead of starting any "
-                          "(--configs and the size/model flags are then ignored)")
+                          "(--configs and the size/model flags are then ignored; default: "
+                          "none)")
     srv.add_argument("--configs", default="gpu,gpu+host,gpu+host+disk,off",
                      help="comma-separated configurations to compare, run in this order "
                           "(default: %(default)s, plus gpu+host+disk+redis when --redis is "
@@ -816,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_hidden_alias(srv, "--disk-kv-bytes", "disk_bytes", type=size_arg, metavar="SIZE")
     add_hidden_alias(srv, "--disk-dir", "disk", metavar="PATH")
     srv.add_argument("--redis", default=None, metavar="URL",
-                     help="Redis URL for the gpu+host+disk+redis configuration")
+                     help="Redis URL for the gpu+host+disk+redis configuration (default: none)")
     srv.add_argument("--policy", default="write-back", choices=["write-back", "write-through"],
                      help="the servers' tier policy (default: %(default)s)")
     srv.add_argument("--max-num-seqs", type=int, default=64,
@@ -825,7 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kvstore serve --max-num-batched-tokens (default: %(default)s)")
     srv.add_argument("--server-arg", action="append", default=None, metavar="ARG",
                      help="extra argument for every kvstore serve (repeatable; use "
-                          "--server-arg=--flag)")
+                          "--server-arg=--flag; default: none)")
     srv.add_argument("--startup-timeout", type=float, default=900.0, metavar="SECONDS",
                      help="how long a server may take to come up (default: %(default)s)")
     srv.add_argument("--model-cache-dir", default=None, help=argparse.SUPPRESS)
@@ -846,7 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens generated per request (EOS ignored; default: 64; sharegpt "
                          "and mooncake: the data's reply length, capped by this when given)")
     wl.add_argument("--system-tokens", type=int, default=0,
-                    help="multiturn: a system prompt shared by every conversation (default "
+                    help="multiturn: a system prompt shared by every conversation (default: "
                          "0); shared-prefix: each group's system prompt (default: 2048 there)")
     wl.add_argument("--conversations", type=int, default=200,
                     help="sharegpt: conversations (default: %(default)s)")
@@ -871,7 +872,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "times unless given)")
     arr.add_argument("--request-rate", type=float, default=None,
                      help="open loop: Poisson arrivals at this many requests a second "
-                          "(a conversation's next round still waits for its previous one)")
+                          "(a conversation's next round still waits for its previous one; "
+                          "default: none, closed loop)")
     arr.add_argument("--request-timeout", type=float, default=1800.0, metavar="SECONDS",
                      help="give up on a request silent this long (default: %(default)s)")
     arr.add_argument("--warmup", type=int, default=4,

@@ -425,7 +425,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated prefix lengths in tokens; 'max' is the longest the "
                         "model takes (default: 1000,4000,8000,max on CUDA; 256,1024 on CPU)")
     p.add_argument("--redis", default=None, metavar="URL",
-                   help="also measure hits from this Redis (redis://host:port)")
+                   help="also measure hits from this Redis, redis://host:port "
+                        "(default: none)")
     p.add_argument("--disk", default=None, metavar="PATH",
                    help="parent directory of the LMDB disk tier (default: the system temp "
                         "directory)")

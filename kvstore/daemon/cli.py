@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "namespace (default: none)")
     tiers.add_argument("--disk-bytes", type=size_arg, default=0, metavar="SIZE",
                        help="capacity of each namespace's LMDB environment (needed with "
-                            "--disk)")
+                            "--disk; default: none)")
     tiers.add_argument("--redis", metavar="URL", default=None,
                        help="Redis tier: redis://host:port/db, rediss://..., or "
                             "redis+cluster://host:port,host:port (default: none)")
