@@ -187,8 +187,10 @@ def test_cli_text_json_and_errors(capsys):
     assert [t["fraction"] for t in data["tiers"]["host"]] == [0.9, 0.95, 0.99]
     assert kp.main(["--model", "nope", "--context", "10"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
-    assert kp.main(["--model", "smollm2", "--dtype", "fp4", "--context", "10"]) == 2
-    assert "unknown dtype" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one line, status 2
+        kp.main(["--model", "smollm2", "--dtype", "fp4", "--context", "10"])
+    assert exit_info.value.code == 2
+    assert "argument --dtype: invalid choice: 'fp4'" in capsys.readouterr().err
     assert kp.main(["--model", "smollm2", "--context", "100000"]) == 2
     assert "exceeds the model's context of 8192" in capsys.readouterr().err
 
