@@ -124,6 +124,14 @@ def test_every_long_running_command_has_log_level(parsers):
         assert action.default in LOG_LEVELS
 
 
+def test_the_services_listen_with_the_same_flags(parsers):
+    for name in ("serve", "daemon", "router"):
+        for flag in ("--host", "--port", "--shutdown-timeout"):
+            assert _action(parsers[name], flag) is not None, (name, flag)
+    assert _action(parsers["serve"], "--api-key").metavar \
+        == _action(parsers["router"], "--api-key").metavar
+
+
 def test_dtype_and_device_are_one_flag_everywhere(parsers):
     for name, parser in parsers.items():
         dtype = _action(parser, "--dtype")
