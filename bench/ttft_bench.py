@@ -107,9 +107,9 @@ class Sweep:
         # One model for every store, learning from every run; "forced" rows switch its
         # decisions off (every hit is loaded) and it keeps learning.
         self.learned = CostModel(bb, 16)
-        sched = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=args.max_batched_tokens)
+        sched = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=args.max_num_batched_tokens)
         cold_sched = SchedulerConfig(max_num_seqs=4,
-                                     max_num_batched_tokens=args.max_batched_tokens,
+                                     max_num_batched_tokens=args.max_num_batched_tokens,
                                      enable_cache=False)
         dev = device.type
         common = dict(layout=self.layout, block_size=16, device=dev, policy="write-back",
@@ -434,7 +434,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="threads of the shared-tier load pipeline (default: %(default)s)")
     p.add_argument("--load-batch-bytes", type=size_arg, default=16 << 20, metavar="SIZE",
                    help="bytes one load worker reads and copies at a time (default: 16MiB)")
-    p.add_argument("--max-batched-tokens", type=int, default=16384,
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384,
                    help="engine token budget per step (default: %(default)s, one prefill "
                         "step)")
     p.add_argument("--seed", type=int, default=0,

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DEPRECATED = ("--host-blocks", "--memory-bytes", "--host-kv-bytes", "--disk-kv-bytes",
               "--disk-dir", "--gpu-kv", "--host-kv", "--out-dir", "--dir", "--host-memory",
-              "--cpu-pool-blocks", "--load-batch-mib", "--gpu-blocks", "--memory")
+              "--cpu-pool-blocks", "--load-batch-mib", "--gpu-blocks", "--memory",
+              "--max-batched-tokens")
 """Old spellings: some still parse as hidden aliases, none may be shown."""
 LONG_RUNNING = ("chat", "serve", "daemon", "router")
 WRITES_FILES = ("hit-rate", "engine", "attention", "serve", "router")
