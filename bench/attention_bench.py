@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from kvstore.args import dtype_arg
+from kvstore.args import add_out_argument, dtype_arg, plain_text
 
 BLOCK_SIZE = 16
 NUM_LAYERS = 2  # the bench reads layer 1: strided per-layer views as in the engine
@@ -334,25 +334,38 @@ def print_table(rows: list[Row], copy_gbs: float, read_gbs: float, mm_tflops: fl
               f"{fmt(r.tflops(r.base_ms), '9.1f'):>9}  {r.base_name} / {r.config}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``kvstore bench attention``; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="kvstore bench attention", description=__doc__,
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kvstore bench attention`` argument parser."""
+    parser = argparse.ArgumentParser(prog="kvstore bench attention",
+                                     description=plain_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="smollm2,llama3-8b",
-                        help=f"comma list of {sorted(SHAPES)}")
+                        help=f"comma list of {', '.join(sorted(SHAPES))} "
+                             "(default: %(default)s)")
     parser.add_argument("--cases", default="decode,prefill,mixed",
-                        help="comma list of decode, prefill, mixed")
-    parser.add_argument("--batches", default="64,256", help="decode batch sizes")
-    parser.add_argument("--contexts", default="1024,4096", help="decode context lengths")
-    parser.add_argument("--prompt", type=int, default=2048, help="prefill prompt tokens")
-    parser.add_argument("--prefix", type=int, default=2048, help="cached prefix tokens")
+                        help="comma list of decode, prefill, mixed (default: %(default)s)")
+    parser.add_argument("--batches", default="64,256",
+                        help="decode batch sizes (default: %(default)s)")
+    parser.add_argument("--contexts", default="1024,4096",
+                        help="decode context lengths (default: %(default)s)")
+    parser.add_argument("--prompt", type=int, default=2048,
+                        help="prefill prompt tokens (default: %(default)s)")
+    parser.add_argument("--prefix", type=int, default=2048,
+                        help="cached prefix tokens (default: %(default)s)")
     parser.add_argument("--dtype", type=dtype_arg, default="bfloat16",
                         metavar="{bfloat16,float16}",
                         help="KV and query dtype; bf16, fp16 are aliases (default: %(default)s)")
-    parser.add_argument("--iters", type=int, default=20, help="timed graph replays")
+    parser.add_argument("--iters", type=int, default=20,
+                        help="timed graph replays (default: %(default)s)")
     parser.add_argument("--tune", action="store_true",
                         help="also time alternative kernel configurations")
-    parser.add_argument("--json", default=None, help="write every number to this file")
+    add_out_argument(parser, "attention", "attention.json, every number measured")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kvstore bench attention``; returns the process exit code."""
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from engine import triton_attention as ta
@@ -409,9 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(run_case("mixed 512@1k + 63 dec@2k", case, args.iters, False,
                                  "prefill", log))
     print_table(rows, copy_gbs, read_gbs, mm)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(log, f, indent=1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "attention.json"
+    path.write_text(json.dumps(log, indent=1))
+    print(f"wrote {path}")
     return 0
 
 

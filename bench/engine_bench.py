@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bench import ttft_bench
+from kvstore.args import SIZE_HELP, add_device_argument, add_dtype_argument, add_out_argument
 
 
 def sharegpt_requests(n: int, tokenizer, max_input: int, max_output: int) -> list[tuple[list[int], int]]:
@@ -295,29 +296,32 @@ def _num(value: float | None, fmt: str = ".0f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{fmt}}{suffix}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvstore bench engine",
         description="Engine TTFT, cold vs cached from each tier, and (on CUDA) offline "
                     "throughput next to transformers generate in the same run.")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="TTFT part: weights and KV dtype (default: bfloat16 on CUDA, "
-                        "float32 on CPU)")
-    p.add_argument("--repeat", type=int, default=3, help="TTFT runs per row (median; "
-                                                          "default 3)")
+    add_device_argument(p)
+    add_dtype_argument(p, "TTFT part: weights and KV dtype (default: bfloat16 on CUDA, "
+                          "float32 on CPU)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="TTFT runs per row (median; default: %(default)s)")
     p.add_argument("--throughput", action="store_true",
                    help="also run the throughput comparison (needs CUDA)")
     p.add_argument("--no-ttft", action="store_true", help="skip the TTFT part")
-    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--num-requests", type=int, default=256,
+                   help="throughput: requests (default: %(default)s)")
     p.add_argument("--requests-file", default=None,
-                   help="JSON list of {prompt: [ids], output_len: n} instead of ShareGPT")
+                   help="JSON list of {prompt: [ids], output_len: n} instead of ShareGPT "
+                        "(default: none)")
     p.add_argument("--save-requests", default=None, metavar="FILE",
                    help="write the ShareGPT-like requests to FILE (for a machine without "
-                        "the dataset) and exit")
+                        "the dataset) and exit (default: none)")
     p.add_argument("--models", nargs="+", default=["smollm2", "llama3-8b"],
-                   choices=["smollm2", "llama3-8b"])
-    p.add_argument("--hf-batch", type=int, default=64, help="transformers static batch size")
+                   choices=["smollm2", "llama3-8b"],
+                   help="throughput: models (default: smollm2 llama3-8b)")
+    p.add_argument("--hf-batch", type=int, default=64,
+                   help="transformers static batch size (default: %(default)s)")
     p.add_argument("--no-hf", action="store_true",
                    help="throughput: skip the transformers baseline")
     p.add_argument("--compare-eager", action="store_true",
@@ -326,10 +330,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="profile decode steps (host time, GPU busy time, kernels, top ops "
                         "and Python functions) instead of the other parts (needs CUDA)")
     p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
-                   help="--profile: the engine's CUDA-graph switch (default auto)")
-    p.add_argument("--out-dir", default=None, help="--profile: write full tables here")
+                   help="--profile: the engine's CUDA-graph switch (default: %(default)s)")
+    add_out_argument(p, "engine", "--profile's full tables")
     p.add_argument("--model-cache-dir", default=None, help=argparse.SUPPRESS)
     ttft_bench.add_arguments(p)
+    p.epilog = SIZE_HELP + "."
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if not 1 <= args.repeat <= 20:
         p.error("--repeat must be 1..20")
@@ -346,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.throughput or args.profile) and not torch.cuda.is_available():
         p.error("--throughput and --profile need a CUDA GPU")
     if args.profile:
-        profile_decode(args, Path(args.out_dir) if args.out_dir else None)
+        profile_decode(args, Path(args.out))
         return 0
     if not args.no_ttft:
         ttft_bench.run(args, _random_model)

@@ -55,6 +55,7 @@ from tqdm import tqdm
 from bench import workloads as wl
 from bench.baselines import FlatFIFOCache, InfiniteCache, gpu_only_store
 from bench.optimal import ReferenceString, optimal_split
+from kvstore.args import add_out_argument
 from kvstore.config import POLICIES, StoreConfig
 from kvstore.store import KVStore
 from radix.eviction import DEFAULT_KNEE_TOKENS, EVICTIONS
@@ -634,13 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small run: first 2000 trace requests, 200 conversations, 16x8 "
                         "generated prompts, 3 capacities")
     p.add_argument("--conversations", type=int, default=None,
-                   help="ShareGPT conversations to replay (default 2000; --quick 200)")
+                   help="ShareGPT conversations to replay (default: 2000; --quick: 200)")
     p.add_argument("--trace", type=Path, default=None,
                    help="Mooncake trace JSONL (default: ../shared/data beside the repo)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of arrival times and generated tokens (default 0)")
-    p.add_argument("--out", type=Path, default=Path("bench_out/hit_rate"),
-                   help="output directory for the CSV and PNG (default ./bench_out/hit_rate)")
+                   help="seed of arrival times and generated tokens (default: %(default)s)")
+    add_out_argument(p, "hit-rate", "hit_rate.csv and hit_rate.png")
     return p
 
 

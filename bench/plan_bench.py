@@ -7,7 +7,7 @@ of the real shape, built as in :mod:`bench.engine_bench`), on the local device:
    is made for them, with the plan's default efficiencies;
 2. **KV pool**: on CUDA the pool the engine can have is sized from the memory actually
    free once the weights are loaded (``total x utilization - used - the plan's
-   activation reserve``), next to the plan's pool; on CPU both use ``--cpu-pool-blocks``;
+   activation reserve``), next to the plan's pool; on CPU (or with ``--gpu-kv-bytes``) both use that pool;
 3. **largest batch**: sequences of ``--context`` tokens allocated in the engine's store
    until it is out of blocks; then one decode step of that batch runs (proving it fits in
    memory) and is timed;
@@ -34,6 +34,10 @@ import torch
 
 from bench.engine_bench import _random_model
 from kvstore import plan as kp
+from kvstore.args import SIZE_HELP, add_device_argument, size_arg
+
+CPU_POOL_BLOCKS = 256
+"""KV pool blocks on CPU without ``--gpu-kv-bytes`` (free memory is not measured there)."""
 
 
 @dataclass(frozen=True)
@@ -177,14 +181,17 @@ def bench_model(name: str, args: argparse.Namespace, dev: torch.device,
     chunk = args.chunk
     plan = kp.make_plan(name, cfg, dtype, args.context, args.batch, spec,
                         utilization=util, chunk=chunk)
-    if dev.type == "cuda":
+    if args.gpu_kv_bytes is not None:
+        measured_blocks = planned_blocks = max(1, args.gpu_kv_bytes
+                                               // plan.size.kv_bytes_per_block)
+    elif dev.type == "cuda":
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         pool_bytes = int(total * util) - (total - free) - plan.memory.activations
         measured_blocks = max(1, pool_bytes // plan.size.kv_bytes_per_block)
         planned_blocks = plan.memory.kv_pool_blocks
     else:
-        measured_blocks = planned_blocks = args.cpu_pool_blocks
+        measured_blocks = planned_blocks = CPU_POOL_BLOCKS
     planned_batch = planned_blocks // plan.memory.blocks_per_sequence
     engine = _engine(model, name, measured_blocks, max(args.batch, 64), chunk, dtype)
     if dev.type == "cuda":
@@ -236,31 +243,42 @@ def format_rows(name: str, rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    cuda = torch.cuda.is_available()
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvstore bench plan",
         description="kvstore plan's predictions (KV pool, largest batch, TTFT, decode step) "
                     "next to the engine's measurements on this device, for random-weight "
                     "models of real shapes.")
     p.add_argument("--models", nargs="+", default=None, choices=["smollm2", "llama3-8b"],
-                   help="default: smollm2 and llama3-8b on CUDA, smollm2 on CPU")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+                   help="model shapes (default: smollm2 and llama3-8b on CUDA, smollm2 on "
+                        "CPU)")
+    add_device_argument(p)
     p.add_argument("--context", type=int, default=None,
-                   help="tokens per sequence (default 2048 on CUDA, 64 on CPU)")
+                   help="tokens per sequence (default: 2048 on CUDA, 64 on CPU)")
     p.add_argument("--batch", type=int, default=None,
-                   help="the larger decode batch (default 64 on CUDA, 4 on CPU)")
-    p.add_argument("--steps", type=int, default=20, help="decode steps timed (default 20)")
-    p.add_argument("--repeat", type=int, default=3, help="TTFT prompts (median; default 3)")
+                   help="the larger decode batch (default: 64 on CUDA, 4 on CPU)")
+    p.add_argument("--steps", type=int, default=20,
+                   help="decode steps timed (default: %(default)s)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="TTFT prompts (median; default: %(default)s)")
     p.add_argument("--chunk", type=int, default=kp.MAX_NUM_BATCHED_TOKENS,
-                   help=f"prefill chunk, tokens a step (default {kp.MAX_NUM_BATCHED_TOKENS})")
+                   help="prefill chunk, tokens a step (default: %(default)s)")
     p.add_argument("--memory-utilization", type=float, default=kp.MEMORY_UTILIZATION,
-                   help=f"fraction of GPU memory for the engine (default "
-                        f"{kp.MEMORY_UTILIZATION})")
-    p.add_argument("--cpu-pool-blocks", type=int, default=256,
-                   help="CPU: KV pool blocks (default 256)")
+                   help="fraction of GPU memory for the engine (default: %(default)s)")
+    p.add_argument("--gpu-kv-bytes", type=size_arg, default=None, metavar="SIZE",
+                   help="KV pool on the device, for both the plan and the engine (default: "
+                        f"on CUDA sized from the free memory; on CPU {CPU_POOL_BLOCKS} "
+                        "blocks)")
     p.add_argument("--gpu", default=None,
-                   help="plan with this table GPU instead of the measured ceilings")
+                   help="plan with this table GPU instead of the measured ceilings "
+                        "(default: none)")
+    p.epilog = SIZE_HELP + "."
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cuda = torch.cuda.is_available()
+    p = build_parser()
     args = p.parse_args(argv)
     dev = torch.device(args.device or ("cuda" if cuda else "cpu"))
     if dev.type == "cuda" and not cuda:

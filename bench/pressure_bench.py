@@ -4,12 +4,12 @@ Run: ``kvstore bench pressure`` (``--help``). ``--clients`` clients each run ``-
 rounds; a round's prompt is the client's whole history (previous prompts and replies)
 plus ``--new-tokens`` new random tokens, and generates ``--output-tokens`` tokens (EOS
 ignored). A client sends its next round as soon as its previous one finished. The live
-KV outgrows the GPU pool (``--gpu-kv``, bytes), which is where a tiered store earns its
+KV outgrows the GPU pool (``--gpu-kv-bytes``), which is where a tiered store earns its
 keep. One invocation runs, on the same model and workload:
 
 - ``off``: prefix reuse off (every prompt computed in full), the baseline;
 - ``gpu``: prefix reuse from the GPU pool only;
-- ``host``: the GPU pool plus a host DRAM tier (``--host-kv``, bytes).
+- ``host``: the GPU pool plus a host DRAM tier (``--host-bytes``).
 
 Per configuration it prints wall time, TTFT p50/p90, requests/s, preemptions per
 request, store lookups and tokens looked up but missed, and the tokens fed through the
@@ -34,6 +34,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from kvstore.args import SIZE_HELP, add_device_argument, size_arg
+from kvstore.units import parse_size
 
 CONFIGS = ("off", "gpu", "host")
 LABELS = {"off": "cache off", "gpu": "GPU only", "host": "GPU + host"}
@@ -111,8 +114,8 @@ def _engine(model, config: str, args: argparse.Namespace):
     dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16",
              torch.float32: "float32"}[model.dtype]
     layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, 16, dtype)
-    gpu_blocks = args.gpu_kv // layout.block_bytes
-    host_blocks = args.host_kv // layout.block_bytes if config == "host" else 0
+    gpu_blocks = args.gpu_kv_bytes // layout.block_bytes
+    host_blocks = args.host_bytes // layout.block_bytes if config == "host" else 0
     store = KVStore(StoreConfig(layout=layout, gpu_blocks=gpu_blocks, host_blocks=host_blocks,
                                 device=str(model.device)))
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs,
@@ -248,40 +251,49 @@ def print_table(results: list[Result]) -> None:
           "through the model; needed = prompt tokens no tier served + generated tokens fed back.")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from kvstore.units import parse_size
-
-    cuda = torch.cuda.is_available()
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvstore bench pressure",
         description="Closed-loop multi-turn clients over a GPU KV pool smaller than the live "
                     "KV: cache off vs GPU only vs GPU + host tier, in one run. Defaults depend "
                     "on the device (CUDA: the Llama-3-8B workload of the scheduling issue; "
                     "CPU: SmolLM2, tiny).")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    add_device_argument(p)
     p.add_argument("--model", choices=["smollm2", "llama3-8b"], default=None,
                    help="model shape (default: llama3-8b on CUDA, smollm2 on CPU)")
     p.add_argument("--weights", choices=["random", "real"], default=None,
                    help="random weights of the shape, or SmolLM2's real weights "
                         "(default: random on CUDA, real on CPU)")
-    p.add_argument("--clients", type=int, default=None, help="concurrent clients (32 / 4)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds per client (6 / 3)")
+    p.add_argument("--clients", type=int, default=None,
+                   help="concurrent clients (default: 32 on CUDA, 4 on CPU)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds per client (default: 6 on CUDA, 3 on CPU)")
     p.add_argument("--new-tokens", type=int, default=None,
-                   help="new tokens appended to the history each round (1000 / 96)")
+                   help="new tokens appended to the history each round (default: 1000 on "
+                        "CUDA, 96 on CPU)")
     p.add_argument("--output-tokens", type=int, default=None,
-                   help="tokens generated each round (32 / 8)")
-    p.add_argument("--gpu-kv", default=None,
-                   help="GPU KV pool size in bytes, e.g. 8GB, 40MiB (8GB / 24MB)")
-    p.add_argument("--host-kv", default=None,
-                   help="host KV tier size in bytes for the 'host' configuration (24GB / 64MB)")
+                   help="tokens generated each round (default: 32 on CUDA, 8 on CPU)")
+    p.add_argument("--gpu-kv-bytes", type=size_arg, default=None, metavar="SIZE",
+                   help="KV pool on the device (default: 8GB on CUDA, 24MB on CPU)")
+    p.add_argument("--host-bytes", type=size_arg, default=None, metavar="SIZE",
+                   help="host DRAM tier of the 'host' configuration (default: 24GB on CUDA, "
+                        "64MB on CPU)")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
-                   help="configurations to run: off (cache off), gpu, host (default all)")
+                   help="configurations to run: off (cache off), gpu, host (default: all)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="scheduler batch limit in sequences (default: --clients)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="scheduler token budget per step (8192 / 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the new tokens")
+                   help="scheduler token budget per step (default: 8192 on CUDA, 256 on CPU)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the new tokens (default: %(default)s)")
     p.add_argument("--model-cache-dir", default=None, help=argparse.SUPPRESS)
+    p.epilog = SIZE_HELP + "."
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cuda = torch.cuda.is_available()
+    p = build_parser()
     args = p.parse_args(argv)
     dev = torch.device(args.device or ("cuda" if cuda else "cpu"))
     if dev.type == "cuda" and not cuda:
@@ -291,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     weights="random" if on_gpu else "real",
                     clients=32 if on_gpu else 4, rounds=6 if on_gpu else 3,
                     new_tokens=1000 if on_gpu else 96, output_tokens=32 if on_gpu else 8,
-                    gpu_kv="8GB" if on_gpu else "24MB", host_kv="24GB" if on_gpu else "64MB",
+                    gpu_kv_bytes=parse_size("8GB" if on_gpu else "24MB"),
+                    host_bytes=parse_size("24GB" if on_gpu else "64MB"),
                     max_num_batched_tokens=8192 if on_gpu else 256)
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -302,11 +315,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               "max_num_batched_tokens"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
-    try:
-        args.gpu_kv = parse_size(args.gpu_kv)
-        args.host_kv = parse_size(args.host_kv)
-    except ValueError as exc:
-        p.error(str(exc))
     wl = Workload(args.clients, args.rounds, args.new_tokens, args.output_tokens, args.seed)
     model = _model(args, dev)
     from tiers.layout import KVLayout
@@ -318,13 +326,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if longest >= mc.max_context_len:
         p.error(f"the last round's prompt ({longest} tokens) exceeds the model's context "
                 f"({mc.max_context_len}); lower --rounds or --new-tokens")
-    if args.gpu_kv // block < 1:
-        p.error(f"--gpu-kv holds no block (one block is {block} bytes)")
+    if args.gpu_kv_bytes // block < 1:
+        p.error(f"--gpu-kv-bytes holds no block (one block is {block} bytes)")
     final_kv = wl.clients * longest * block // 16
     print(f"{args.model} ({args.weights} weights, {dtype}) on {dev.type}: {wl.clients} clients x "
           f"{wl.rounds} rounds, {wl.new_tokens} new tokens a round, {wl.output_tokens} output "
-          f"tokens; GPU KV {args.gpu_kv / 1e9:.3g} GB ({args.gpu_kv // block} blocks), host "
-          f"{args.host_kv / 1e9:.3g} GB ({args.host_kv // block} blocks); live KV at the end "
+          f"tokens; GPU KV {args.gpu_kv_bytes / 1e9:.3g} GB ({args.gpu_kv_bytes // block} blocks), host "
+          f"{args.host_bytes / 1e9:.3g} GB ({args.host_bytes // block} blocks); live KV at the end "
           f"{final_kv / 1e9:.3g} GB")
     results = [run_config(model, c, wl, args) for c in args.configs]
     print()

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.batch import AttentionBatch, build_batch
+from kvstore.args import add_device_argument, add_dtype_argument
 from tiers import quant
 
 
@@ -196,21 +197,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Next-token top-1 agreement, KL divergence and greedy agreement of "
                     "SmolLM2 with a prefix's KV from an int8 / fp8 tier against exact KV, "
                     "over real ShareGPT prompts.")
-    p.add_argument("--prompts", type=int, default=64, help="ShareGPT prompts (default 64)")
+    p.add_argument("--prompts", type=int, default=64, help="ShareGPT prompts (default: 64)")
     p.add_argument("--suffix", type=int, default=32,
                    help="prompt tokens computed after the cached prefix; every one is a "
-                        "compared position (default 32)")
+                        "compared position (default: 32)")
     p.add_argument("--min-prefix", type=int, default=128,
-                   help="shortest cached prefix, tokens (default 128)")
+                   help="shortest cached prefix, tokens (default: 128)")
     p.add_argument("--max-tokens", type=int, default=1024,
-                   help="longest prompt, tokens (older turns dropped; default 1024)")
+                   help="longest prompt, tokens (older turns dropped; default: 1024)")
     p.add_argument("--greedy-tokens", type=int, default=32,
-                   help="greedy tokens compared per prompt (default 32)")
+                   help="greedy tokens compared per prompt (default: 32)")
     p.add_argument("--formats", default="int8,fp8",
-                   help="comma-separated formats (default int8,fp8)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    p.add_argument("--dtype", default=None,
-                   help="model and exact KV dtype (default bfloat16 on CUDA, float32 on CPU)")
+                   help="comma-separated formats (default: int8,fp8)")
+    add_device_argument(p)
+    add_dtype_argument(p, "model and exact KV dtype (default: bfloat16 on CUDA, float32 on "
+                          "CPU)")
     p.add_argument("--model-cache-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]

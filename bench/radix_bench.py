@@ -168,20 +168,32 @@ def print_table(results: list[Result]) -> None:
         print(f"{r.name:<64} {r.ours_ms:8.2f}ms {base:>10} {ratio:>8}  {r.target:<12} {r.baseline}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kvstore bench radix`` argument parser."""
     p = argparse.ArgumentParser(
         prog="kvstore bench radix",
         description="Benchmark block hashing, prefix match and eviction of the radix index, "
                     "each next to its baseline measured in the same run.")
-    p.add_argument("--tokens", type=int, default=128 * 1024, help="prompt length in tokens (default 128k)")
-    p.add_argument("--tree-blocks", type=int, default=1_000_000, help="blocks in the tree (default 1M)")
-    p.add_argument("--leaves", type=int, default=100_000, help="leaves in the tree (default 100k)")
-    p.add_argument("--evict", type=int, default=10_000, help="blocks to evict (default 10k)")
+    p.add_argument("--tokens", type=int, default=128 * 1024,
+                   help="prompt length in tokens (default: %(default)s; --quick: 16384)")
+    p.add_argument("--tree-blocks", type=int, default=1_000_000,
+                   help="blocks in the tree (default: %(default)s; --quick: 50000)")
+    p.add_argument("--leaves", type=int, default=100_000,
+                   help="leaves in the tree (default: %(default)s; --quick: 5000)")
+    p.add_argument("--evict", type=int, default=10_000,
+                   help="blocks to evict (default: %(default)s; --quick: 1000)")
     p.add_argument("--evict-batch", type=int, default=100,
-                   help="blocks evicted per call, as a scheduler frees space (default 100)")
-    p.add_argument("--repeat", type=int, default=9, help="repetitions per timing (best of)")
+                   help="blocks evicted per call, as a scheduler frees space "
+                        "(default: %(default)s)")
+    p.add_argument("--repeat", type=int, default=9,
+                   help="repetitions per timing, best of (default: %(default)s; --quick: 3)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.tree_blocks, args.leaves, args.evict = 16 * 1024, 50_000, 5_000, 1_000

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.servers import RedisServer
+from kvstore.args import add_out_argument, plain_text
 from kvstore.process import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -373,21 +374,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="The router's per-request overhead: requests straight to a replica and "
                     "through `kvstore router`, interleaved at one rate. (Routing policies "
                     "are compared by `kvstore bench serve --replicas N --policies ...`.)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=plain_text(__doc__))
     p.add_argument("--rate", type=float, default=100.0,
                    help="requests a second, Poisson arrivals (default: %(default)s)")
     p.add_argument("--duration", type=float, default=10.0, metavar="SECONDS",
                    help="how long (default: %(default)s)")
-    p.add_argument("--device", dest="devices", default=None,
-                   help="the replica's device, cuda or cpu (default: cuda if present)")
+    p.add_argument("--device", dest="devices", default=None, metavar="DEVICE",
+                   help="the replica's device: cuda, cuda:N or cpu (default: cuda when "
+                        "present, else cpu)")
     p.add_argument("--replica-arg", action="append", default=None, metavar="ARG",
                    help="flag passed to the replica verbatim, e.g. --replica-arg=--model=smollm2 "
-                        "(repeatable)")
+                        "(repeatable; default: none)")
     p.add_argument("--startup-timeout", type=float, default=900.0, metavar="SECONDS",
                    help="replica start (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="router_bench_out", metavar="DIR",
-                   help="logs and JSON (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the arrivals (default: %(default)s)")
+    add_out_argument(p, "router", "the logs and the JSON")
     return p
 
 

@@ -60,7 +60,14 @@ from typing import Any
 import numpy as np
 
 from bench import router_bench
-from kvstore.units import format_size, parse_size
+from kvstore.args import (
+    add_device_argument,
+    add_dtype_argument,
+    add_hidden_alias,
+    add_out_argument,
+    size_arg,
+)
+from kvstore.units import format_size
 
 CONFIGS = ("off", "gpu", "gpu+host", "gpu+host+disk", "gpu+host+disk+redis")
 """Server configurations ``--configs`` knows, in the order they are reported."""
@@ -746,30 +753,23 @@ _EPILOG = """\
 configurations (--configs, comma-separated; each starts its own kvstore serve):
   off                  prefix reuse off (every prompt computed)
   gpu                  the GPU KV pool only (--gpu-kv-bytes)
-  gpu+host             + pinned host DRAM (--host-kv-bytes)
-  gpu+host+disk        + LMDB on disk (--disk-kv-bytes, in --disk-dir)
+  gpu+host             + pinned host DRAM (--host-bytes)
+  gpu+host+disk        + LMDB on disk (--disk-bytes, in --disk)
   gpu+host+disk+redis  + Redis (--redis URL; use an empty Redis)
 
-sizes: 4096, 512MiB, 8GiB (powers of 1024) or 10GB (powers of 1000).
+sizes: 4096, 512MiB, 8GiB, 1.5G (powers of 1024) or 10GB (powers of 1000).
 
 examples (see docs/bench_serve.md):
   # quick CPU run with SmolLM2
   kvstore bench serve --device cpu --clients 4 --rounds 3 --new-tokens 64 \\
-      --output-tokens 8 --gpu-kv-bytes 64MiB --host-kv-bytes 256MiB --disk-kv-bytes 1GiB
+      --output-tokens 8 --gpu-kv-bytes 64MiB --host-bytes 256MiB --disk-bytes 1GiB
   # H200, Llama-3.1-8B shape with random weights
   kvstore bench serve --model llama3.1-8b --load-format dummy --clients 32 --rounds 10 \\
-      --new-tokens 2000 --output-tokens 64 --gpu-kv-bytes 16GiB --host-kv-bytes 48GiB \\
-      --disk-kv-bytes 48GiB --configs gpu,gpu+host,gpu+host+disk,off
+      --new-tokens 2000 --output-tokens 64 --gpu-kv-bytes 16GiB --host-bytes 48GiB \\
+      --disk-bytes 48GiB --configs gpu,gpu+host,gpu+host+disk,off
   # an already running server
   kvstore bench serve --url http://127.0.0.1:8000 --workload shared-prefix
 """
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -783,75 +783,78 @@ def build_parser() -> argparse.ArgumentParser:
     srv = p.add_argument_group("server (started once per configuration)")
     srv.add_argument("--url", default=None,
                      help="benchmark this running server instead of starting any "
-                          "(--configs and the size/model flags are then ignored)")
+                          "(--configs and the size/model flags are then ignored; default: "
+                          "none)")
     srv.add_argument("--configs", default="gpu,gpu+host,gpu+host+disk,off",
                      help="comma-separated configurations to compare, run in this order "
-                          "(default %(default)s, plus gpu+host+disk+redis when --redis is "
+                          "(default: %(default)s, plus gpu+host+disk+redis when --redis is "
                           "given); 'all' = every one")
     srv.add_argument("--model", default="smollm2",
                      help="kvstore serve --model: 'smollm2', a checkpoint directory, or with "
                           "--load-format dummy a shape (llama3-8b, llama3.1-8b, qwen2-7b, "
                           "mistral-7b, llama2-7b, qwen2-0.5b, smollm2) or a config.json "
-                          "(default %(default)s)")
+                          "(default: %(default)s)")
     srv.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
-                     help="dummy: random weights of the model's shape (default %(default)s)")
+                     help="dummy: random weights of the model's shape (default: %(default)s)")
     srv.add_argument("--tokenizer", default=None,
                      help="dummy weights only: 'none' (default) or 'smollm2' (the bench "
                           "sends token ids either way)")
-    srv.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    srv.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                     help="weights and KV dtype (default: bfloat16 on GPU, float32 on CPU)")
-    srv.add_argument("--gpu-kv-bytes", type=_size, default=None, metavar="SIZE",
+    add_device_argument(srv)
+    add_dtype_argument(srv, "weights and KV dtype (default: bfloat16 on GPU, float32 on CPU)")
+    srv.add_argument("--gpu-kv-bytes", type=size_arg, default=None, metavar="SIZE",
                      help="cap of the GPU KV pool, the same for every configuration "
                           "(default: the server's, half the free GPU memory); set it so the "
                           "workload's working set (printed first) is several times larger")
-    srv.add_argument("--host-kv-bytes", type=_size, default=16 << 30, metavar="SIZE",
+    srv.add_argument("--host-bytes", type=size_arg, default=16 << 30, metavar="SIZE",
                      help="host DRAM tier (pinned) of the +host configurations "
-                          "(default 16GiB)")
-    srv.add_argument("--disk-kv-bytes", type=_size, default=32 << 30, metavar="SIZE",
-                     help="LMDB disk tier of the +disk configurations (default 32GiB)")
-    srv.add_argument("--disk-dir", default=None, metavar="DIR",
+                          "(default: 16GiB)")
+    srv.add_argument("--disk-bytes", type=size_arg, default=32 << 30, metavar="SIZE",
+                     help="LMDB disk tier of the +disk configurations (default: 32GiB)")
+    srv.add_argument("--disk", default=None, metavar="PATH",
                      help="where the disk tier's fresh, per-configuration directories go "
                           "(default: the system temp dir); removed afterwards")
+    add_hidden_alias(srv, "--host-kv-bytes", "host_bytes", type=size_arg, metavar="SIZE")
+    add_hidden_alias(srv, "--disk-kv-bytes", "disk_bytes", type=size_arg, metavar="SIZE")
+    add_hidden_alias(srv, "--disk-dir", "disk", metavar="PATH")
     srv.add_argument("--redis", default=None, metavar="URL",
-                     help="Redis URL for the gpu+host+disk+redis configuration")
+                     help="Redis URL for the gpu+host+disk+redis configuration (default: none)")
     srv.add_argument("--policy", default="write-back", choices=["write-back", "write-through"],
-                     help="the servers' tier policy (default %(default)s)")
+                     help="the servers' tier policy (default: %(default)s)")
     srv.add_argument("--max-num-seqs", type=int, default=64,
-                     help="kvstore serve --max-num-seqs (default %(default)s)")
+                     help="kvstore serve --max-num-seqs (default: %(default)s)")
     srv.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                     help="kvstore serve --max-num-batched-tokens (default %(default)s)")
+                     help="kvstore serve --max-num-batched-tokens (default: %(default)s)")
     srv.add_argument("--server-arg", action="append", default=None, metavar="ARG",
                      help="extra argument for every kvstore serve (repeatable; use "
-                          "--server-arg=--flag)")
+                          "--server-arg=--flag; default: none)")
     srv.add_argument("--startup-timeout", type=float, default=900.0, metavar="SECONDS",
-                     help="how long a server may take to come up (default %(default)s)")
+                     help="how long a server may take to come up (default: %(default)s)")
     srv.add_argument("--model-cache-dir", default=None, help=argparse.SUPPRESS)
     router_bench.add_serve_arguments(p)
     wl = p.add_argument_group("workload")
     wl.add_argument("--workload", default="multiturn",
                     choices=["multiturn", "sharegpt", "mooncake", "shared-prefix"],
-                    help="what the clients send (module docstring; default %(default)s)")
+                    help="what the clients send (module docstring; default: %(default)s)")
     wl.add_argument("--clients", type=int, default=64,
-                    help="multiturn: concurrent conversations (default %(default)s)")
+                    help="multiturn: concurrent conversations (default: %(default)s)")
     wl.add_argument("--rounds", type=int, default=10,
                     help="multiturn: rounds per conversation; sharegpt: most turns kept "
-                         "(default %(default)s)")
+                         "(default: %(default)s)")
     wl.add_argument("--new-tokens", type=int, default=2000,
                     help="multiturn: tokens of each new user turn; shared-prefix: question "
-                         "tokens (default %(default)s)")
+                         "tokens (default: %(default)s)")
     wl.add_argument("--output-tokens", type=int, default=None,
-                    help="tokens generated per request (EOS ignored; default 64; sharegpt "
+                    help="tokens generated per request (EOS ignored; default: 64; sharegpt "
                          "and mooncake: the data's reply length, capped by this when given)")
     wl.add_argument("--system-tokens", type=int, default=0,
-                    help="multiturn: a system prompt shared by every conversation (default "
-                         "0); shared-prefix: each group's system prompt (default 2048 there)")
+                    help="multiturn: a system prompt shared by every conversation (default: "
+                         "0); shared-prefix: each group's system prompt (default: 2048 there)")
     wl.add_argument("--conversations", type=int, default=200,
-                    help="sharegpt: conversations (default %(default)s)")
+                    help="sharegpt: conversations (default: %(default)s)")
     wl.add_argument("--groups", type=int, default=16,
-                    help="shared-prefix: system prompts (default %(default)s)")
+                    help="shared-prefix: system prompts (default: %(default)s)")
     wl.add_argument("--prompts-per-group", type=int, default=16,
-                    help="shared-prefix: questions per system prompt (default %(default)s)")
+                    help="shared-prefix: questions per system prompt (default: %(default)s)")
     wl.add_argument("--trace", default=None, metavar="FILE",
                     help="mooncake: the trace (default: mooncake_conversation_trace.jsonl "
                          "in $KVSTORE_DATA or ../shared/data beside the repository)")
@@ -859,9 +862,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mooncake: the first N requests of the trace (default: all 12,031)")
     wl.add_argument("--time-scale", type=float, default=1.0,
                     help="mooncake: multiply the trace's arrival times by this (0.5 = twice "
-                         "as fast, 2 = half the rate; default %(default)s)")
+                         "as fast, 2 = half the rate; default: %(default)s)")
     wl.add_argument("--seed", type=int, default=0,
-                    help="seed of the random tokens and arrivals (default %(default)s)")
+                    help="seed of the random tokens and arrivals (default: %(default)s)")
     arr = p.add_argument_group("arrival")
     arr.add_argument("--max-parallel", type=int, default=None,
                      help="closed loop: this many requests in flight (default: --clients for "
@@ -869,15 +872,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "times unless given)")
     arr.add_argument("--request-rate", type=float, default=None,
                      help="open loop: Poisson arrivals at this many requests a second "
-                          "(a conversation's next round still waits for its previous one)")
+                          "(a conversation's next round still waits for its previous one; "
+                          "default: none, closed loop)")
     arr.add_argument("--request-timeout", type=float, default=1800.0, metavar="SECONDS",
-                     help="give up on a request silent this long (default %(default)s)")
+                     help="give up on a request silent this long (default: %(default)s)")
     arr.add_argument("--warmup", type=int, default=4,
-                     help="unmeasured warm-up requests per server (default %(default)s)")
+                     help="unmeasured warm-up requests per server (default: %(default)s)")
     out = p.add_argument_group("output")
-    out.add_argument("--out", default="serve_bench_out", metavar="DIR",
-                     help="where summary.csv, requests.csv, serve_bench.png and the server "
-                          "logs go (default %(default)s)")
+    add_out_argument(out, "serve", "summary.csv, requests.csv, serve_bench.png and the "
+                                   "server logs")
     out.add_argument("--no-plot", action="store_true", help="skip the PNG")
     out.add_argument("--no-sim", action="store_true",
                      help="skip the simulated hit rate next to each configuration")
@@ -1034,8 +1037,8 @@ def _sizes(args: argparse.Namespace) -> tuple[ServerSizes, int, int]:
     bb = mc.kv_layout(BLOCK_SIZE, dtype).block_bytes
     gpu = None if args.gpu_kv_bytes is None else max(1, args.gpu_kv_bytes // bb)
     context = mc.max_context_len if gpu is None else min(mc.max_context_len, gpu * BLOCK_SIZE)
-    return (ServerSizes(bb, gpu, max(0, args.host_kv_bytes // bb),
-                        max(1, args.disk_kv_bytes // bb), args.disk_kv_bytes),
+    return (ServerSizes(bb, gpu, max(0, args.host_bytes // bb),
+                        max(1, args.disk_bytes // bb), args.disk_bytes),
             mc.vocab_size, context)
 
 
@@ -1050,7 +1053,7 @@ def _run_config(name: str, args: argparse.Namespace, sizes: ServerSizes,
                 convs: list[Conversation], vocab: int, out: Path,
                 headers: dict[str, str]) -> tuple[list[Result], int, float]:
     """Start the server of configuration ``name``, measure, stop it."""
-    base = Path(args.disk_dir) if args.disk_dir else None
+    base = Path(args.disk) if args.disk else None
     if base is not None:
         base.mkdir(parents=True, exist_ok=True)
     disk_dir = Path(tempfile.mkdtemp(prefix=f"serve-bench-{name.replace('+', '-')}-", dir=base))

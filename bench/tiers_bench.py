@@ -43,6 +43,7 @@ import lmdb
 import numpy as np
 import xxhash
 
+from kvstore.args import add_hidden_alias
 from radix.hashing import Namespace, hash_blocks
 from tiers.codec import encode_block
 from tiers.layout import KVLayout
@@ -263,8 +264,8 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run every available tier benchmark and print one table."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kvstore bench tiers`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="kvstore bench tiers",
         description="Put/get throughput of each tier next to its raw library, same bytes, "
@@ -272,12 +273,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{name} ({lay.block_bytes:,} bytes)"
                         for name, lay in MODEL_LAYOUTS.items()) + ".")
     parser.add_argument("--blocks", type=int, default=None,
-                        help=f"blocks per measurement (default {DEFAULT_BLOCKS}, "
-                             f"--quick {QUICK_BLOCKS})")
+                        help=f"blocks per measurement (default: {DEFAULT_BLOCKS}; "
+                             f"--quick: {QUICK_BLOCKS})")
     parser.add_argument("--quick", action="store_true",
                         help="few blocks and one repeat: a smoke run, not a measurement")
-    parser.add_argument("--disk", "--dir", dest="dir", default=None, metavar="PATH",
+    parser.add_argument("--disk", dest="dir", default=None, metavar="PATH",
                         help="directory for the LMDB environments (default: a temp dir)")
+    add_hidden_alias(parser, "--dir", "dir", metavar="PATH")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run every available tier benchmark and print one table."""
+    parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     n_blocks = args.blocks or (QUICK_BLOCKS if args.quick else DEFAULT_BLOCKS)
     if n_blocks <= 0:

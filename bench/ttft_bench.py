@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvstore.args import size_arg
+
 QUESTION_TOKENS = 32
 
 
@@ -105,9 +107,9 @@ class Sweep:
         # One model for every store, learning from every run; "forced" rows switch its
         # decisions off (every hit is loaded) and it keeps learning.
         self.learned = CostModel(bb, 16)
-        sched = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=args.max_batched_tokens)
+        sched = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=args.max_num_batched_tokens)
         cold_sched = SchedulerConfig(max_num_seqs=4,
-                                     max_num_batched_tokens=args.max_batched_tokens,
+                                     max_num_batched_tokens=args.max_num_batched_tokens,
                                      enable_cache=False)
         dev = device.type
         common = dict(layout=self.layout, block_size=16, device=dev, policy="write-back",
@@ -342,7 +344,7 @@ def run(args: argparse.Namespace, random_model: Callable) -> int:
     print(f"model {args.shape} (random {dtype} weights) on {device}; prefixes {prefixes} "
           f"tokens + a {QUESTION_TOKENS}-token question; median of {args.repeat}")
     rows: list[tuple[int, dict[tuple[str, str], Cell]]] = []
-    with tempfile.TemporaryDirectory(dir=args.disk_dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=args.disk) as tmp:
         sweep = Sweep(args, model, device, dtype, prefixes, tmp)
         try:
             for n in prefixes:
@@ -423,17 +425,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated prefix lengths in tokens; 'max' is the longest the "
                         "model takes (default: 1000,4000,8000,max on CUDA; 256,1024 on CPU)")
     p.add_argument("--redis", default=None, metavar="URL",
-                   help="also measure hits from this Redis (redis://host:port)")
-    p.add_argument("--disk-dir", default=None,
+                   help="also measure hits from this Redis, redis://host:port "
+                        "(default: none)")
+    p.add_argument("--disk", default=None, metavar="PATH",
                    help="parent directory of the LMDB disk tier (default: the system temp "
                         "directory)")
     p.add_argument("--load-workers", type=int, default=8,
-                   help="threads of the shared-tier load pipeline (default 8)")
-    p.add_argument("--load-batch-mib", type=int, default=16,
-                   help="MiB one load worker reads and copies at a time (default 16)")
-    p.add_argument("--max-batched-tokens", type=int, default=16384,
-                   help="engine token budget per step (default 16384: one prefill step)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
+                   help="threads of the shared-tier load pipeline (default: %(default)s)")
+    p.add_argument("--load-batch-bytes", type=size_arg, default=16 << 20, metavar="SIZE",
+                   help="bytes one load worker reads and copies at a time (default: 16MiB)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384,
+                   help="engine token budget per step (default: %(default)s, one prefill "
+                        "step)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random tokens (default: %(default)s)")
 
 
 def finish_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -450,6 +455,5 @@ def finish_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
         p.error("--prefixes: each prefix needs at least 16 tokens (one block)")
     if not 1 <= args.load_workers <= 64:
         p.error("--load-workers must be 1..64")
-    if args.load_batch_mib < 1:
-        p.error("--load-batch-mib must be >= 1")
-    args.load_batch_bytes = args.load_batch_mib << 20
+    if args.load_batch_bytes < 1:
+        p.error("--load-batch-bytes must be > 0")

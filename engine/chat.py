@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import re
 import sys
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from engine.options import add_engine_arguments, engine_kwargs
 from kvstore import env
-from kvstore.args import SIZE_HELP, add_log_level, count_arg
+from kvstore.args import SIZE_HELP, add_log_level, configure_logging, count_arg
 from kvstore.units import format_size
 
 if TYPE_CHECKING:  # torch loads only when the chat starts, so --help stays fast
@@ -91,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: %(default)s)")
     chat.add_argument("--resume", action="store_true", help="continue the saved conversation")
     chat.add_argument("--script", default=None, metavar="FILE",
-                      help="run FILE's lines as user turns or commands, non-interactively")
+                      help="run FILE's lines as user turns or commands, non-interactively "
+                           "(default: none, interactive)")
     chat.add_argument("--quiet", action="store_true",
                       help="do not echo the reply while it streams")
     add_log_level(p, default="warning")
@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``kvstore chat``: 0 when the conversation ends, 2 for bad arguments or a model or
     tier that cannot be opened (one line, never a traceback)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     from engine.llm import LLM
     from engine.sampling import SamplingParams
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore import env
-from kvstore.args import dtype_arg, size_arg
+from kvstore.args import add_device_argument, add_dtype_argument, size_arg
 from kvstore.config import POLICIES
 
 DEFAULT_HOST_BYTES = 1 << 30
@@ -37,12 +37,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="--load-format dummy only: 'none' (default; clients send token "
                             "ids to /v1/completions), 'smollm2' or a directory with a "
                             "tokenizer.json")
-    model.add_argument("--device", default=None,
-                       help="cuda, cuda:N or cpu (default: cuda when present, else cpu)")
-    model.add_argument("--dtype", type=dtype_arg, default=None,
-                       metavar="{float32,float16,bfloat16}",
-                       help="weights and KV dtype; bf16, fp16, fp32 are aliases (default: "
-                            "bfloat16 on GPU, float32 on CPU)")
+    add_device_argument(model)
+    add_dtype_argument(model, "weights and KV dtype (default: bfloat16 on GPU, float32 on CPU)")
     model.add_argument("--model-cache-dir", default=None, metavar="DIR",
                        help="where converted model weights are kept (default: "
                             "$KVSTORE_HOME/models, $KVSTORE_HOME defaulting to "

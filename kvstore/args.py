@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from kvstore.units import parse_size
 
@@ -22,6 +24,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
 SIZE_HELP = "sizes: 4096, 512MiB, 8GiB, 1.5G (powers of 1024) or 10GB (powers of 1000)"
+DEVICE_HELP = "cuda, cuda:N or cpu (default: cuda when present, else cpu)"
+OUT_ROOT = Path("bench_out")
 
 
 def size_arg(text: str) -> int:
@@ -83,6 +87,54 @@ def dtype_arg(text: str) -> str:
     return name
 
 
+def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                        help: str = DEVICE_HELP) -> None:
+    """``--device`` with the same name, metavar and default (``None``: cuda when present)
+    everywhere."""
+    parser.add_argument("--device", default=None, metavar="DEVICE", help=help)
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                       help: str, default: str | None = None) -> None:
+    """``--dtype`` through :func:`dtype_arg` (aliases accepted), one metavar everywhere.
+    ``help`` says what the dtype applies to and its default."""
+    parser.add_argument("--dtype", type=dtype_arg, default=default,
+                        metavar="{" + ",".join(DTYPES) + "}",
+                        help=f"{help}; bf16, fp16, fp32 are aliases")
+
+
+def bench_out_dir(bench: str) -> Path:
+    """The default output directory of the bench named ``bench`` (its ``kvstore bench``
+    name): ``bench_out/<bench>``, ``-`` written ``_``."""
+    return OUT_ROOT / bench.replace("-", "_")
+
+
+def add_out_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, bench: str,
+                     what: str) -> None:
+    """``--out DIR``, the one output-directory flag of every bench that writes files;
+    ``what`` names the files written there. Default: :func:`bench_out_dir`."""
+    parser.add_argument("--out", type=Path, default=bench_out_dir(bench), metavar="DIR",
+                        help=f"directory for {what} (created; default: %(default)s)")
+
+
+def add_hidden_alias(parser: argparse.ArgumentParser | argparse._ArgumentGroup, old: str,
+                     dest: str, **kwargs: object) -> None:
+    """An old spelling ``old`` of a renamed flag that still parses into ``dest`` (for
+    scripts that use it) but is shown neither in ``--help`` nor in the usage line."""
+    parser.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                        **kwargs)  # type: ignore[arg-type]
+
+
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+
+
+def plain_text(doc: str | None) -> str:
+    """``doc`` (a module docstring in reStructuredText) as plain text for ``--help``:
+    ``:func:`x``` becomes ``x``, double backquotes and ``**`` emphasis are dropped."""
+    text = _ROLE.sub(r"\1", doc or "")
+    return text.replace("``", "").replace("**", "")
+
+
 def add_listen_arguments(p: argparse.ArgumentParser, *, host: str, port: int,
                          shutdown_timeout_s: float, credential: str, env: str,
                          credential_help: str) -> argparse._ArgumentGroup:
@@ -119,6 +171,7 @@ def configure_logging(level: str) -> None:
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-__all__ = ["DTYPES", "LOG_LEVELS", "SIZE_HELP", "add_listen_arguments", "add_log_level",
-           "configure_logging",
-           "count_arg", "dtype_arg", "port_arg", "seconds_arg", "size_arg"]
+__all__ = ["DEVICE_HELP", "DTYPES", "LOG_LEVELS", "SIZE_HELP", "add_device_argument",
+           "add_dtype_argument", "add_hidden_alias", "add_listen_arguments", "add_log_level", "add_out_argument",
+           "bench_out_dir", "configure_logging", "count_arg", "dtype_arg", "plain_text",
+           "port_arg", "seconds_arg", "size_arg"]

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import ModelConfig
-from kvstore.units import format_size, parse_size
+from kvstore.args import SIZE_HELP, add_dtype_argument, size_arg
+from kvstore.units import format_size
 
 # ---------------------------------------------------------------------------- constants
 
@@ -774,42 +775,40 @@ def build_parser() -> argparse.ArgumentParser:
                     "per token and block, KV pool and largest batch, roofline TTFT and time "
                     "per output token, and host/disk sizing from the store's simulation of "
                     "a workload.",
-        epilog="Example: kvstore plan --model llama3-8b --dtype bf16 --context 8192 "
-               "--concurrency 64 --gpu H100 --workload mooncake --quick")
+        epilog=f"{SIZE_HELP}. Example: kvstore plan --model llama3-8b --dtype bf16 "
+               "--context 8192 --concurrency 64 --gpu H100 --workload mooncake --quick")
     p.add_argument("--model", required=True,
                    help=f"named shape ({', '.join(named_model_configs())}) or the path of a "
                         "Hugging Face config.json (or its directory)")
-    p.add_argument("--dtype", default="bfloat16",
-                   help="weights and KV dtype: bfloat16, float16 or float32 (default bfloat16)")
+    add_dtype_argument(p, "weights and KV dtype (default: %(default)s)", default="bfloat16")
     p.add_argument("--context", type=int, required=True,
                    help="tokens per sequence (prompt and reply) for the pool, the largest "
                         "batch, the prefill and the decode predictions")
     p.add_argument("--concurrency", type=int, default=1,
-                   help="sequences decoding together (default 1)")
+                   help="sequences decoding together (default: %(default)s)")
     p.add_argument("--gpu", default=None,
-                   help=f"GPU from the table ({', '.join(g.name for g in GPUS.values())}); "
-                        "default: measure the local CUDA GPU, else H100-SXM")
+                   help=f"GPU from the table ({', '.join(g.name for g in GPUS.values())}) "
+                        "(default: measure the local CUDA GPU, else H100-SXM)")
     p.add_argument("--workload", default=None, choices=WORKLOADS,
-                   help="size host and disk tiers on this workload (store simulation)")
+                   help="size host and disk tiers on this workload (store simulation; "
+                        "default: none)")
     p.add_argument("--quick", action="store_true",
                    help="with --workload: a subset (2,000 trace requests, 200 chats, 128 "
                         "generated prompts)")
     p.add_argument("--trace", type=Path, default=None,
                    help="Mooncake trace JSONL (default: ../shared/data beside the repo)")
-    p.add_argument("--host-memory", default="0",
-                   help="host tier in front of the disk when sizing the disk (e.g. 64GiB; "
-                        "default 0: disk right behind the GPU)")
+    p.add_argument("--host-bytes", type=size_arg, default=0, metavar="SIZE",
+                   help="host DRAM tier in front of the disk when sizing the disk (e.g. "
+                        "64GiB; default: 0, the disk right behind the GPU)")
     p.add_argument("--memory-utilization", type=float, default=MEMORY_UTILIZATION,
-                   help=f"fraction of GPU memory for weights, activations and KV "
-                        f"(default {MEMORY_UTILIZATION})")
+                   help="fraction of GPU memory for weights, activations and KV "
+                        "(default: %(default)s)")
     p.add_argument("--block-size", type=int, default=BLOCK_SIZE,
-                   help=f"tokens per KV block (default {BLOCK_SIZE})")
+                   help="tokens per KV block (default: %(default)s)")
     p.add_argument("--prefill-efficiency", type=float, default=PREFILL_COMPUTE_EFFICIENCY,
-                   help=f"fraction of peak FLOP/s prefill reaches "
-                        f"(default {PREFILL_COMPUTE_EFFICIENCY})")
+                   help="fraction of peak FLOP/s prefill reaches (default: %(default)s)")
     p.add_argument("--decode-efficiency", type=float, default=DECODE_MEMORY_EFFICIENCY,
-                   help=f"fraction of HBM bandwidth decode reaches "
-                        f"(default {DECODE_MEMORY_EFFICIENCY})")
+                   help="fraction of HBM bandwidth decode reaches (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -831,10 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         name, cfg = resolve_model(args.model)
         dtype_bytes(args.dtype)
-        try:
-            host_bytes = parse_size(args.host_memory)
-        except ValueError as exc:
-            raise PlanError(f"--host-memory: {exc}") from None
+        host_bytes = args.host_bytes
         gpu = resolve_gpu(args.gpu) if args.gpu else _default_gpu()
         eff = Efficiency(prefill_compute=args.prefill_efficiency,
                          decode_memory=args.decode_efficiency)

@@ -187,8 +187,10 @@ def test_cli_text_json_and_errors(capsys):
     assert [t["fraction"] for t in data["tiers"]["host"]] == [0.9, 0.95, 0.99]
     assert kp.main(["--model", "nope", "--context", "10"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
-    assert kp.main(["--model", "smollm2", "--dtype", "fp4", "--context", "10"]) == 2
-    assert "unknown dtype" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one line, status 2
+        kp.main(["--model", "smollm2", "--dtype", "fp4", "--context", "10"])
+    assert exit_info.value.code == 2
+    assert "argument --dtype: invalid choice: 'fp4'" in capsys.readouterr().err
     assert kp.main(["--model", "smollm2", "--context", "100000"]) == 2
     assert "exceeds the model's context of 8192" in capsys.readouterr().err
 
@@ -201,12 +203,13 @@ def test_measured_ceilings_on_this_device():
 
 def test_plan_bench_on_cpu_measures_and_compares(capsys):
     """The validation bench end to end on this device at tiny sizes: every row has a plan
-    and a measurement; on CPU both pools are --cpu-pool-blocks, so the largest batch the
-    store really holds must equal the plan's."""
+    and a measurement; with --gpu-kv-bytes both pools are that size, so the largest batch
+    the store really holds must equal the plan's."""
     from bench import plan_bench
 
+    block = 737_280  # SmolLM2's float32 KV block (16 tokens), the CPU run's dtype
     assert plan_bench.main(["--device", "cpu", "--context", "32", "--batch", "2", "--steps",
-                            "2", "--repeat", "1", "--cpu-pool-blocks", "12",
+                            "2", "--repeat", "1", "--gpu-kv-bytes", str(12 * block),
                             "--chunk", "64"]) == 0
     out = capsys.readouterr().out
     assert "[smollm2]" in out

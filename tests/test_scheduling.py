@@ -256,7 +256,7 @@ def test_pressure_bench_runs_on_cpu_and_its_counts_agree(smollm2, model, capsys,
 
     block = 737_280  # SmolLM2's float32 KV block (16 tokens)
     wl = Workload(clients=3, rounds=2, new_tokens=40, output_tokens=4, seed=1)
-    args = argparse.Namespace(gpu_kv=8 * block, host_kv=32 * block, max_num_seqs=3,
+    args = argparse.Namespace(gpu_kv_bytes=8 * block, host_bytes=32 * block, max_num_seqs=3,
                               max_num_batched_tokens=64)
     r = run_config(model, "host", wl, args)
     assert r.requests == 6 and len(r.ttft_s) == 6
@@ -264,7 +264,7 @@ def test_pressure_bench_runs_on_cpu_and_its_counts_agree(smollm2, model, capsys,
     assert r.recomputed_tokens is not None
     assert r.computed_tokens == r.needed_tokens + r.recomputed_tokens
     assert main(["--device", "cpu", "--clients", "2", "--rounds", "2", "--new-tokens", "24",
-                 "--output-tokens", "2", "--gpu-kv", str(6 * block), "--host-kv",
+                 "--output-tokens", "2", "--gpu-kv-bytes", str(6 * block), "--host-bytes",
                  str(16 * block), "--model-cache-dir",
                  str(tmp_path_factory.getbasetemp() / "models")]) == 0
     out = capsys.readouterr().out

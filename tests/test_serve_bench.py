@@ -27,8 +27,8 @@ def test_every_configuration_serves_and_reuses_the_history(
     rc = serve_bench.main([
         "--device", "cpu", "--configs", "all", "--redis", redis_server.url,
         "--clients", "2", "--rounds", "2", "--new-tokens", "40", "--output-tokens", "4",
-        "--gpu-kv-bytes", "16MiB", "--host-kv-bytes", "32MiB", "--disk-kv-bytes", "64MiB",
-        "--disk-dir", str(tmp_path / "disk"), "--warmup", "1", "--max-num-seqs", "4",
+        "--gpu-kv-bytes", "16MiB", "--host-bytes", "32MiB", "--disk-bytes", "64MiB",
+        "--disk", str(tmp_path / "disk"), "--warmup", "1", "--max-num-seqs", "4",
         "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0, printed

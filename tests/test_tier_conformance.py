@@ -118,7 +118,7 @@ def http_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[obje
     LMDB is what it serves)."""
     from bench.servers import DaemonProcess
     disk = tmp_path_factory.mktemp("daemon-disk")
-    with DaemonProcess(["--memory-bytes", "0", "--disk", str(disk), "--disk-bytes",
+    with DaemonProcess(["--host-bytes", "0", "--disk", str(disk), "--disk-bytes",
                         str(HTTP_DISK_BYTES), "--max-namespaces", "1000"],
                        token="conformance-token-0123456789") as daemon:
         yield daemon, disk

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from kvstore.args import (
     SIZE_HELP,
+    add_hidden_alias,
     add_listen_arguments,
     add_log_level,
     configure_logging,
@@ -70,16 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
                          credential_help=f"bearer token clients must send, at least "
                                          f"{MIN_TOKEN_CHARS} characters")
     tiers = p.add_argument_group("tiers (at least one)")
-    tiers.add_argument("--host-bytes", "--memory-bytes", dest="host_bytes", type=size_arg,
+    tiers.add_argument("--host-bytes", dest="host_bytes", type=size_arg,
                        default=d.memory_bytes, metavar="SIZE",
                        help="host DRAM for the memory tier, shared by all namespaces "
                             "(default: 1GiB; 0 = no memory tier)")
+    add_hidden_alias(tiers, "--memory-bytes", "host_bytes", type=size_arg, metavar="SIZE")
     tiers.add_argument("--disk", metavar="PATH", default=None,
                        help="directory of the LMDB disk tier, one environment per "
                             "namespace (default: none)")
     tiers.add_argument("--disk-bytes", type=size_arg, default=0, metavar="SIZE",
                        help="capacity of each namespace's LMDB environment (needed with "
-                            "--disk)")
+                            "--disk; default: none)")
     tiers.add_argument("--redis", metavar="URL", default=None,
                        help="Redis tier: redis://host:port/db, rediss://..., or "
                             "redis+cluster://host:port,host:port (default: none)")

@@ -80,7 +80,7 @@ class DaemonConfig:
         need(self.redis_ttl_s is None or (self.redis_url is not None and self.redis_ttl_s > 0),
              "redis TTL must be positive seconds and needs --redis")
         need(self.memory_bytes > 0 or self.disk_path is not None or self.redis_url is not None,
-             "no tier to serve: give --memory-bytes > 0, --disk PATH --disk-bytes N, "
+             "no tier to serve: give --host-bytes > 0, --disk PATH --disk-bytes N, "
              "or --redis URL")
         if self.token is not None:
             need(isinstance(self.token, str) and TOKEN_RE.fullmatch(self.token) is not None

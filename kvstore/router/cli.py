@@ -11,7 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvstore import __version__, env
-from kvstore.args import add_log_level, configure_logging, count_arg, port_arg, seconds_arg
+from kvstore.args import (
+    add_listen_arguments,
+    add_log_level,
+    configure_logging,
+    count_arg,
+    seconds_arg,
+)
 from kvstore.router.policy import DEFAULT_WEIGHTS, POLICIES, PolicyConfig
 
 logger = logging.getLogger("kvstore.router")
@@ -126,23 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="N", help="a replica with more than N requests in flight beyond the "
                                      "least loaded one is skipped by the prefix policy "
                                      "(default: %(default)s)")
-    net = p.add_argument_group("listening")
-    net.add_argument("--host", default=d.host,
-                     help="address to bind (default: %(default)s; beyond loopback needs a key)")
-    net.add_argument("--port", type=port_arg, default=d.port,
-                     help="TCP port (default: %(default)s; 0 = any free port, logged)")
-    net.add_argument("--api-key", default=None, metavar="KEY",
-                     help=f"bearer key (default: ${API_KEY_ENV}; none)")
+    net = add_listen_arguments(p, host=d.host, port=d.port,
+                               shutdown_timeout_s=d.shutdown_timeout_s, credential="--api-key",
+                               env=API_KEY_ENV,
+                               credential_help="bearer key clients must send, also sent to the "
+                                               "replicas")
     net.add_argument("--health-interval", type=seconds_arg(allow_zero=False),
                      default=d.health_interval_s, metavar="SECONDS",
                      help="how often each replica's /healthz is polled (default: %(default)s)")
     net.add_argument("--health-timeout", type=seconds_arg(allow_zero=False),
                      default=d.health_timeout_s, metavar="SECONDS",
                      help="a replica slower than this to answer leaves the rotation "
-                          "(default: %(default)s)")
-    net.add_argument("--shutdown-timeout", type=seconds_arg(allow_zero=True),
-                     default=d.shutdown_timeout_s, metavar="SECONDS",
-                     help="on SIGINT/SIGTERM, time requests in flight get to finish "
                           "(default: %(default)s)")
     add_log_level(p)
     return p
