@@ -637,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conversations", type=int, default=None,
                    help="ShareGPT conversations to replay (default: 2000; --quick: 200)")
     p.add_argument("--trace", type=Path, default=None,
-                   help="Mooncake trace JSONL (default: ../shared/data beside the repo)")
+                   help="Mooncake trace JSONL (default: bench/data/, or $KVSTORE_DATA)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of arrival times and generated tokens (default: %(default)s)")
     add_out_argument(p, "hit-rate", "hit_rate.csv and hit_rate.png")

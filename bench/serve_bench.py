@@ -857,7 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shared-prefix: questions per system prompt (default: %(default)s)")
     wl.add_argument("--trace", default=None, metavar="FILE",
                     help="mooncake: the trace (default: mooncake_conversation_trace.jsonl "
-                         "in $KVSTORE_DATA or ../shared/data beside the repository)")
+                         "in $KVSTORE_DATA or bench/data/ in the repository)")
     wl.add_argument("--num-requests", type=int, default=None,
                     help="mooncake: the first N requests of the trace (default: all 12,031)")
     wl.add_argument("--time-scale", type=float, default=1.0,

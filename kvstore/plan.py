@@ -796,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --workload: a subset (2,000 trace requests, 200 chats, 128 "
                         "generated prompts)")
     p.add_argument("--trace", type=Path, default=None,
-                   help="Mooncake trace JSONL (default: ../shared/data beside the repo)")
+                   help="Mooncake trace JSONL (default: bench/data/, or $KVSTORE_DATA)")
     p.add_argument("--host-bytes", type=size_arg, default=0, metavar="SIZE",
                    help="host DRAM tier in front of the disk when sizing the disk (e.g. "
                         "64GiB; default: 0, the disk right behind the GPU)")

