@@ -328,6 +328,24 @@ def encode_payload(q: QuantizedBlocks, i: int = 0) -> bytes:
     return codes.numpy().tobytes() + scales.tobytes()
 
 
+def packed_view(data: Tensor, layout: KVLayout, kv_format: str, n: int) -> QuantizedBlocks:
+    """``n`` blocks packed in one uint8 tensor as all their codes (``[n, *block_shape]``)
+    then all their scales (``[n, layers, 2, block_size, kv_heads]`` bf16, little-endian),
+    as views (no copy) on ``data``'s device: how the load path stages a batch, so that one
+    host -> device copy moves it. ``data`` holds at least ``n x compressed_block_bytes``."""
+    check_format(kv_format)
+    layers, two, bs, heads, dim = layout.block_shape
+    n_codes = n * layers * two * bs * heads * dim
+    n_scales = n * layers * two * bs * heads * SCALE_BYTES
+    if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() < n_codes + n_scales:
+        raise ValueError(f"packed blocks need a 1-d uint8 tensor of {n_codes + n_scales} "
+                         f"bytes, got {data.dtype} {tuple(data.shape)}")
+    codes = data[:n_codes].view(_CODE_DTYPE[kv_format]).view(n, *layout.block_shape)
+    scales = data[n_codes:n_codes + n_scales].view(torch.bfloat16).view(n, layers, two, bs,
+                                                                         heads)
+    return QuantizedBlocks(kv_format, codes, scales)
+
+
 def decode_payload(data: bytes | bytearray | memoryview, layout: KVLayout, kv_format: str,
                    device: torch.device | str = "cpu") -> QuantizedBlocks:
     """One block (``N = 1``) from :func:`encode_payload`'s bytes. Raises ``ValueError``
