@@ -212,19 +212,19 @@ def test_smollm2_greedy_from_an_int8_disk(tmp_path, capsys):
                   model_cache_dir=str(tmp_path / "models"), disk_bytes=1 << 30)
     exact = LLM("smollm2", enable_cache=False, **common)
     reference = [o.token_ids for o in exact.chat(convs, params)]
-    exact.close() if hasattr(exact, "close") else None
+    exact.close()
     first = LLM("smollm2", disk_path=str(tmp_path / "disk"), kv_format="int8",
                 policy="write-through", **common)
     first.chat(convs, params)
-    first.store.close()
+    first.close()
     second = LLM("smollm2", disk_path=str(tmp_path / "disk"), kv_format="int8", **common)
     outs = second.chat(convs, params)
-    second.store.close()
+    second.close()
     agree = 0
     for out, ref in zip(outs, reference):
         assert out.cached_tokens.get("disk", 0) >= 16 * 4
         assert 0 < len(out.token_ids) <= params.max_tokens
-        assert out.finish_reason in ("stop", "length")
+        assert out.outputs[0].finish_reason in ("stop", "length")
         assert isinstance(out.text, str) and out.text.strip()
         agree += sum(a == b for a, b in zip(out.token_ids, ref))
     total = sum(len(r) for r in reference)
