@@ -18,9 +18,11 @@
   blocks after it are not used (the engine recomputes them); batches wholly after a
   known failure are skipped.
 - KV format (:data:`MoverConfig.kv_format`): with ``int8``/``fp8`` the shared tiers
-  hold compressed blocks (``tiers.quant``). A block is quantized on its way down
-  (publication, write-through and demotion from the host pool: the torch reference on
-  the pinned host copy) and dequantized on its way up: a load worker stages the
+  hold compressed blocks (``tiers.quant``). A block is quantized on its way down:
+  publication and write-through quantize the GPU slots on the device (the Triton kernel
+  on CUDA, on the side stream) and copy the half-size payloads into the pinned
+  publication queue; demotion from the host pool quantizes the host copy with the torch
+  reference. It is dequantized on its way up: a load worker stages the
   compressed payloads of its batch in its pinned lane (all codes, then all scales),
   copies those half-size bytes to the device in one host -> device copy and
   dequantizes them straight into the destination GPU slots (``quant.dequantize_into``:
@@ -40,6 +42,7 @@ them.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -552,19 +555,70 @@ class BlockMover:
             return 0
         assert pool is not None
         slots = list(pool.alloc(n).slots)
+        batch = list(nodes[:n])
+        if self._compressed:
+            ready = self._snapshot_compressed(list(gpu_slots[:n]), pool, slots)
+            self._publisher.submit(self._publish_job, batch, slots, ready)
+            return n
         t = copy_slots(self.gpu, gpu_slots[:n], pool, slots)
         if self._cuda:
             t.wait_on_stream(torch.cuda.current_stream(self.gpu.device))
-        batch = list(nodes[:n])
         self._publisher.submit(self._publish_job, batch, slots, t)
         return n
 
-    def _publish_job(self, nodes: list[Node], slots: list[int], t: Transfer) -> None:
+    def _snapshot_compressed(self, gpu_slots: list[int], pool: HostPool, slots: list[int]
+                             ) -> torch.cuda.Event | None:
+        """Quantize GPU slots on the device (Triton on CUDA, on the side stream after the
+        compute that wrote them) and copy each compressed payload (codes, then scales:
+        ``quant.encode_payload``'s bytes) into the first bytes of its publication slot,
+        so half the bytes cross to the host. Returns the event the copies end at (CUDA);
+        the compute stream waits only for the quantization, so the GPU slots may be
+        reused at once."""
+        code_bytes = math.prod(self.layout.block_shape)  # one byte a value
+        cbytes = payload_bytes(self.layout, self.kv_format)
+        if not self._cuda:
+            q = quant.quantize(self.gpu.tensor, self.kv_format, gpu_slots)
+            self._pack_into(q, pool, slots, code_bytes, cbytes)
+            return None
+        device = self.gpu.device
+        stream = side_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            q = quant.quantize(self.gpu.tensor, self.kv_format, gpu_slots)
+            read = torch.cuda.Event()
+            read.record(stream)
+            self._pack_into(q, pool, slots, code_bytes, cbytes)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        torch.cuda.current_stream(device).wait_event(read)
+        return copied
+
+    @staticmethod
+    def _pack_into(q: quant.QuantizedBlocks, pool: HostPool, slots: list[int],
+                   code_bytes: int, cbytes: int) -> None:
+        codes = q.codes.view(torch.uint8).view(q.num_blocks, -1)
+        scales = q.scales.view(torch.uint8).view(q.num_blocks, -1)
+        for i, s in enumerate(slots):
+            dst = pool.tensor[s].view(-1).view(torch.uint8)
+            dst[:code_bytes].copy_(codes[i], non_blocking=True)
+            dst[code_bytes:cbytes].copy_(scales[i], non_blocking=True)
+
+    def _publish_job(self, nodes: list[Node], slots: list[int],
+                     ready: Transfer | torch.cuda.Event | None) -> None:
         pool = self._pub_pool
         assert pool is not None
         try:
-            t.wait()
-            items = self._encode_slots(nodes, pool, slots)
+            if isinstance(ready, Transfer):
+                ready.wait()
+                items = self._encode_slots(nodes, pool, slots)
+            else:  # compressed payloads already packed into the slots' first bytes
+                if ready is not None:
+                    ready.synchronize()
+                cbytes = payload_bytes(self.layout, self.kv_format)
+                items = [(n.key, encode_block(n.key, n.parent_key, n.tokens, self.layout,
+                                              pool.to_bytes(s)[:cbytes],
+                                              kv_format=self.kv_format))
+                         for n, s in zip(nodes, slots)]
         finally:
             pool.free(slots)
         for name in self.shared:

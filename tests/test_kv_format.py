@@ -211,7 +211,9 @@ def test_smollm2_greedy_from_an_int8_disk(tmp_path, capsys):
     common = dict(device="cpu", dtype="float32", gpu_blocks=256,
                   model_cache_dir=str(tmp_path / "models"), disk_bytes=1 << 30)
     exact = LLM("smollm2", enable_cache=False, **common)
-    reference = [o.token_ids for o in exact.chat(convs, params)]
+    ref_outs = exact.chat(convs, params)
+    assert isinstance(ref_outs, list)
+    reference = [o.token_ids for o in ref_outs]
     exact.close()
     first = LLM("smollm2", disk_path=str(tmp_path / "disk"), kv_format="int8",
                 policy="write-through", **common)
@@ -219,6 +221,7 @@ def test_smollm2_greedy_from_an_int8_disk(tmp_path, capsys):
     first.close()
     second = LLM("smollm2", disk_path=str(tmp_path / "disk"), kv_format="int8", **common)
     outs = second.chat(convs, params)
+    assert isinstance(outs, list)
     second.close()
     agree = 0
     for out, ref in zip(outs, reference):
