@@ -58,12 +58,26 @@ class Row:
     gbps: float  # exact-KV bytes per second / 1e9
 
 
-def _store(layout: KVLayout, n_blocks: int, kv_format: str, device: str,
-           tier_kw: dict[str, object]) -> KVStore:
+LOAD_WORKERS = 8
+"""Threads of the store's load pipeline by default (the store's default)."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One run's fixed knobs: block layout, blocks a load, device, load threads."""
+
+    layout: KVLayout
+    n_blocks: int
+    device: str
+    load_workers: int
+
+
+def _store(setup: Setup, kv_format: str, tier_kw: dict[str, object]) -> KVStore:
+    layout, n_blocks = setup.layout, setup.n_blocks
     return KVStore(StoreConfig(layout=layout, block_size=layout.block_size,
-                               gpu_blocks=n_blocks, device=device, kv_format=kv_format,
+                               gpu_blocks=n_blocks, device=setup.device, kv_format=kv_format,
                                publish_queue_bytes=n_blocks * layout.block_bytes,
-                               load_workers=8, **tier_kw))  # type: ignore[arg-type]
+                               load_workers=setup.load_workers, **tier_kw))  # type: ignore[arg-type]
 
 
 def _namespace(layout: KVLayout, kv_format: str) -> Namespace:
@@ -75,11 +89,11 @@ def _tokens(layout: KVLayout, n_blocks: int) -> list[int]:
     return torch.randint(0, 50000, (n_blocks * layout.block_size,), generator=g).tolist()
 
 
-def publish(layout: KVLayout, n_blocks: int, kv_format: str, device: str,
-            tier: str, tier_kw: dict[str, object]) -> int:
+def publish(setup: Setup, kv_format: str, tier: str, tier_kw: dict[str, object]) -> int:
     """Write ``n_blocks`` blocks of random KV to ``tier`` through a store; returns the
     bytes of one stored blob."""
-    store = _store(layout, n_blocks, kv_format, device, tier_kw)
+    layout, n_blocks = setup.layout, setup.n_blocks
+    store = _store(setup, kv_format, tier_kw)
     try:
         chain = hash_blocks(_namespace(layout, kv_format).root(), _tokens(layout, n_blocks),
                             layout.block_size)
@@ -103,10 +117,10 @@ def publish(layout: KVLayout, n_blocks: int, kv_format: str, device: str,
         store.close()
 
 
-def load_once(layout: KVLayout, n_blocks: int, kv_format: str, device: str, tier: str,
-              tier_kw: dict[str, object]) -> float:
+def load_once(setup: Setup, kv_format: str, tier: str, tier_kw: dict[str, object]) -> float:
     """Seconds to load every block from ``tier`` into the device pool of a fresh store."""
-    store = _store(layout, n_blocks, kv_format, device, tier_kw)
+    layout, n_blocks = setup.layout, setup.n_blocks
+    store = _store(setup, kv_format, tier_kw)
     try:
         chain = hash_blocks(_namespace(layout, kv_format).root(), _tokens(layout, n_blocks),
                             layout.block_size)
@@ -114,7 +128,7 @@ def load_once(layout: KVLayout, n_blocks: int, kv_format: str, device: str, tier
         t0 = time.perf_counter()
         lease = store.acquire(match)
         store.wait(lease)
-        if device.startswith("cuda"):
+        if setup.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         got = lease.cached_tokens.get(tier, 0)
@@ -161,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None,
                         help="the pool blocks load into: cuda, cuda:N or cpu (default: cuda "
                              "when present, else cpu)")
+    parser.add_argument("--load-workers", type=int, default=LOAD_WORKERS,
+                        help="threads of the store's load pipeline; on a small CPU machine "
+                             "use its core count, or Redis reads pass the tier's 0.1 s "
+                             "timeout (default: %(default)s)")
     parser.add_argument("--disk", "--dir", dest="dir", default=None, metavar="PATH",
                         help="directory for the LMDB environments (default: a temp dir)")
     parser.add_argument("--quick", action="store_true",
@@ -177,8 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_blocks, repeats = (32, 2) if args.quick else (args.blocks, args.repeats)
     if n_blocks <= 0 or repeats <= 0:
         parser.error("--blocks and --repeats must be positive")
+    if not 1 <= args.load_workers <= 256:
+        parser.error("--load-workers must be in 1..256")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     layout = MODEL_LAYOUTS[args.model]
+    setup = Setup(layout, n_blocks, device, args.load_workers)
     rows: list[Row] = []
     tmp = tempfile.mkdtemp(prefix="format-bench-", dir=args.dir)
     redis = None
@@ -195,18 +216,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     tier_kw = {"redis_url": redis.url}
                 print(f"{tier} {fmt}: publishing {n_blocks} blocks ...", file=sys.stderr,
                       flush=True)
-                blob = publish(layout, n_blocks, fmt, device, tier, tier_kw)
+                blob = publish(setup, fmt, tier, tier_kw)
                 times = []
                 for i in range(repeats):
                     print(f"{tier} {fmt}: load {i + 1}/{repeats}", file=sys.stderr, flush=True)
-                    times.append(load_once(layout, n_blocks, fmt, device, tier, tier_kw))
+                    times.append(load_once(setup, fmt, tier, tier_kw))
                 t = statistics.median(times)
                 rows.append(Row(tier, fmt, blob, t, n_blocks * layout.block_bytes / t / 1e9))
     finally:
         if redis is not None:
             redis.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"device: {device}; torch threads: {torch.get_num_threads()}")
+    print(f"device: {device}; load workers: {setup.load_workers}; torch threads: "
+          f"{torch.get_num_threads()}")
     print(format_table(rows, args.model, n_blocks))
     return 0
 
