@@ -71,7 +71,7 @@ def serve(store: KVStore, toks: list[int], kv_format: str) -> dict[str, int]:
     store.wait(lease)
     tiers = set(lease.cached_tokens)
     for i in range(lease.committed):
-        got, want = store.gpu.block(lease.slots[i]), original(chain.keys[i])
+        got, want = store.gpu.block(lease.slots[i]).cpu(), original(chain.keys[i])
         if kv_format == "exact":
             assert torch.equal(got, want), i
             continue
@@ -97,10 +97,16 @@ def serve(store: KVStore, toks: list[int], kv_format: str) -> dict[str, int]:
     return lease.cached_tokens
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs CUDA"))])
 @pytest.mark.parametrize("kv_format", FORMATS)
 @pytest.mark.parametrize("shared", ["disk", "redis"])
-def test_round_trip_through_a_shared_tier(kv_format, shared, tmp_path, redis_server):
+def test_round_trip_through_a_shared_tier(kv_format, shared, device, tmp_path, redis_server):
+    """On CUDA: publication quantizes on the device (Triton), loads dequantize into the
+    device pool (Triton) after one packed host -> device copy a batch."""
     kw = disk(tmp_path) if shared == "disk" else {"redis_url": redis_server.url}
+    kw["device"] = device
     first = make_store(kv_format, gpu_blocks=16, **kw)
     toks = tokens(1, 6 * BS + 1)
     assert serve(first, toks, kv_format) == {}
