@@ -241,3 +241,24 @@ def test_smollm2_greedy_from_an_int8_disk(tmp_path, capsys):
         print(f"\nint8 disk vs exact greedy: {agree}/{total} tokens agree position by "
               f"position; identical outputs: "
               f"{sum(o.token_ids == r for o, r in zip(outs, reference))}/{len(outs)}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("kv_format", FORMATS)
+def test_dequantize_into_equals_the_reference_bit_for_bit(dtype, kv_format):
+    """The load path's CPU dequantization (two passes) gives the reference's bits, over
+    magnitudes from subnormal scales to huge ones, zeros included, into scattered slots."""
+    lay = KVLayout(num_layers=3, num_kv_heads=2, head_dim=64, dtype="float32")
+    g = torch.Generator().manual_seed(3)
+    spread = torch.logspace(-30, 30, 64)[torch.randperm(64, generator=g)]
+    x = (torch.randn((8, *lay.block_shape), generator=g) * spread).to(dtype)
+    x[0, 0, 0, 0, 0] = 0
+    x[1] *= 1e-38 if dtype != torch.float16 else 1e-7
+    q = quant.quantize(x, kv_format)
+    pool = torch.zeros((20, *lay.block_shape), dtype=dtype)
+    slots = [17, 3, 4, 5, 0, 19, 8, 11]
+    quant.dequantize_into(q, pool, slots)
+    ref = quant.dequantize_reference(q, dtype)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(pool[slots].view(bits), ref.view(bits))
+    assert int(pool[[i for i in range(20) if i not in slots]].count_nonzero()) == 0

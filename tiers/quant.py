@@ -299,6 +299,14 @@ def dequantize_into(q: QuantizedBlocks, out: Tensor,
     idx = _slot_index(slots, out.shape[0], out.device)
     if idx.numel() != q.num_blocks:
         raise ValueError(f"{q.num_blocks} blocks for {idx.numel()} slots")
+    if out.dtype in (torch.bfloat16, torch.float32) and q.codes.device == out.device:
+        # The same values as the reference in two passes instead of four: codes (int8,
+        # e4m3) and bf16 scales are exact in bf16 and fp32, their product is exact in
+        # fp32, and a bf16 multiply rounds that product once, as the reference does.
+        x = q.codes.to(out.dtype)
+        torch.mul(x, q.scales.to(out.dtype)[..., None], out=x)
+        out.index_copy_(0, idx, x)
+        return
     out.index_copy_(0, idx, dequantize_reference(q, out.dtype).to(out.device))
 
 
