@@ -285,6 +285,12 @@ def quantize(blocks: Tensor, kv_format: str,
     return quantize_reference(blocks, kv_format, slots)
 
 
+@functools.cache
+def _fp8_values(dtype: torch.dtype) -> Tensor:
+    """The value of each of the 256 e4m3 codes in ``dtype`` (exact), by code byte."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(dtype)
+
+
 def dequantize_into(q: QuantizedBlocks, out: Tensor,
                     slots: Tensor | list[int] | None = None) -> None:
     """Write the dequantized blocks of ``q`` into ``out[slots]`` (all of ``out`` in order
@@ -303,7 +309,12 @@ def dequantize_into(q: QuantizedBlocks, out: Tensor,
         # The same values as the reference in two passes instead of four: codes (int8,
         # e4m3) and bf16 scales are exact in bf16 and fp32, their product is exact in
         # fp32, and a bf16 multiply rounds that product once, as the reference does.
-        x = q.codes.to(out.dtype)
+        if q.kv_format == "fp8" and out.device.type == "cpu":
+            # a 256-entry table gather is twice as fast as torch's e4m3 cast on the CPU
+            flat = q.codes.view(torch.uint8).reshape(-1).to(torch.int32)
+            x = _fp8_values(out.dtype).index_select(0, flat).view(q.codes.shape)
+        else:
+            x = q.codes.to(out.dtype)
         torch.mul(x, q.scales.to(out.dtype)[..., None], out=x)
         out.index_copy_(0, idx, x)
         return
