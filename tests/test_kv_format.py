@@ -107,6 +107,19 @@ def test_round_trip_through_a_shared_tier(kv_format, shared, device, tmp_path, r
     device pool (Triton) after one packed host -> device copy a batch."""
     kw = disk(tmp_path) if shared == "disk" else {"redis_url": redis_server.url}
     kw["device"] = device
+    round_trip(kv_format, shared, kw)
+
+
+@pytest.mark.parametrize("kv_format", FORMATS)
+def test_round_trip_through_a_real_daemon(kv_format):
+    """The daemon stores compressed blobs as given (it verifies them, format and all)."""
+    from bench.servers import DaemonProcess
+
+    with DaemonProcess(["--host-bytes", "64MiB"]) as daemon:
+        round_trip(kv_format, "remote", {"remote_url": daemon.url})
+
+
+def round_trip(kv_format: str, shared: str, kw: dict) -> None:
     first = make_store(kv_format, gpu_blocks=16, **kw)
     toks = tokens(1, 6 * BS + 1)
     assert serve(first, toks, kv_format) == {}
