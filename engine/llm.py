@@ -35,6 +35,7 @@ from kvstore.store import KVStore
 from kvstore.units import format_size
 from kvstore.urls import redact_url
 from radix import Namespace
+from radix.hashing import KV_FORMATS
 from tiers.layout import KVLayout
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -58,7 +59,9 @@ class EngineConfig:
     ``config.json``) with ``tokenizer`` ``None`` (token ids only) or ``"smollm2"``
     (:func:`engine.loader.dummy_model`). ``kv_events_url``: a Redis URL to publish KV
     events to for routers (``kvstore.events``; ``None``: none), as ``replica_id``
-    (``""``: hostname and process id).
+    (``""``: hostname and process id). ``kv_format``: format of the blocks in the shared
+    tiers, ``exact`` (default), ``int8`` or ``fp8`` (:class:`kvstore.config.StoreConfig`;
+    the device and host pools stay exact).
     """
 
     model: str = "smollm2"
@@ -86,6 +89,7 @@ class EngineConfig:
     tokenizer: str | None = None
     kv_events_url: str | None = None
     replica_id: str = ""
+    kv_format: str = "exact"
 
     def __post_init__(self) -> None:
         if self.gpu_blocks is not None and self.gpu_blocks < 1:
@@ -102,6 +106,9 @@ class EngineConfig:
             _check_device(self.device)
         if not 0 < self.gpu_memory_fraction <= 0.95:
             raise ValueError("gpu_memory_fraction must be in (0, 0.95]")
+        if self.kv_format not in KV_FORMATS:
+            raise ValueError(f"kv_format must be one of {', '.join(KV_FORMATS)} "
+                             f"(--kv-format), got {self.kv_format!r}")
 
 
 class LLM:
@@ -132,9 +139,9 @@ class LLM:
             disk_path=disk, disk_bytes=cfg.disk_bytes if disk else 0,
             redis_url=cfg.redis_url, remote_url=cfg.remote_url,
             auth_token=cfg.auth_token if cfg.auth_token is not None else env.daemon_token(),
-            policy=cfg.policy, device=str(device))
+            policy=cfg.policy, device=str(device), kv_format=cfg.kv_format)
         self.namespace = Namespace(loaded.fingerprint, layout.dtype, cfg.block_size,
-                                   tenant=cfg.tenant)
+                                   tenant=cfg.tenant, kv_format=cfg.kv_format)
         self.replica_id = cfg.replica_id or _default_replica_id()
         events = open_events(cfg.kv_events_url, self.replica_id, self.namespace.root())
         self.store = KVStore(store_cfg, events=events)

@@ -14,6 +14,7 @@ from typing import Any
 from kvstore import env
 from kvstore.args import add_device_argument, add_dtype_argument, size_arg
 from kvstore.config import POLICIES
+from radix.hashing import KV_FORMATS
 
 DEFAULT_HOST_BYTES = 1 << 30
 DEFAULT_DISK_BYTES = 4 << 30
@@ -67,6 +68,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                             "computed. Either way committed blocks are published to the "
                             "shared tiers (disk, Redis, daemon) at once, in the background "
                             "(default: %(default)s)")
+    tiers.add_argument("--kv-format", default="exact", choices=KV_FORMATS,
+                       help="format of the blocks in the shared tiers (disk, Redis, daemon): "
+                            "exact keeps the model's KV bytes; int8 and fp8 store one byte a "
+                            "value plus a bf16 scale per head vector (about half of bf16: "
+                            "twice the blocks per byte and faster loads, at a small accuracy "
+                            "cost, see docs/kv_format.md). The device and host pools stay "
+                            "exact; stores of different formats never share blocks "
+                            "(default: %(default)s)")
     tiers.add_argument("--no-prefix-reuse", action="store_true",
                        help="never reuse cached prefixes (for comparisons)")
     return model
@@ -85,7 +94,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"device": args.device, "dtype": args.dtype, "gpu_kv_bytes": args.gpu_kv_bytes,
             "host_bytes": args.host_bytes, "disk_path": disk_path(args),
             "disk_bytes": args.disk_bytes, "redis_url": args.redis,
-            "remote_url": args.remote, "policy": args.policy,
+            "remote_url": args.remote, "policy": args.policy, "kv_format": args.kv_format,
             "enable_cache": not args.no_prefix_reuse,
             "model_cache_dir": args.model_cache_dir, "load_format": args.load_format,
             "tokenizer": args.tokenizer}

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from radix.eviction import DEFAULT_KNEE_TOKENS, EVICTIONS, Eviction
+from radix.hashing import KV_FORMATS
+from tiers.codec import payload_bytes
 from tiers.layout import KVLayout
 
 Policy = Literal["write-back", "write-through"]
@@ -54,6 +56,13 @@ class StoreConfig:
     - ``redis_ttl_s``: expiry of blocks written to Redis; ``None`` = none.
     - ``namespace``: key prefix in Redis and the daemon (separates deployments).
     - ``auth_token``: bearer token for the daemon; ``None`` = none.
+    - ``kv_format``: format of the blocks in the shared tiers (disk, Redis, daemon):
+      ``exact`` (the default: the GPU pool's bytes), or ``int8``/``fp8`` (``tiers.quant``:
+      one byte a value plus a bf16 scale per head vector, about half of bf16). Blocks are
+      quantized on the way down and dequantized into GPU slots on the way up; the GPU and
+      host pools always hold exact KV. The namespace names the format
+      (``Namespace.kv_format`` must equal it), so stores of different formats never
+      read each other's blocks.
     """
 
     layout: KVLayout | None
@@ -78,6 +87,7 @@ class StoreConfig:
     publish_queue_bytes: int = 256 << 20
     load_workers: int = 8
     load_batch_bytes: int = 16 << 20
+    kv_format: str = "exact"
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -117,6 +127,9 @@ class StoreConfig:
             need(self.disk_path is None and self.redis_url is None and self.remote_url is None,
                  "simulation mode (layout=None) takes capacities in blocks "
                  "(disk_blocks, redis_blocks), not paths or URLs")
+        need(self.kv_format in KV_FORMATS,
+             f"kv_format must be one of {', '.join(KV_FORMATS)} (--kv-format), got "
+             f"{self.kv_format!r}")
         need(self.redis_ttl_s is None or self.redis_ttl_s > 0,
              f"redis_ttl_s must be None or positive seconds, got {self.redis_ttl_s!r}")
 
@@ -135,6 +148,12 @@ class StoreConfig:
     def simulated(self) -> bool:
         return self.layout is None
 
+    @property
+    def shared_block_bytes(self) -> int:
+        """Payload bytes of one block in the shared tiers (``kv_format``); needs a layout."""
+        assert self.layout is not None, "simulation mode has no block bytes"
+        return payload_bytes(self.layout, self.kv_format)
+
     def shared_capacity(self, tier: str) -> int:
         """Blocks of shared tier ``tier`` the index tracks (0: tier absent)."""
         if tier == "disk":
@@ -143,7 +162,7 @@ class StoreConfig:
             if self.disk_path is None:
                 return 0
             assert self.layout is not None
-            return self.disk_blocks or max(1, self.disk_bytes // self.layout.block_bytes)
+            return self.disk_blocks or max(1, self.disk_bytes // self.shared_block_bytes)
         if tier == "redis":
             if self.simulated:
                 return self.redis_blocks

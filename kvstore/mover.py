@@ -17,6 +17,17 @@
   copy runs on the GPU. The first block that is missing or corrupt ends the hit:
   blocks after it are not used (the engine recomputes them); batches wholly after a
   known failure are skipped.
+- KV format (:data:`MoverConfig.kv_format`): with ``int8``/``fp8`` the shared tiers
+  hold compressed blocks (``tiers.quant``). A block is quantized on its way down:
+  publication and write-through quantize the GPU slots on the device (the Triton kernel
+  on CUDA, on the side stream) and copy the half-size payloads into the pinned
+  publication queue; demotion from the host pool quantizes the host copy with the torch
+  reference. It is dequantized on its way up: a load worker stages the
+  compressed payloads of its batch in its pinned lane (all codes, then all scales),
+  copies those half-size bytes to the device in one host -> device copy and
+  dequantizes them straight into the destination GPU slots (``quant.dequantize_into``:
+  the Triton kernel on CUDA, the torch reference on CPU). The GPU and host pools always
+  hold exact KV; shared -> shared copies move blobs unchanged.
 - Publication (:meth:`BlockMover.publish`): committed blocks are snapshotted on the
   GPU side stream into a bounded pinned queue (:data:`MoverConfig.publish_queue_bytes`)
   and written to the shared tiers by one background thread; a full queue drops
@@ -31,6 +42,7 @@ them.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -40,14 +52,16 @@ from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvstore.cascade import LoadMeasure, LoadRequest, Published
 from radix import Moved, Node
+from tiers import quant
 from tiers.base import HashTier
-from tiers.codec import Corrupt, decode_block, encode_block
+from tiers.codec import Corrupt, decode_block, encode_block, payload_bytes
 from tiers.layout import KVLayout
-from tiers.pool import GPUPool, HostPool, SlotPool, Transfer, copy_slots
+from tiers.pool import GPUPool, HostPool, SlotPool, Transfer, copy_slots, side_stream
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +77,14 @@ class MoverConfig:
     payload bytes one worker reads and copies at a time (its pinned staging lane).
     ``publish_queue_bytes``: pinned bytes of committed blocks waiting to be written to
     the shared tiers (the bounded publication queue); 0 disables publication.
+    ``kv_format``: format of the blocks in the shared tiers (``exact``, ``int8``,
+    ``fp8``).
     """
 
     load_workers: int = 8
     load_batch_bytes: int = 16 << 20
     publish_queue_bytes: int = 256 << 20
+    kv_format: str = "exact"
 
 
 @dataclass
@@ -182,6 +199,50 @@ class _Staging:
         self._free.put(lane)
 
 
+class _CompressedStaging:
+    """Staging lanes of compressed blocks: per lane, pinned (with CUDA) bytes for
+    ``lane_blocks`` compressed payloads packed as all codes then all scales
+    (:func:`tiers.quant.packed_view`), a scratch row of scales per block (packed after
+    the codes once the batch's good run is known) and, on CUDA, the device bytes the
+    lane is copied to."""
+
+    def __init__(self, layout: KVLayout, kv_format: str, lanes: int, lane_blocks: int,
+                 device: torch.device) -> None:
+        layers, two, bs, heads, dim = layout.block_shape
+        self.code_bytes = layers * two * bs * heads * dim
+        self.block_bytes = payload_bytes(layout, kv_format)
+        self.scale_bytes = self.block_bytes - self.code_bytes
+        pin = device.type == "cuda"
+        self.host = torch.empty((lanes, lane_blocks * self.block_bytes), dtype=torch.uint8,
+                                pin_memory=pin)
+        self.host_np = self.host.numpy()
+        self.scales = np.empty((lanes, lane_blocks, self.scale_bytes), dtype=np.uint8)
+        self.device = (torch.empty((lanes, lane_blocks * self.block_bytes), dtype=torch.uint8,
+                                   device=device) if pin else None)
+        self._free: SimpleQueue[int] = SimpleQueue()
+        for i in range(lanes):
+            self._free.put(i)
+
+    def take(self) -> int:
+        return self._free.get()
+
+    def give(self, lane: int) -> None:
+        self._free.put(lane)
+
+    def put(self, lane: int, i: int, payload: memoryview | bytes) -> None:
+        """Stage block ``i`` of ``lane`` (numpy copies: they release the GIL)."""
+        src = np.frombuffer(payload, dtype=np.uint8)
+        c = self.code_bytes
+        self.host_np[lane, i * c:(i + 1) * c] = src[:c]
+        self.scales[lane, i] = src[c:]
+
+    def pack(self, lane: int, n: int) -> torch.Tensor:
+        """The first ``n`` blocks of ``lane`` packed (codes, then scales): host bytes."""
+        c = n * self.code_bytes
+        self.host_np[lane, c:c + n * self.scale_bytes] = self.scales[lane, :n].reshape(-1)
+        return self.host[lane, :n * self.block_bytes]
+
+
 class BlockMover:
     """Copies blocks for the store; counts blocks moved per direction and corrupt blocks.
 
@@ -204,10 +265,15 @@ class BlockMover:
         self._lock = threading.Lock()
         self._host_pending: list[Transfer] = []
         self._cuda = gpu.device.type == "cuda"
-        self._lane_blocks = max(1, cfg.load_batch_bytes // layout.block_bytes)
+        self.kv_format = cfg.kv_format
+        self._compressed = cfg.kv_format != "exact"
+        self._lane_blocks = max(1, cfg.load_batch_bytes // payload_bytes(layout, cfg.kv_format))
         # Made up front (pinned allocation is slow): a first load pays no set-up.
-        self._staging = _Staging(layout, cfg.load_workers, self._lane_blocks) if shared \
-            else None
+        self._staging = _Staging(layout, cfg.load_workers, self._lane_blocks) \
+            if shared and not self._compressed else None
+        self._cstaging = _CompressedStaging(layout, cfg.kv_format, cfg.load_workers,
+                                            self._lane_blocks, gpu.device) \
+            if shared and self._compressed else None
         self._loaders = ThreadPoolExecutor(max_workers=cfg.load_workers,
                                            thread_name_prefix="kv-load") if shared else None
         pub_slots = cfg.publish_queue_bytes // layout.block_bytes if shared else 0
@@ -259,7 +325,7 @@ class BlockMover:
         nodes = [m.node for m in moved]
         if src == "host":
             self.host_barrier()
-            items = [self._encode(n, self.host.to_bytes(m.src)) for n, m in zip(nodes, moved)]
+            items = self._encode_slots(nodes, self.host, [m.src for m in moved])
         elif src not in POOL_TIERS:
             keys = [n.key for n in nodes]
             blobs = self._get(src, keys)
@@ -270,8 +336,17 @@ class BlockMover:
         self._count(f"{src}->{dst}", len(stored))
         return [n for n in nodes if n.key not in stored]
 
-    def _encode(self, node: Node, payload: memoryview | bytes) -> tuple[bytes, bytes]:
-        return node.key, encode_block(node.key, node.parent_key, node.tokens, self.layout, payload)
+    def _encode_slots(self, nodes: Sequence[Node], pool: SlotPool, slots: Sequence[int]
+                      ) -> list[tuple[bytes, bytes]]:
+        """``(key, blob)`` of each node from its slot of a CPU pool, in the shared tiers'
+        format (quantized here for a compressed one)."""
+        if not self._compressed:
+            return [(n.key, encode_block(n.key, n.parent_key, n.tokens, self.layout,
+                                         pool.to_bytes(s))) for n, s in zip(nodes, slots)]
+        q = quant.quantize(pool.tensor, self.kv_format, list(slots))
+        return [(n.key, encode_block(n.key, n.parent_key, n.tokens, self.layout,
+                                     quant.encode_payload(q, i), kv_format=self.kv_format))
+                for i, n in enumerate(nodes)]
 
     def _get(self, tier: str, keys: list[bytes]) -> list[bytes | None]:
         try:
@@ -359,6 +434,8 @@ class BlockMover:
         name = reqs[0].tier
         if state.failed_before(reqs[0].index):
             return _BatchResult(name, 0, reqs[0].index, time.perf_counter())
+        if self._compressed:
+            return self._load_compressed(reqs, state)
         assert self._staging is not None
         staging = self._staging
         lane = staging.take()
@@ -398,6 +475,67 @@ class BlockMover:
         self._count(f"{name}->gpu", ok)
         return _BatchResult(name, ok, failure, time.perf_counter())
 
+    def _load_compressed(self, reqs: list[LoadRequest], state: _LoadState) -> _BatchResult:
+        """:meth:`_load_batch` for compressed blocks: stage the payloads in the worker's
+        lane, one host -> device copy of the good run's packed bytes, then dequantize
+        them into the destination GPU slots."""
+        name = reqs[0].tier
+        staging = self._cstaging
+        assert staging is not None
+        lane = staging.take()
+        good = [False] * len(reqs)
+        bad: list[int] = []
+
+        def take(i: int, blob: bytes | memoryview) -> None:
+            r = reqs[i]
+            blk = decode_block(blob, expected_key=r.key, layout=self.layout,
+                               verify_checksum=False, kv_format=self.kv_format)
+            if isinstance(blk, Corrupt) or blk.tokens != r.tokens or blk.parent != r.parent:
+                bad.append(i)
+                return
+            staging.put(lane, i, blk.payload)
+            good[i] = True
+
+        try:
+            tier = self.shared[name]
+            try:
+                tier.get_into([r.key for r in reqs], take)
+            except Exception:  # a tier must not raise; if one does, the rest is a miss
+                logger.exception("tier %s raised on get", name)
+            ok = good.index(False) if False in good else len(good)
+            if bad:
+                with self._lock:
+                    self.corrupt += len(bad)
+                tier.delete([reqs[i].key for i in bad])
+            if ok:
+                packed = staging.pack(lane, ok)
+                slots = [r.slot for r in reqs[:ok]]
+                if staging.device is None:
+                    quant.dequantize_into(
+                        quant.packed_view(packed, self.layout, self.kv_format, ok),
+                        self.gpu.tensor, slots)
+                else:
+                    stream = side_stream(self.gpu.device)
+                    with torch.cuda.stream(stream):
+                        if state.ready is not None:
+                            stream.wait_event(state.ready)
+                        dev = staging.device[lane, :packed.numel()]
+                        dev.copy_(packed, non_blocking=True)
+                        quant.dequantize_into(
+                            quant.packed_view(dev, self.layout, self.kv_format, ok),
+                            self.gpu.tensor, torch.tensor(slots).to(dev.device,
+                                                                    non_blocking=False))
+                        done = torch.cuda.Event()
+                        done.record(stream)
+                    done.synchronize()  # the lane's bytes may be reused after this
+        finally:
+            staging.give(lane)
+        failure = reqs[ok].index if ok < len(reqs) else None
+        if failure is not None:
+            state.fail(failure)
+        self._count(f"{name}->gpu", ok)
+        return _BatchResult(name, ok, failure, time.perf_counter())
+
     # ------------------------------------------------------------ publication
 
     def publish(self, nodes: Sequence[Node], gpu_slots: Sequence[int]) -> int:
@@ -417,19 +555,70 @@ class BlockMover:
             return 0
         assert pool is not None
         slots = list(pool.alloc(n).slots)
+        batch = list(nodes[:n])
+        if self._compressed:
+            ready = self._snapshot_compressed(list(gpu_slots[:n]), pool, slots)
+            self._publisher.submit(self._publish_job, batch, slots, ready)
+            return n
         t = copy_slots(self.gpu, gpu_slots[:n], pool, slots)
         if self._cuda:
             t.wait_on_stream(torch.cuda.current_stream(self.gpu.device))
-        batch = list(nodes[:n])
         self._publisher.submit(self._publish_job, batch, slots, t)
         return n
 
-    def _publish_job(self, nodes: list[Node], slots: list[int], t: Transfer) -> None:
+    def _snapshot_compressed(self, gpu_slots: list[int], pool: HostPool, slots: list[int]
+                             ) -> torch.cuda.Event | None:
+        """Quantize GPU slots on the device (Triton on CUDA, on the side stream after the
+        compute that wrote them) and copy each compressed payload (codes, then scales:
+        ``quant.encode_payload``'s bytes) into the first bytes of its publication slot,
+        so half the bytes cross to the host. Returns the event the copies end at (CUDA);
+        the compute stream waits only for the quantization, so the GPU slots may be
+        reused at once."""
+        code_bytes = math.prod(self.layout.block_shape)  # one byte a value
+        cbytes = payload_bytes(self.layout, self.kv_format)
+        if not self._cuda:
+            q = quant.quantize(self.gpu.tensor, self.kv_format, gpu_slots)
+            self._pack_into(q, pool, slots, code_bytes, cbytes)
+            return None
+        device = self.gpu.device
+        stream = side_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            q = quant.quantize(self.gpu.tensor, self.kv_format, gpu_slots)
+            read = torch.cuda.Event()
+            read.record(stream)
+            self._pack_into(q, pool, slots, code_bytes, cbytes)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        torch.cuda.current_stream(device).wait_event(read)
+        return copied
+
+    @staticmethod
+    def _pack_into(q: quant.QuantizedBlocks, pool: HostPool, slots: list[int],
+                   code_bytes: int, cbytes: int) -> None:
+        codes = q.codes.view(torch.uint8).view(q.num_blocks, -1)
+        scales = q.scales.view(torch.uint8).view(q.num_blocks, -1)
+        for i, s in enumerate(slots):
+            dst = pool.tensor[s].view(-1).view(torch.uint8)
+            dst[:code_bytes].copy_(codes[i], non_blocking=True)
+            dst[code_bytes:cbytes].copy_(scales[i], non_blocking=True)
+
+    def _publish_job(self, nodes: list[Node], slots: list[int],
+                     ready: Transfer | torch.cuda.Event | None) -> None:
         pool = self._pub_pool
         assert pool is not None
         try:
-            t.wait()
-            items = [self._encode(n, pool.to_bytes(s)) for n, s in zip(nodes, slots)]
+            if isinstance(ready, Transfer):
+                ready.wait()
+                items = self._encode_slots(nodes, pool, slots)
+            else:  # compressed payloads already packed into the slots' first bytes
+                if ready is not None:
+                    ready.synchronize()
+                cbytes = payload_bytes(self.layout, self.kv_format)
+                items = [(n.key, encode_block(n.key, n.parent_key, n.tokens, self.layout,
+                                              pool.to_bytes(s)[:cbytes],
+                                              kv_format=self.kv_format))
+                         for n, s in zip(nodes, slots)]
         finally:
             pool.free(slots)
         for name in self.shared:

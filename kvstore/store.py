@@ -289,7 +289,8 @@ class KVStore:
         publish = config.publish or config.policy == "write-through"
         self.mover = BlockMover(config.layout, self.gpu, self.host, self.shared_tiers,
                                 MoverConfig(config.load_workers, config.load_batch_bytes,
-                                            config.publish_queue_bytes if publish else 0))
+                                            config.publish_queue_bytes if publish else 0,
+                                            config.kv_format))
 
     # ------------------------------------------------------------------ match
 
@@ -298,6 +299,10 @@ class KVStore:
         if namespace.block_size != self.block_size:
             raise ValueError(f"namespace block_size {namespace.block_size} differs from the "
                              f"store's {self.block_size}")
+        if namespace.kv_format != self.config.kv_format:
+            raise ValueError(f"namespace kv_format {namespace.kv_format} differs from the "
+                             f"store's {self.config.kv_format}; build the namespace with "
+                             f"kv_format=StoreConfig.kv_format")
         return hash_blocks(namespace.root(), token_ids, self.block_size)
 
     def match(self, chain: BlockChain, max_blocks: int | None = None) -> StoreMatch:

@@ -27,6 +27,7 @@ from tiers.codec import (
     Corrupt,
     decode_block,
     encode_block,
+    payload_bytes,
     verify_block,
 )
 from tiers.layout import KVLayout
@@ -407,3 +408,94 @@ def test_fuzz_round_trip_any_layout(layers: int, heads: int, head_dim: int, bloc
     assert (block.key, block.parent, block.tokens, block.shape, block.dtype) == (
         key, parent, tokens, layout.block_shape, dtype)
     assert bytes(block.payload) == payload
+
+
+# ------------------------------------------------------------------- KV formats
+
+
+@pytest.mark.parametrize("layout,size,digest", [
+    (SMALL, 307, "ced52a620bd6c811"),
+    (KVLayout(num_layers=30, num_kv_heads=3, head_dim=64), 368823, "8bbb5bd8ce78721d"),
+], ids=["small", "smollm2"])
+def test_exact_blobs_are_byte_identical_to_before_formats(layout: KVLayout, size: int,
+                                                          digest: str) -> None:
+    """Exact blobs carry no format field: the bytes (digests taken from the codec before
+    KV formats existed) are unchanged, so every stored exact block stays readable."""
+    key, _, _, _, blob = make_block(layout, seed=3)
+    assert len(blob) == size
+    assert xxhash.xxh3_64_hexdigest(blob) == digest
+    assert "kf" not in split(blob)[0]
+    block = decode_block(blob, expected_key=key, layout=layout, kv_format="exact")
+    assert isinstance(block, Block) and block.kv_format == "exact"
+
+
+def compressed_block(layout: KVLayout, kv_format: str, seed: int = 0
+                     ) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """``(key, parent, tokens, payload, blob)`` of a compressed block (real quantized KV)."""
+    import torch
+
+    from tiers import quant
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.randn((1, *layout.block_shape), generator=gen).to(
+        getattr(torch, layout.dtype))
+    payload = quant.encode_payload(quant.quantize(blocks, kv_format))
+    parent = Namespace(model=f"test-{seed}", kv_format=kv_format).root()
+    tokens = token_bytes(range(seed, seed + layout.block_size))
+    key = chain_key(parent, tokens)
+    return key, parent, tokens, payload, encode_block(key, parent, tokens, layout, payload,
+                                                      kv_format=kv_format)
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "fp8"])
+def test_compressed_round_trip_and_header(kv_format: str) -> None:
+    from tiers import quant
+    layout = KVLayout(num_layers=2, num_kv_heads=3, head_dim=64, dtype="bfloat16")
+    key, parent, tokens, payload, blob = compressed_block(layout, kv_format, seed=5)
+    assert payload_bytes(layout, kv_format) == quant.compressed_block_bytes(layout, kv_format)
+    assert len(payload) == payload_bytes(layout, kv_format) <= 0.52 * layout.block_bytes
+    header, body = split(blob)
+    assert header["kf"] == kv_format and header["len"] == len(payload) and body == payload
+    for fmt in (kv_format, None):
+        block = decode_block(blob, expected_key=key, layout=layout, kv_format=fmt)
+        assert isinstance(block, Block)
+        assert block.kv_format == kv_format and bytes(block.payload) == payload
+        assert (block.parent, block.tokens, block.shape) == (parent, tokens,
+                                                             layout.block_shape)
+    assert verify_block(blob, key)
+    # a reader of another format gets a miss, never KV it would misread
+    assert_corrupt(decode_block(blob, kv_format="exact"), "format")
+    other = "fp8" if kv_format == "int8" else "int8"
+    assert_corrupt(decode_block(blob, kv_format=other), "format")
+    # first decode through the full parser (fields in another order) agrees
+    reordered = rebuild(blob, lambda h: h.update(dict(reversed(list(h.items())))))
+    block = decode_block(reordered, expected_key=key, kv_format=kv_format)
+    assert isinstance(block, Block) and bytes(block.payload) == payload
+
+
+def test_format_field_errors_are_corrupt() -> None:
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16")
+    key, _, _, payload, blob = compressed_block(layout, "int8", seed=2)
+    assert_corrupt(decode_block(rebuild(blob, lambda h: h.update(kf="int4"))), "format")
+    assert_corrupt(decode_block(rebuild(blob, lambda h: h.update(kf="exact"))), "format")
+    assert_corrupt(decode_block(rebuild(blob, lambda h: h.update(kf=8))), "format")
+    # a compressed payload under an exact header (or the reverse) is a length mismatch
+    assert_corrupt(decode_block(rebuild(blob, lambda h: h.pop("kf"))), "length")
+    _, _, _, _, exact = make_block(layout, seed=2)
+    assert_corrupt(decode_block(rebuild(exact, lambda h: h.update(kf="fp8"))), "length")
+    # every single-byte change of a compressed blob is caught
+    for i in range(0, len(blob), 7):
+        damaged = bytearray(blob)
+        damaged[i] ^= 0x01
+        assert isinstance(decode_block(bytes(damaged), expected_key=key), Corrupt), i
+
+
+def test_encode_checks_the_format_and_its_payload_size() -> None:
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16")
+    key, parent, tokens, payload, _ = make_block(layout, seed=1)
+    with pytest.raises(ValueError, match="kv_format must be one of"):
+        encode_block(key, parent, tokens, layout, payload, kv_format="int4")
+    with pytest.raises(ValueError, match="int8 needs"):
+        encode_block(key, parent, tokens, layout, payload, kv_format="int8")
+    short = payload[:payload_bytes(layout, "int8")]
+    assert isinstance(decode_block(encode_block(key, parent, tokens, layout, short,
+                                                kv_format="int8"), kv_format="int8"), Block)

@@ -15,6 +15,15 @@ The header is a msgpack map with exactly these fields:
     ``key``  the block's key (16 bytes), equal to ``chain_key(par, tok)``
     ``len``  payload length (bytes)
     ``sum``  xxh3-64 digest of the payload (8 bytes)
+    ``kf``   KV format (str, ``"int8"`` or ``"fp8"``), present only for a compressed
+             block; an exact block has no ``kf`` field, so its blob is byte for byte
+             what it was before formats existed
+
+The payload of an exact block is the block's values in the layout's dtype
+(``layout.block_bytes``); that of a compressed block is :func:`tiers.quant.encode_payload`'s
+codes and scales (:func:`payload_bytes`, about half). The namespace names the format too
+(:attr:`radix.hashing.Namespace.kv_format`), so exact and compressed blocks never share a
+key; the header field lets a reader refuse a block of another format as :class:`Corrupt`.
 
 Contracts:
 
@@ -39,7 +48,7 @@ from typing import Any, NamedTuple
 import msgpack
 import xxhash
 
-from radix.hashing import KEY_BYTES, chain_key
+from radix.hashing import KEY_BYTES, KV_FORMATS, chain_key
 from tiers.layout import DTYPE_BYTES, KVLayout
 
 MAGIC = b"KVB1"
@@ -58,6 +67,10 @@ MAX_HEADER_BYTES = 1 << 20
 """Largest header :func:`decode_block` will parse (bytes); real headers are ~200 bytes."""
 
 _HEADER_FIELDS = frozenset(("v", "lf", "dt", "sh", "tok", "par", "key", "len", "sum"))
+_FORMAT_FIELD = "kf"
+_COMPRESSED_FIELDS = _HEADER_FIELDS | {_FORMAT_FIELD}
+SCALE_BYTES = 2
+"""Bytes of one per-head-vector scale of a compressed block (bf16; as ``tiers.quant``)."""
 _LEN = struct.Struct("<I")
 _PREFIX = struct.Struct("<4sI")
 _xxh3_64 = xxhash.xxh3_64_digest
@@ -68,7 +81,8 @@ class Block:
     """A decoded, verified block.
 
     ``tokens`` are little-endian int32 token ids; ``payload`` is ``prod(shape)`` elements
-    of ``dtype`` (bytes), a zero-copy view into the decoded blob.
+    of ``dtype`` (bytes) when ``kv_format`` is ``"exact"``, else the compressed block's
+    codes and scales (:func:`payload_bytes`); a zero-copy view into the decoded blob.
     """
 
     key: bytes
@@ -78,6 +92,7 @@ class Block:
     dtype: str
     shape: tuple[int, ...]
     payload: memoryview | bytes
+    kv_format: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -87,15 +102,35 @@ class Corrupt:
     reason: str
 
 
+def check_kv_format(kv_format: str) -> None:
+    """Raise ``ValueError`` unless ``kv_format`` is one of :data:`KV_FORMATS`."""
+    if kv_format not in KV_FORMATS:
+        raise ValueError(f"kv_format must be one of {', '.join(KV_FORMATS)}, "
+                         f"got {kv_format!r}")
+
+
+def payload_bytes(layout: KVLayout, kv_format: str = "exact") -> int:
+    """Bytes of one block's payload in ``kv_format``: ``layout.block_bytes`` for exact;
+    one byte a value plus one bf16 scale per head vector for ``int8``/``fp8`` (equal to
+    :func:`tiers.quant.compressed_block_bytes`, computed here without torch)."""
+    check_kv_format(kv_format)
+    if kv_format == "exact":
+        return layout.block_bytes
+    layers, two, bs, heads, dim = layout.block_shape
+    return layers * two * bs * heads * (dim + SCALE_BYTES)
+
+
 def encode_block(key: bytes, parent: bytes, tokens: bytes, layout: KVLayout,
-                 payload: bytes | memoryview) -> bytes:
+                 payload: bytes | memoryview, kv_format: str = "exact") -> bytes:
     """Serialize one block.
 
     ``key`` and ``parent`` are 16-byte block keys with ``key == chain_key(parent, tokens)``,
     ``tokens`` the block's ``layout.block_size`` token ids as little-endian int32 bytes, and
-    ``payload`` exactly ``layout.block_bytes`` bytes in the layout's block shape.
+    ``payload`` exactly :func:`payload_bytes` ``(layout, kv_format)`` bytes: the block in
+    the layout's shape and dtype (exact), or :func:`tiers.quant.encode_payload`'s bytes.
     Raises ``ValueError`` when any of these does not hold. Copies the payload once.
     """
+    check_kv_format(kv_format)
     if not isinstance(key, bytes) or len(key) != KEY_BYTES:
         raise ValueError(f"key must be {KEY_BYTES} bytes")
     if not isinstance(parent, bytes) or len(parent) != KEY_BYTES:
@@ -106,29 +141,32 @@ def encode_block(key: bytes, parent: bytes, tokens: bytes, layout: KVLayout,
     if chain_key(parent, tokens) != key:
         raise ValueError("key is not chain_key(parent, tokens)")
     view = memoryview(payload)
-    if view.nbytes != layout.block_bytes:
-        raise ValueError(
-            f"payload is {view.nbytes} bytes, layout {layout} needs {layout.block_bytes}")
+    facts = _facts_of(layout, kv_format)
+    if view.nbytes != facts.payload_bytes:
+        raise ValueError(f"payload is {view.nbytes} bytes, layout {layout} in format "
+                         f"{kv_format} needs {facts.payload_bytes}")
     if not view.c_contiguous:
         raise ValueError("payload must be C-contiguous")
     view = view.cast("B")
-    template = _template(_facts_of(layout))
+    template = _template(facts)
     header = template.fill(tokens, parent, key, _xxh3_64(view))
     return b"".join((MAGIC, template.header_len_bytes, header, view))
 
 
 @dataclass(frozen=True)
 class _LayoutFacts:
-    """What a header's shape and dtype imply, computed once per distinct layout."""
+    """What a header's shape, dtype and format imply, computed once per distinct pair
+    of layout and format."""
 
     layout: KVLayout
+    kv_format: str
     shape: tuple[int, ...]
     fingerprint: bytes
     payload_bytes: int
     token_bytes: int
 
 
-def _layout_facts(shape_list: list[Any], dtype: str) -> _LayoutFacts | None:
+def _layout_facts(shape_list: list[Any], dtype: str, kv_format: str) -> _LayoutFacts | None:
     """Facts about the layout a header's shape and dtype describe, ``None`` if none.
 
     Element types are checked before the cached lookup: ``True`` and ``1.0`` hash and
@@ -139,32 +177,34 @@ def _layout_facts(shape_list: list[Any], dtype: str) -> _LayoutFacts | None:
     for d in shape_list:
         if type(d) is not int or not 0 < d < (1 << 31):
             return None
-    return _cached_facts(tuple(shape_list), dtype)
+    return _cached_facts(tuple(shape_list), dtype, kv_format)
 
 
 @lru_cache(maxsize=256)
-def _cached_facts(shape: tuple[int, ...], dtype: str) -> _LayoutFacts | None:
+def _cached_facts(shape: tuple[int, ...], dtype: str, kv_format: str) -> _LayoutFacts | None:
     if shape[1] != 2 or dtype not in DTYPE_BYTES:
         return None
     layers, _, block_size, kv_heads, head_dim = shape
     return _facts_of(KVLayout(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
-                              block_size=block_size, dtype=dtype))
+                              block_size=block_size, dtype=dtype), kv_format)
 
 
 @lru_cache(maxsize=256)
-def _facts_of(layout: KVLayout) -> _LayoutFacts:
-    return _LayoutFacts(layout=layout, shape=layout.block_shape,
-                        fingerprint=layout.fingerprint(), payload_bytes=layout.block_bytes,
+def _facts_of(layout: KVLayout, kv_format: str) -> _LayoutFacts:
+    return _LayoutFacts(layout=layout, kv_format=kv_format, shape=layout.block_shape,
+                        fingerprint=layout.fingerprint(),
+                        payload_bytes=payload_bytes(layout, kv_format),
                         token_bytes=4 * layout.block_size)
 
 
 @dataclass(frozen=True)
 class _Template:
-    """The canonical header of one layout: fixed bytes around four fixed-size holes.
+    """The canonical header of one (layout, format): fixed bytes around four fixed-size
+    holes.
 
     :func:`encode_block` writes exactly ``head + tok + seg1 + par + seg2 + key + seg3 +
     sum``. Every byte outside the holes is the msgpack of a field whose value the layout
-    fixes (version, fingerprint, dtype, shape, payload length) or of a key name or bin
+    fixes (version, fingerprint, dtype, shape, payload length, format) or of a key name or bin
     length, so a header that matches them byte for byte parses to the same map the full
     parser would accept: decode then only reads the holes.
     """
@@ -193,9 +233,15 @@ _MAX_TEMPLATES = 64
 
 @lru_cache(maxsize=_MAX_TEMPLATES)
 def _template(facts: _LayoutFacts) -> _Template:
-    """Build (once per layout) and register the canonical header template of a layout."""
+    """Build (once per layout and format) and register the canonical header template.
+
+    The format field comes first and only for a compressed format, so the exact
+    template (and every exact blob) is what it was before formats existed."""
     packer = msgpack.Packer(use_bin_type=True)
-    fields: list[tuple[str, Any]] = [
+    fields: list[tuple[str, Any]] = []
+    if facts.kv_format != "exact":
+        fields.append((_FORMAT_FIELD, facts.kv_format))
+    fields += [
         ("v", FORMAT_VERSION), ("lf", facts.fingerprint), ("dt", facts.layout.dtype),
         ("sh", list(facts.shape)), ("tok", bytes(facts.token_bytes)),
         ("par", bytes(KEY_BYTES)), ("key", bytes(KEY_BYTES)), ("len", facts.payload_bytes),
@@ -262,8 +308,12 @@ def _parse_header(header_view: memoryview, payload_len: int) -> tuple[
             max_array_len=16, max_map_len=16, max_ext_len=0)
     except Exception as exc:  # msgpack raises many unrelated types for bad input
         return Corrupt(f"header does not parse: {type(exc).__name__}")
-    if type(header) is not dict or header.keys() != _HEADER_FIELDS:
+    if type(header) is not dict or header.keys() not in (_HEADER_FIELDS, _COMPRESSED_FIELDS):
         return Corrupt("header fields")
+    kv_format = header.get(_FORMAT_FIELD, "exact")
+    if type(kv_format) is not str or kv_format not in KV_FORMATS or (
+            _FORMAT_FIELD in header and kv_format == "exact"):
+        return Corrupt("unknown KV format")
     version = header["v"]
     if type(version) is not int or version != FORMAT_VERSION:
         return Corrupt("unsupported format version")
@@ -274,7 +324,7 @@ def _parse_header(header_view: memoryview, payload_len: int) -> tuple[
     dtype, shape_list = header["dt"], header["sh"]
     if type(dtype) is not str or type(shape_list) is not list:
         return Corrupt("dtype or shape type")
-    facts = _layout_facts(shape_list, dtype)
+    facts = _layout_facts(shape_list, dtype, kv_format)
     if facts is None:
         return Corrupt("shape or dtype describe no layout")
     if header["lf"] != facts.fingerprint or type(header["lf"]) is not bytes:
@@ -290,8 +340,9 @@ def _parse_header(header_view: memoryview, payload_len: int) -> tuple[
     return facts, tokens, parent, key, checksum
 
 
-def _check(blob: bytes, expected_key: bytes | None, layout: KVLayout | None,
-           verify_checksum: bool = True) -> _Checked | Corrupt:
+def _check(blob: bytes | memoryview, expected_key: bytes | None, layout: KVLayout | None,
+           verify_checksum: bool = True, kv_format: str | None = None
+           ) -> _Checked | Corrupt:
     """Every check of :func:`decode_block`: the verified fields, or why not.
 
     A header in the canonical form of a layout seen before (all of ours) is matched
@@ -316,19 +367,22 @@ def _check(blob: bytes, expected_key: bytes | None, layout: KVLayout | None,
     if header_len > MAX_HEADER_BYTES or header_end > total:
         return Corrupt("bad header length")
     header_view = view[PREFIX_BYTES:header_end]
-    fields = _match_template(header_view)
-    if fields is None:
-        fields = _parse_header(header_view, total - header_end)
-        if isinstance(fields, Corrupt):
-            return fields
-        _template(fields[0])
-    facts, tokens, parent, key, checksum = fields
+    matched = _match_template(header_view)
+    if matched is None:
+        parsed = _parse_header(header_view, total - header_end)
+        if isinstance(parsed, Corrupt):
+            return parsed
+        _template(parsed[0])
+        matched = parsed
+    facts, tokens, parent, key, checksum = matched
     if total - header_end != facts.payload_bytes:
         return Corrupt("payload length does not match shape")
     if expected_key is not None and key != expected_key:
         return Corrupt("key differs from the expected key")
     if layout is not None and facts.layout != layout:
         return Corrupt("layout differs from the expected layout")
+    if kv_format is not None and facts.kv_format != kv_format:
+        return Corrupt("KV format differs from the expected format")
     if chain_key(parent, tokens) != key:
         return Corrupt("key is not chain_key(parent, tokens)")
     payload = view[header_end:]
@@ -338,12 +392,14 @@ def _check(blob: bytes, expected_key: bytes | None, layout: KVLayout | None,
 
 
 def decode_block(blob: bytes | memoryview, expected_key: bytes | None = None,
-                 layout: KVLayout | None = None, verify_checksum: bool = True
-                 ) -> Block | Corrupt:
+                 layout: KVLayout | None = None, verify_checksum: bool = True,
+                 kv_format: str | None = None) -> Block | Corrupt:
     """Parse and verify a serialized block; never raises.
 
     Accepts any bytes-like ``blob``. With ``expected_key``, the block's key must equal
-    it; with ``layout``, the block's fingerprint, dtype and shape must match it.
+    it; with ``layout``, the block's fingerprint, dtype and shape must match it; with
+    ``kv_format``, the block must be in that format (a block of another format is
+    :class:`Corrupt`; ``None`` accepts any).
     Returns a :class:`Block` whose payload is a read-only view into ``blob``, or
     :class:`Corrupt`.
 
@@ -353,13 +409,14 @@ def decode_block(blob: bytes | memoryview, expected_key: bytes | None = None,
     one core), so hashing each payload once instead of twice is what lets several
     loader threads scale.
     """
-    checked = _check(blob, expected_key, layout, verify_checksum)
+    checked = _check(blob, expected_key, layout, verify_checksum, kv_format)
     if isinstance(checked, Corrupt):
         return checked
     facts = checked.facts
     return Block(key=checked.key, parent=checked.parent, tokens=checked.tokens,
                  layout_fingerprint=facts.fingerprint, dtype=facts.layout.dtype,
-                 shape=facts.shape, payload=checked.payload.toreadonly())
+                 shape=facts.shape, payload=checked.payload.toreadonly(),
+                 kv_format=facts.kv_format)
 
 
 def verify_block(blob: bytes | memoryview, key: bytes) -> bool:
