@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.args import add_device_argument, add_hidden_alias
 from kvstore.config import StoreConfig
 from kvstore.store import Allocated, KVStore
 from radix import Namespace, hash_blocks
@@ -155,7 +156,8 @@ def format_table(rows: Sequence[Row], layout_name: str, n_blocks: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kvstore bench format`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="kvstore bench format",
         description="Bytes per block and load GB/s (exact-KV terms) of exact, int8 and fp8 "
@@ -172,17 +174,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated shared tiers: disk, redis (default: %(default)s)")
     parser.add_argument("--formats", default=",".join(KV_FORMATS),
                         help="comma-separated KV formats (default: %(default)s)")
-    parser.add_argument("--device", default=None,
-                        help="the pool blocks load into: cuda, cuda:N or cpu (default: cuda "
-                             "when present, else cpu)")
+    add_device_argument(parser, help="the pool blocks load into: cuda, cuda:N or cpu "
+                                     "(default: cuda when present, else cpu)")
     parser.add_argument("--load-workers", type=int, default=LOAD_WORKERS,
                         help="threads of the store's load pipeline; on a small CPU machine "
                              "use its core count, or Redis reads pass the tier's 0.1 s "
                              "timeout (default: %(default)s)")
-    parser.add_argument("--disk", "--dir", dest="dir", default=None, metavar="PATH",
+    parser.add_argument("--disk", dest="dir", default=None, metavar="PATH",
                         help="directory for the LMDB environments (default: a temp dir)")
+    add_hidden_alias(parser, "--dir", dest="dir")
     parser.add_argument("--quick", action="store_true",
                         help="32 blocks, 2 repeats: a smoke run, not a measurement")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     tiers = [t for t in args.tiers.split(",") if t]
     formats = [f for f in args.formats.split(",") if f]
