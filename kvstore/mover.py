@@ -46,7 +46,7 @@ import math
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from queue import SimpleQueue
@@ -439,50 +439,25 @@ class BlockMover:
         assert self._staging is not None
         staging = self._staging
         lane = staging.take()
-        good = [False] * len(reqs)
-        bad: list[int] = []
-
-        def take(i: int, blob: bytes | memoryview) -> None:
-            r = reqs[i]
-            blk = decode_block(blob, expected_key=r.key, layout=self.layout,
-                               verify_checksum=False)
-            if isinstance(blk, Corrupt) or blk.tokens != r.tokens or blk.parent != r.parent:
-                bad.append(i)
-                return
-            staging.pool.from_bytes(lane[i], blk.payload)
-            good[i] = True
-
         try:
-            tier = self.shared[name]
-            keys = [r.key for r in reqs]
-            try:
-                tier.get_into(keys, take)
-            except Exception:  # a tier must not raise; if one does, the rest is a miss
-                logger.exception("tier %s raised on get", name)
-            ok = good.index(False) if False in good else len(good)
-            if bad:
-                with self._lock:
-                    self.corrupt += len(bad)
-                tier.delete([reqs[i].key for i in bad])
+            ok = self._read_batch(reqs, lambda i, payload: staging.pool.from_bytes(
+                lane[i], payload))
             if ok:
                 copy_slots(staging.pool, lane[:ok], self.gpu, [r.slot for r in reqs[:ok]],
                            after=state.ready).wait()
         finally:
             staging.give(lane)
-        failure = reqs[ok].index if ok < len(reqs) else None
-        if failure is not None:
-            state.fail(failure)
-        self._count(f"{name}->gpu", ok)
-        return _BatchResult(name, ok, failure, time.perf_counter())
+        return self._landed(reqs, ok, state)
 
-    def _load_compressed(self, reqs: list[LoadRequest], state: _LoadState) -> _BatchResult:
-        """:meth:`_load_batch` for compressed blocks: stage the payloads in the worker's
-        lane, one host -> device copy of the good run's packed bytes, then dequantize
-        them into the destination GPU slots."""
+    def _read_batch(self, reqs: list[LoadRequest],
+                    stage: Callable[[int, memoryview | bytes], None]) -> int:
+        """Read one batch from its tier, check each block against its request (key,
+        parent, tokens, layout, format; the tier verified the checksum, per the
+        ``tiers.base`` contract) and hand each good payload to ``stage(i, payload)``.
+        Corrupt blocks are counted and deleted. Returns the length of the good run from
+        the batch's first block (what may be copied to the GPU)."""
         name = reqs[0].tier
-        staging = self._cstaging
-        assert staging is not None
-        lane = staging.take()
+        tier = self.shared[name]
         good = [False] * len(reqs)
         bad: list[int] = []
 
@@ -493,20 +468,37 @@ class BlockMover:
             if isinstance(blk, Corrupt) or blk.tokens != r.tokens or blk.parent != r.parent:
                 bad.append(i)
                 return
-            staging.put(lane, i, blk.payload)
+            stage(i, blk.payload)
             good[i] = True
 
         try:
-            tier = self.shared[name]
-            try:
-                tier.get_into([r.key for r in reqs], take)
-            except Exception:  # a tier must not raise; if one does, the rest is a miss
-                logger.exception("tier %s raised on get", name)
-            ok = good.index(False) if False in good else len(good)
-            if bad:
-                with self._lock:
-                    self.corrupt += len(bad)
-                tier.delete([reqs[i].key for i in bad])
+            tier.get_into([r.key for r in reqs], take)
+        except Exception:  # a tier must not raise; if one does, the rest is a miss
+            logger.exception("tier %s raised on get", name)
+        if bad:
+            with self._lock:
+                self.corrupt += len(bad)
+            tier.delete([reqs[i].key for i in bad])
+        return good.index(False) if False in good else len(good)
+
+    def _landed(self, reqs: list[LoadRequest], ok: int, state: _LoadState) -> _BatchResult:
+        """Record that the first ``ok`` blocks of a batch landed; the next one failed."""
+        failure = reqs[ok].index if ok < len(reqs) else None
+        if failure is not None:
+            state.fail(failure)
+        name = reqs[0].tier
+        self._count(f"{name}->gpu", ok)
+        return _BatchResult(name, ok, failure, time.perf_counter())
+
+    def _load_compressed(self, reqs: list[LoadRequest], state: _LoadState) -> _BatchResult:
+        """:meth:`_load_batch` for compressed blocks: stage the payloads in the worker's
+        lane, one host -> device copy of the good run's packed bytes, then dequantize
+        them into the destination GPU slots."""
+        staging = self._cstaging
+        assert staging is not None
+        lane = staging.take()
+        try:
+            ok = self._read_batch(reqs, lambda i, payload: staging.put(lane, i, payload))
             if ok:
                 packed = staging.pack(lane, ok)
                 slots = [r.slot for r in reqs[:ok]]
@@ -530,11 +522,7 @@ class BlockMover:
                     done.synchronize()  # the lane's bytes may be reused after this
         finally:
             staging.give(lane)
-        failure = reqs[ok].index if ok < len(reqs) else None
-        if failure is not None:
-            state.fail(failure)
-        self._count(f"{name}->gpu", ok)
-        return _BatchResult(name, ok, failure, time.perf_counter())
+        return self._landed(reqs, ok, state)
 
     # ------------------------------------------------------------ publication
 
