@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.device import bench_device
 from kvstore.args import add_device_argument, add_hidden_alias
 from kvstore.config import StoreConfig
 from kvstore.store import Allocated, KVStore
@@ -204,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--blocks and --repeats must be positive")
     if not 1 <= args.load_workers <= 256:
         parser.error("--load-workers must be in 1..256")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(bench_device(parser, args.device))
     layout = MODEL_LAYOUTS[args.model]
     setup = Setup(layout, n_blocks, device, args.load_workers)
     rows: list[Row] = []

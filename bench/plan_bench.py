@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.device import bench_device
 from bench.engine_bench import _random_model
 from kvstore import plan as kp
 from kvstore.args import SIZE_HELP, add_device_argument, size_arg
@@ -277,12 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cuda = torch.cuda.is_available()
     p = build_parser()
     args = p.parse_args(argv)
-    dev = torch.device(args.device or ("cuda" if cuda else "cpu"))
-    if dev.type == "cuda" and not cuda:
-        p.error("--device cuda but no CUDA device is present")
+    dev = bench_device(p, args.device)
     on_gpu = dev.type == "cuda"
     args.models = args.models or (["smollm2", "llama3-8b"] if on_gpu else ["smollm2"])
     args.context = args.context or (2048 if on_gpu else 64)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.device import bench_device
 from kvstore.args import SIZE_HELP, add_device_argument, size_arg
 from kvstore.units import parse_size
 
@@ -292,12 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cuda = torch.cuda.is_available()
     p = build_parser()
     args = p.parse_args(argv)
-    dev = torch.device(args.device or ("cuda" if cuda else "cpu"))
-    if dev.type == "cuda" and not cuda:
-        p.error("--device cuda: no CUDA GPU is visible")
+    dev = bench_device(p, args.device)
     on_gpu = dev.type == "cuda"
     defaults = dict(model="llama3-8b" if on_gpu else "smollm2",
                     weights="random" if on_gpu else "real",
