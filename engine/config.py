@@ -320,3 +320,68 @@ def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     return theta, RopeScaling(
         "llama3", float(spec["factor"]), float(spec["low_freq_factor"]),
         float(spec["high_freq_factor"]), int(spec["original_max_position_embeddings"]))
+
+
+# ------------------------------------------------------------------ named shapes
+
+_LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    "max_position_embeddings": 8192, "bos_token_id": 128000, "eos_token_id": 128001,
+    "torch_dtype": "bfloat16"}
+
+NAMED_SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+        "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+        "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "bfloat16"},
+    "llama3-8b": _LLAMA3_8B,
+    "llama3.1-8b": {
+        **_LLAMA3_8B, "max_position_embeddings": 131072,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "eos_token_id": [128001, 128008, 128009]},
+    "llama2-7b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+        "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "float16"},
+    "mistral-7b": {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32768,
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "sliding_window": None,
+        "max_position_embeddings": 32768, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "bfloat16"},
+    "qwen2-7b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064,
+        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "use_sliding_window": False, "tie_word_embeddings": False,
+        "max_position_embeddings": 32768, "bos_token_id": 151643, "eos_token_id": 151645,
+        "torch_dtype": "bfloat16"},
+    "qwen2-0.5b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
+        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "use_sliding_window": False, "tie_word_embeddings": True,
+        "max_position_embeddings": 32768, "bos_token_id": 151643, "eos_token_id": 151645,
+        "torch_dtype": "bfloat16"},
+    "llama2-13b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+        "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+        "num_attention_heads": 40, "num_key_value_heads": 40, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "max_position_embeddings": 4096,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"},
+    "llama3-70b": {**_LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672,
+                   "num_hidden_layers": 80, "num_attention_heads": 64},
+}
+"""Named model shapes (dummy weights, ``kvstore plan``): the ``config.json`` of the public
+checkpoints (Meta-Llama-3-8B and -70B, Llama-3.1-8B, Llama-2-7b and -13b,
+Mistral-7B-v0.3, Qwen2-7B, Qwen2-0.5B, SmolLM2-135M)."""

@@ -12,7 +12,7 @@ Three sources, one result (:class:`LoadedModel`, weights under Hugging Face name
   and written once as an fp32 Hugging Face checkpoint under the cache directory
   (``<cache_dir>/<name>-<source hash>``), so later loads are a safetensors read;
 - random weights (``load_format="dummy"``, :func:`dummy_model`) for a named shape
-  (:data:`DUMMY_SHAPES`: ``llama3-8b``, ``qwen2-7b``, ``smollm2``...) or any Hugging Face
+  (:data:`engine.config.NAMED_SHAPES`: ``llama3-8b``, ``qwen2-7b``, ``smollm2``...) or any Hugging Face
   ``config.json``, with no tokenizer (token ids in and out) or a named one. Weights are
   drawn on the target device from a generator seeded per tensor, so they are the same
   on every load, and they are made only while the model copies them in: an 8B model
@@ -46,7 +46,7 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.config import ModelConfig
+from engine.config import NAMED_SHAPES, ModelConfig
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -385,60 +385,6 @@ def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- dummy weights
 
-_LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-    "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-    "max_position_embeddings": 8192, "bos_token_id": 128000, "eos_token_id": 128001,
-    "torch_dtype": "bfloat16"}
-
-DUMMY_SHAPES: dict[str, dict[str, Any]] = {
-    "smollm2": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
-        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-        "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
-        "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2,
-        "torch_dtype": "bfloat16"},
-    "llama3-8b": _LLAMA3_8B,
-    "llama3.1-8b": {
-        **_LLAMA3_8B, "max_position_embeddings": 131072,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        "eos_token_id": [128001, 128008, 128009]},
-    "llama2-7b": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
-        "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
-        "torch_dtype": "float16"},
-    "mistral-7b": {
-        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32768,
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-        "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "sliding_window": None,
-        "max_position_embeddings": 32768, "bos_token_id": 1, "eos_token_id": 2,
-        "torch_dtype": "bfloat16"},
-    "qwen2-7b": {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064,
-        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6, "use_sliding_window": False, "tie_word_embeddings": False,
-        "max_position_embeddings": 32768, "bos_token_id": 151643, "eos_token_id": 151645,
-        "torch_dtype": "bfloat16"},
-    "qwen2-0.5b": {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
-        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-        "num_attention_heads": 14, "num_key_value_heads": 2, "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6, "use_sliding_window": False, "tie_word_embeddings": True,
-        "max_position_embeddings": 32768, "bos_token_id": 151643, "eos_token_id": 151645,
-        "torch_dtype": "bfloat16"},
-}
-"""Named model shapes for dummy weights: the ``config.json`` of the public checkpoints
-(Meta-Llama-3-8B, Llama-3.1-8B, Llama-2-7b, Mistral-7B-v0.3, Qwen2-7B, Qwen2-0.5B,
-SmolLM2-135M)."""
-
 DUMMY_STD = 0.02
 """Standard deviation of dummy projection and embedding weights (Hugging Face's
 ``initializer_range``): with unit RMSNorm weights, activations stay O(1-10) through
@@ -450,11 +396,11 @@ DUMMY_FORMAT_VERSION = 1
 
 def dummy_config(shape: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     """``(model name, Hugging Face config dict)`` of a dummy model: ``shape`` is a key
-    of :data:`DUMMY_SHAPES`, a ``config.json`` file or a directory holding one. Raises
+    of :data:`NAMED_SHAPES`, a ``config.json`` file or a directory holding one. Raises
     ``ValueError`` (unknown name) or ``FileNotFoundError``."""
     text = os.fspath(shape)
-    if text.lower() in DUMMY_SHAPES:
-        return text.lower(), dict(DUMMY_SHAPES[text.lower()])
+    if text.lower() in NAMED_SHAPES:
+        return text.lower(), dict(NAMED_SHAPES[text.lower()])
     path = Path(text).expanduser()
     if path.is_dir():
         path = path / "config.json"
@@ -468,7 +414,7 @@ def dummy_config(shape: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
         name = path.parent.name if path.name == "config.json" else path.stem
         return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model", data
     raise ValueError(f"unknown dummy model shape {text!r}: give one of "
-                     f"{', '.join(DUMMY_SHAPES)}, a config.json file or a directory with one")
+                     f"{', '.join(NAMED_SHAPES)}, a config.json file or a directory with one")
 
 
 class DummyWeights(Mapping[str, torch.Tensor]):

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engine.config import ModelConfig
+from engine.config import NAMED_SHAPES, ModelConfig
 from kvstore.args import SIZE_HELP, add_dtype_argument, size_arg
 from kvstore.units import format_size
 
@@ -95,34 +95,9 @@ class PlanError(ValueError):
 
 
 def named_model_configs() -> dict[str, dict[str, Any]]:
-    """Hugging Face ``config.json`` dicts of the named model shapes (``--model NAME``)."""
-    def llama(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int,
-              max_pos: int, theta: float, **extra: Any) -> dict[str, Any]:
-        cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-               "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
-               "num_hidden_layers": layers, "num_attention_heads": heads,
-               "num_key_value_heads": kv, "max_position_embeddings": max_pos,
-               "rope_theta": theta, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-               "torch_dtype": "bfloat16"}
-        cfg.update(extra)
-        return cfg
-
-    return {
-        "smollm2": llama(49152, 576, 1536, 30, 9, 3, 8192, 100000.0, head_dim=64,
-                         tie_word_embeddings=True),
-        "llama2-7b": llama(32000, 4096, 11008, 32, 32, 32, 4096, 10000.0,
-                           torch_dtype="float16"),
-        "llama2-13b": llama(32000, 5120, 13824, 40, 40, 40, 4096, 10000.0,
-                            torch_dtype="float16"),
-        "llama3-8b": llama(128256, 4096, 14336, 32, 32, 8, 8192, 500000.0),
-        "llama3-70b": llama(128256, 8192, 28672, 80, 64, 8, 8192, 500000.0),
-        "mistral-7b": llama(32768, 4096, 14336, 32, 32, 8, 32768, 1000000.0,
-                            architectures=["MistralForCausalLM"], model_type="mistral",
-                            sliding_window=None),
-        "qwen2-7b": llama(152064, 3584, 18944, 28, 28, 4, 32768, 1000000.0,
-                          architectures=["Qwen2ForCausalLM"], model_type="qwen2",
-                          rms_norm_eps=1e-6, use_sliding_window=False),
-    }
+    """Hugging Face ``config.json`` dicts of the named model shapes (``--model NAME``):
+    :data:`engine.config.NAMED_SHAPES`, the same table dummy weights use."""
+    return {name: dict(cfg) for name, cfg in NAMED_SHAPES.items()}
 
 
 def resolve_model(name_or_path: str) -> tuple[str, ModelConfig]:

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ModelConfig
+from engine.config import NAMED_SHAPES, ModelConfig
 from engine.llm import LLM
 from engine.loader import (
-    DUMMY_SHAPES,
     DummyWeights,
     dummy_model,
     model_config,
@@ -34,9 +33,9 @@ def tiny_config(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", sorted(DUMMY_SHAPES))
+@pytest.mark.parametrize("name", sorted(NAMED_SHAPES))
 def test_named_shapes_are_valid_configs(name: str) -> None:
-    config = ModelConfig.from_hf_dict(DUMMY_SHAPES[name])
+    config = ModelConfig.from_hf_dict(NAMED_SHAPES[name])
     assert model_config(name, load_format="dummy") == config
     weights = DummyWeights(config)
     assert "model.embed_tokens.weight" in weights and "nope" not in weights
