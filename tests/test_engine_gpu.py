@@ -117,9 +117,21 @@ def test_host_promotion_on_gpu(models, reference):
     assert engine.store.host.pinned
 
 
-def test_chunked_prefill_and_preemption_on_gpu(models, reference):
+def test_chunked_prefill_on_gpu(models, reference):
     engine = make_engine(models[0], budget=48, gpu_blocks=2 * 24 + 1, host_blocks=128)
     assert run(engine, prompts()) == reference
+
+
+@pytest.mark.parametrize("host_blocks", [128, 0], ids=["parked-on-host", "recomputed"])
+def test_preemption_on_gpu(models, host_blocks):
+    # Two unrelated prompts of 70 and 77 tokens (5 blocks each) fit in 13 blocks with the
+    # admission watermark; their 64-token replies (9 blocks each) do not, so decoding
+    # must preempt one of them, and no token may change.
+    long = SamplingParams(max_tokens=64, ignore_eos=True)
+    batch = [p[250:] for p in prompts()[:2]]
+    expected = run(make_engine(models[0], enable_cache=False), batch, long)
+    engine = make_engine(models[0], budget=48, gpu_blocks=13, host_blocks=host_blocks)
+    assert run(engine, batch, long) == expected
     assert engine.scheduler.preemptions > 0
 
 
