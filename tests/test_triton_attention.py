@@ -146,6 +146,7 @@ CONFIGS = {
     "small-tile": ta.KernelConfig(block_m=16, block_n=64, num_splits=1),
     "split": ta.KernelConfig(block_m=16, block_n=32, num_splits=4),
     "big-tile": ta.KernelConfig(block_m=128, block_n=64, num_splits=1, num_warps=8),
+    "big-tile-split": ta.KernelConfig(block_m=64, block_n=64, num_splits=5),
 }
 
 
@@ -175,8 +176,14 @@ def test_long_context(dtype: torch.dtype) -> None:
         check(decode.run(config), ref, dtype, f"long-decode {name}")
     chunk = Batch([(8192, 512), (4096, 1), (8100, 1)], group * kvh, kvh, head_dim, dtype, seed=8)
     ref = chunk.reference()
-    for name in ("auto", "big-tile"):
+    for name in ("auto", "big-tile", "big-tile-split"):
         check(chunk.run(CONFIGS[name]), ref, dtype, f"long-chunk {name}")
+    # A 32-token question after 8k cached tokens: the heuristic splits its KV.
+    question = Batch([(8032, 32)], group * kvh, kvh, head_dim, dtype, seed=9)
+    auto = ta.choose_config(32, 1, group * kvh, kvh, head_dim, 8032, question.q.device,
+                            question.q.element_size())
+    assert auto.num_splits > 1 and auto.block_m >= 64
+    check(question.run(), question.reference(), dtype, "question-after-8k auto")
 
 
 @pytest.mark.parametrize("seed", range(6))
