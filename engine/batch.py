@@ -159,6 +159,7 @@ class BatchStager:
 
     def stage(self, token_ids: Sequence[int], block_tables: Sequence[Sequence[int]],
               query_lens: Sequence[int], seq_lens: Sequence[int], *, pad_seqs: int = 0,
+              pad_tokens: int = 0,
               width: int | None = None) -> tuple[Tensor, Tensor, AttentionBatch]:
         """Fill and upload one step; return ``(input_ids, positions, batch)`` views.
 
@@ -167,9 +168,12 @@ class BatchStager:
         tensor, except that block-table columns past a sequence's last needed block hold
         stale values). ``pad_seqs`` appends padding sequences up to that many rows: one
         query each with token 0 at position 0, ``seq_len`` 1, block 0 and slot mapping
-        ``-1`` (writes no KV); their logits rows are garbage to ignore. ``width`` fixes
-        the block-table width (default: the most blocks any sequence needs). Raises
-        ``ValueError`` when the step does not fit (:meth:`fits`) or the lists disagree.
+        ``-1`` (writes no KV); their logits rows are garbage to ignore. ``pad_tokens``
+        pads the step to that many tokens: the last padding row takes the extra queries
+        (positions ``0 .. n - 1``, ``seq_len`` ``n``, every block 0, slot mapping ``-1``),
+        so it needs at least one padding row. ``width`` fixes the block-table width
+        (default: the most blocks any sequence needs). Raises ``ValueError`` when the
+        step does not fit (:meth:`fits`) or the lists disagree.
         """
         bs = self.block_size
         num_seqs = len(seq_lens)
@@ -182,6 +186,12 @@ class BatchStager:
         rows = max(num_seqs, pad_seqs)
         num_tokens = len(token_ids)
         total = num_tokens + rows - num_seqs
+        extra = max(0, pad_tokens - total)  # queries of the last padding row beyond its 1
+        if extra and rows == num_seqs:
+            raise ValueError("pad_tokens needs a padding row (pad_seqs > number of sequences)")
+        if extra and -(-(1 + extra) // bs) > width:
+            raise ValueError(f"{1 + extra} padding queries need more than width {width}")
+        total += extra
         if not self.fits(total, rows, width):
             raise ValueError(f"step of {total} tokens, {rows} sequences and width {width} "
                              f"exceeds the stager ({self.max_tokens}, {self.max_seqs}, "
@@ -220,13 +230,19 @@ class BatchStager:
         self._h_lens[:num_seqs] = seq_lens
         if rows > num_seqs:
             pad = slice(num_tokens, total)
+            npad = rows - num_seqs
+            last_start = num_tokens + npad - 1  # the last padding row's first query
             self._h_ids[pad] = 0
-            self._h_pos[pad] = 0
+            self._h_pos[num_tokens:last_start] = 0
+            self._h_pos[last_start:total] = np.arange(1 + extra)
             self._h_slots[pad] = -1
-            self._h_qsl[num_seqs + 1:rows + 1] = np.arange(num_tokens + 1, total + 1)
-            self._h_lens[num_seqs:rows] = 1
+            self._h_qsl[num_seqs + 1:rows] = np.arange(num_tokens + 1, last_start + 1)
+            self._h_qsl[rows] = total
+            self._h_lens[num_seqs:rows - 1] = 1
+            self._h_lens[rows - 1] = 1 + extra
             if tables is not None:
                 tables[num_seqs:rows, 0] = 0
+                tables[rows - 1, :-(-(1 + extra) // bs)] = 0
         self._h_logits[:rows] = self._h_qsl[1:rows + 1]
         self._h_logits[:rows] -= 1
         if self._copied is not None:

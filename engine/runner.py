@@ -12,6 +12,15 @@ of the model is row-independent, so they cannot change the real rows, and their 
 are dropped. Prefill, mixed steps, steps wider than the graphs and every step on CPU run
 the eager forward.
 
+Small steps that are not pure decode (a short question after a cached prefix, a chunked
+prefill tail, a few decodes beside a short prefill) are host-bound in eager mode: a
+forward launches hundreds of small kernels. They replay a *mixed* graph keyed by
+``(rows, tokens)``: the step's ``B`` sequences plus at least one padding row, padded to
+the next row count in :data:`MIXED_GRAPH_ROWS` above ``B`` and the next token count in
+:data:`MIXED_GRAPH_TOKENS` (the last padding row takes the extra queries, at positions
+``0 ..`` over block 0, writing no KV). Steps with more tokens or rows run eagerly: they
+are compute-bound, and launches are a small part of them.
+
 A size's graph is captured the first time a step needs it (a fraction of a second each),
 or up front for every size by :meth:`ModelRunner.capture`; a capture failure turns graphs
 off with a warning and the engine goes on eagerly.
@@ -32,6 +41,25 @@ log = logging.getLogger(__name__)
 
 GRAPH_MAX_CONTEXT = 8192
 """Default longest context (tokens) a graph-replayed decode step may have."""
+
+
+MIXED_GRAPH_TOKENS = (32, 64, 128, 256)
+"""Token counts (padding included) of the captured mixed-step graphs."""
+
+MIXED_GRAPH_ROWS = (2, 4, 8)
+"""Row counts (sequences plus at least one padding row) of the captured mixed-step graphs."""
+
+
+def mixed_graph_key(num_tokens: int, num_seqs: int,
+                    max_rows: int) -> tuple[int, int] | None:
+    """The ``(rows, tokens)`` mixed graph that holds a step of ``num_tokens`` tokens from
+    ``num_seqs`` sequences (one padding row at least, each padding row one token or
+    more), or ``None`` when none does; no key has more than ``max_rows`` rows."""
+    rows = next((r for r in MIXED_GRAPH_ROWS if num_seqs < r <= max_rows), None)
+    if rows is None:
+        return None
+    tokens = next((t for t in MIXED_GRAPH_TOKENS if t >= num_tokens + rows - num_seqs), None)
+    return None if tokens is None else (rows, tokens)
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -73,6 +101,8 @@ class ModelRunner:
         self.graph_steps = 0
         self.eager_steps = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._mixed: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._max_rows = max_num_seqs + 1  # mixed graphs: the step's rows + padding
         self._graph_stager: BatchStager | None = None
         # torch's own name for what graph_pool_handle() returns (a NewType of tuple[int, int])
         self._graph_pool: torch.cuda._POOL_HANDLE | None = None
@@ -84,6 +114,11 @@ class ModelRunner:
         """Batch sizes whose decode graph exists, ascending."""
         return sorted(self._graphs)
 
+    @property
+    def captured_mixed(self) -> list[tuple[int, int]]:
+        """``(rows, tokens)`` of the mixed-step graphs that exist, ascending."""
+        return sorted(self._mixed)
+
     def run(self, token_ids: Sequence[int], block_tables: Sequence[Sequence[int]],
             query_lens: Sequence[int], seq_lens: Sequence[int]) -> Tensor:
         """fp32 logits ``[B, vocab]`` of the last query of each of the ``B`` sequences.
@@ -93,20 +128,33 @@ class ModelRunner:
         returned tensor may be a graph's output buffer: read it before the next call.
         """
         num_seqs = len(seq_lens)
-        if (self.use_graphs and 0 < num_seqs == len(token_ids)
-                and num_seqs <= self.graph_sizes[-1]
+        if (self.use_graphs and num_seqs > 0
                 and max(seq_lens) <= self.graph_width * self.block_size):
-            size = next(s for s in self.graph_sizes if s >= num_seqs)
-            if size not in self._graphs:
-                self.capture([size])
-            if size in self._graphs:
-                assert self._graph_stager is not None
-                self._graph_stager.stage(token_ids, block_tables, query_lens, seq_lens,
-                                         pad_seqs=size, width=self.graph_width)
-                graph, logits = self._graphs[size]
-                graph.replay()
-                self.graph_steps += 1
-                return logits[:num_seqs]
+            if num_seqs == len(token_ids) and num_seqs <= self.graph_sizes[-1]:
+                size = next(s for s in self.graph_sizes if s >= num_seqs)
+                if size not in self._graphs:
+                    self.capture([size])
+                if size in self._graphs:
+                    assert self._graph_stager is not None
+                    self._graph_stager.stage(token_ids, block_tables, query_lens, seq_lens,
+                                             pad_seqs=size, width=self.graph_width)
+                    graph, logits = self._graphs[size]
+                    graph.replay()
+                    self.graph_steps += 1
+                    return logits[:num_seqs]
+            else:
+                key = mixed_graph_key(len(token_ids), num_seqs, self._max_rows)
+                if key is not None and key not in self._mixed:
+                    self.capture_mixed([key])
+                if key is not None and key in self._mixed:
+                    assert self._graph_stager is not None
+                    self._graph_stager.stage(token_ids, block_tables, query_lens, seq_lens,
+                                             pad_seqs=key[0], pad_tokens=key[1],
+                                             width=self.graph_width)
+                    graph, logits = self._mixed[key]
+                    graph.replay()
+                    self.graph_steps += 1
+                    return logits[:num_seqs]
         width = max((-(-length // self.block_size) for length in seq_lens), default=0)
         stager = self._eager
         if not stager.fits(len(token_ids), num_seqs, width):
@@ -121,8 +169,9 @@ class ModelRunner:
 
     def capture(self, sizes: Sequence[int] | None = None) -> None:
         """Capture the decode graph of each of ``sizes`` (default: every size in
-        :attr:`graph_sizes`) not captured yet, largest first, into one shared memory pool
-        (replays never overlap, and each step reads its logits before the next). Each
+        :attr:`graph_sizes`, then every mixed-step graph) not captured yet, largest
+        first, into one shared memory pool (replays never overlap, and each step reads
+        its logits before the next). Each
         size first runs once eagerly on padding-only inputs, which compiles its kernels
         and writes no KV. ``ValueError`` for a size not in :attr:`graph_sizes`. On a
         capture failure graphs are turned off (logged) and steps run eagerly."""
@@ -131,12 +180,7 @@ class ModelRunner:
         todo = set(self.graph_sizes if sizes is None else sizes)
         if not todo <= set(self.graph_sizes):
             raise ValueError(f"sizes {sorted(todo)} are not all in {self.graph_sizes}")
-        width = self.graph_width
-        if self._graph_stager is None:
-            largest = self.graph_sizes[-1]
-            self._graph_stager = BatchStager(self.block_size, self.model.device, largest,
-                                             largest, largest * width)
-            self._graph_pool = torch.cuda.graph_pool_handle()
+        width = self._init_graph_stager()
         try:
             for size in sorted(todo - set(self._graphs), reverse=True):
                 input_ids, positions, batch = self._graph_stager.stage(
@@ -151,3 +195,51 @@ class ModelRunner:
             log.warning("CUDA graph capture failed (%s); running every step eagerly", exc)
             self.use_graphs = False
             self._graphs.clear()
+            self._mixed.clear()
+            return
+        if sizes is None:
+            self.capture_mixed()
+
+    def mixed_keys(self) -> list[tuple[int, int]]:
+        """Every ``(rows, tokens)`` mixed graph this runner may replay."""
+        rows = [r for r in MIXED_GRAPH_ROWS if r <= self._max_rows]
+        return [(r, t) for r in rows for t in MIXED_GRAPH_TOKENS if t >= r]
+
+    def capture_mixed(self, keys: Sequence[tuple[int, int]] | None = None) -> None:
+        """Capture the mixed-step graph of each of ``keys`` (default:
+        :meth:`mixed_keys`) not captured yet, into the decode graphs' memory pool, after
+        one eager run on padding-only inputs (which writes no KV). On a capture failure
+        graphs are turned off (logged) and steps run eagerly."""
+        if not self.use_graphs:
+            return
+        todo = [k for k in (self.mixed_keys() if keys is None else keys) if k not in self._mixed]
+        if not todo:
+            return
+        width = self._init_graph_stager()
+        assert self._graph_stager is not None
+        try:
+            for rows, tokens in sorted(todo, reverse=True):
+                input_ids, positions, batch = self._graph_stager.stage(
+                    [], [], [], [], pad_seqs=rows, pad_tokens=tokens, width=width)
+                self.model(input_ids, positions, batch, self.kv_pool)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._graph_pool,
+                                      capture_error_mode="thread_local"):
+                    logits = self.model(input_ids, positions, batch, self.kv_pool)
+                self._mixed[(rows, tokens)] = (graph, logits)
+        except RuntimeError as exc:
+            log.warning("CUDA graph capture failed (%s); running every step eagerly", exc)
+            self.use_graphs = False
+            self._graphs.clear()
+            self._mixed.clear()
+
+    def _init_graph_stager(self) -> int:
+        """Make the graphs' stager and memory pool on first use; return the width."""
+        width = self.graph_width
+        if self._graph_stager is None:
+            rows = max(self.graph_sizes[-1], self._max_rows)
+            tokens = max(rows, MIXED_GRAPH_TOKENS[-1])
+            self._graph_stager = BatchStager(self.block_size, self.model.device, tokens,
+                                             rows, rows * width)
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return width

@@ -187,3 +187,28 @@ def test_graph_logits_match_eager_and_padding_writes_nothing(models):
     changed = (after_graph != before).flatten(1).any(1).nonzero().flatten().tolist()
     written = sorted({tables[i][(n - 1) // 16] for i, n in enumerate(lens)})
     assert changed == written  # padding rows (slot mapping -1) wrote nothing
+
+
+def test_mixed_graph_logits_match_eager_and_padding_writes_nothing(models):
+    tri = models[0]
+    c = tri.config
+    layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, 16, "float32")
+    pool = KVStore(StoreConfig(layout=layout, gpu_blocks=64, device="cuda")).gpu.tensor
+    pool.normal_()
+    graphs = ModelRunner(tri, pool, 16, max_num_seqs=16, max_num_tokens=512, cuda_graphs=True)
+    eager = ModelRunner(tri, pool, 16, max_num_seqs=16, max_num_tokens=512, cuda_graphs=False)
+    a_ctx, b_ctx = prompts()[0][:200], prompts()[1][:90]
+    tables = [list(range(1, 1 + 15)), list(range(16, 16 + 7))]  # slot 0: padding's block
+    eager.run(a_ctx + b_ctx, tables, [200, 90], [200, 90])
+    question = prompts()[2][300:320]  # 20 new tokens after A's 200, one decode of B
+    ids, qlens, lens = question + [b_ctx[-1]], [20, 1], [220, 91]
+    before = pool.clone()
+    a = graphs.run(ids, tables, qlens, lens).clone()
+    assert graphs.captured_mixed == [(4, 32)] and graphs.graph_steps == 1
+    after_graph = pool.clone()
+    b = eager.run(ids, tables, qlens, lens)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
+    assert torch.allclose(pool, after_graph, rtol=1e-5, atol=1e-5)
+    changed = (after_graph != before).flatten(1).any(1).nonzero().flatten().tolist()
+    written = sorted({tables[0][p // 16] for p in range(200, 220)} | {tables[1][90 // 16]})
+    assert changed == written  # the padding rows (slot mapping -1) wrote nothing
