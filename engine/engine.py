@@ -3,6 +3,17 @@
 ``Engine`` ties the model, the store and the scheduler together; ``engine.llm.LLM`` is
 the public API on top of it. One thread drives it (``step``); the store's mover does
 background I/O.
+
+Overlapped decode. In the steady state of greedy decoding (every running sequence
+decodes, greedily, one sequence a request, nothing waiting or loading) the host's work
+for a step (block tables, staging, the graph launch) runs while the GPU computes the
+previous one: a step's greedy picks stay on the GPU and feed the next step's input ids
+in stream order, and the host reads them one step later, when it appends them, checks
+stops and commits their blocks. A sequence that stopped at step N was also run at step
+N + 1; that extra token is dropped (its KV lands in a slot that is freed, never
+committed). Anything else (a prefill, a new arrival, sampling with a generator, a
+sequence reaching its length, a pool that needs a preemption) first drains the step in
+flight and then runs synchronously, so tokens are those of the synchronous engine.
 """
 
 from __future__ import annotations
@@ -22,8 +33,18 @@ from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import CompletionOutput, RequestOutput, Sequence, Status
 from engine.stats import EngineStats
 from engine.tokenizer import Tokenizer
-from kvstore.store import KVStore
+from kvstore.store import KVStore, OutOfBlocks
 from radix import Namespace, hash_blocks
+
+
+@dataclass
+class _InFlight:
+    """A decode step whose greedy picks the host has not read yet."""
+
+    seqs: list[Sequence]  # the step's sequences, in batch order
+    tokens: Tensor  # [B] int64 on the model's device: the picks
+    host: Tensor  # [>= B] int64 host buffer (pinned on CUDA) receiving them
+    ready: torch.cuda.Event | None  # the host copy has landed (None on CPU)
 
 
 @dataclass
@@ -42,14 +63,15 @@ class Engine:
     ``stop_ids`` are the model's end-of-sequence ids. ``id_source`` makes sequence ids
     (injected for determinism in tests). ``cuda_graphs`` is
     :class:`engine.runner.ModelRunner`'s switch (``None``: on for CUDA with Triton
-    attention); it changes speed only, never the tokens.
+    attention); ``overlap`` switches overlapped greedy decode (see the module
+    docstring; ``None``: on for CUDA). Both change speed only, never the tokens.
     """
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, store: KVStore,
                  namespace: Namespace, stop_ids: frozenset[int],
                  config: SchedulerConfig | None = None,
                  id_source: Callable[[], int] | None = None,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, overlap: bool | None = None) -> None:
         if namespace.block_size != store.block_size:
             raise ValueError("namespace and store disagree on the block size")
         self.model = model
@@ -69,6 +91,10 @@ class Engine:
         self._generated_tokens = 0
         self._cuda_graphs = cuda_graphs
         self._runner: ModelRunner | None = None
+        self.overlap = model.device.type == "cuda" if overlap is None else overlap
+        self.overlapped_steps = 0
+        self._inflight: _InFlight | None = None
+        self._host_ids: list[Tensor] = []  # two host buffers for the picks, used in turn
 
     # -------------------------------------------------------------- requests
 
@@ -116,7 +142,14 @@ class Engine:
     # ------------------------------------------------------------------ step
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; return a snapshot of every request that made progress."""
+        """Run one step; return a snapshot of every request that made progress (with
+        overlapped decode, the tokens the host read this call: those of the step
+        before)."""
+        if self._inflight is not None:
+            nxt = self._next_overlapped()
+            if nxt is not None:
+                return self._overlapped_step(nxt)
+            return self._drain()
         sched = self.scheduler
         step, too_large = sched.schedule()
         touched: set[str] = set()
@@ -137,6 +170,7 @@ class Engine:
             seq_lens.append(seq.num_computed + n)
             _extend_tokens(ids, seq, seq.num_computed, n)
         logits = self.store.cost.timed(self.runner.run, ids, tables, step.query_lens, seq_lens)
+        defer = self._can_defer(step.seqs, step.query_lens)
         rows = []
         samplers = []
         for i, (seq, n) in enumerate(zip(step.seqs, step.query_lens)):
@@ -150,9 +184,120 @@ class Engine:
             if samples:
                 rows.append(i)
                 samplers.append(seq)
-            touched.add(seq.request_id)
-        if rows:
+            if not defer:
+                touched.add(seq.request_id)
+        if defer:
+            self._launch_picks(logits, list(step.seqs))
+        elif rows:
             self._sample(logits, rows, samplers)
+        return [self._output(self._requests[r]) for r in touched if r in self._requests]
+
+    # ------------------------------------------------------- overlapped decode
+
+    def _steady(self, seqs: list[Sequence]) -> bool:
+        """Whether ``seqs`` are every running sequence, all greedy single sequences, and
+        nothing waits or loads (the steady state overlapped decode covers)."""
+        sched = self.scheduler
+        if sched.waiting or sched.loading or len(sched.running) != len(seqs):
+            return False
+        ids = {id(s) for s in seqs}
+        return all(id(s) in ids and s.status is Status.RUNNING for s in sched.running) and \
+            all(s.params.greedy and s.params.n == 1 for s in seqs)
+
+    def _can_defer(self, seqs: list[Sequence], query_lens: list[int]) -> bool:
+        """A synchronous step about to run ``seqs`` may leave its picks on the GPU:
+        overlap is on, it is a pure decode step (one query each, every sequence past
+        its prompt) of the steady state."""
+        return (self.overlap and bool(seqs) and all(n == 1 for n in query_lens)
+                and all(not s.in_prefill for s in seqs) and self._steady(seqs))
+
+    def _launch_picks(self, logits: Tensor, seqs: list[Sequence]) -> None:
+        """Take the greedy picks of ``logits`` ``[B, vocab]`` on the device and start
+        their copy to the host; the step is in flight until :meth:`_read`."""
+        tokens = logits.argmax(dim=-1)
+        if not self._host_ids or self._host_ids[0].numel() < len(seqs):
+            size = max(len(seqs), self.scheduler.config.max_num_seqs)
+            pin = tokens.device.type == "cuda"
+            self._host_ids = [torch.empty(size, dtype=torch.int64, pin_memory=pin)
+                              for _ in range(2)]
+        host = self._host_ids[0]
+        self._host_ids.reverse()  # the next step's picks go to the other buffer
+        ready = None
+        if tokens.device.type == "cuda":
+            host[:len(seqs)].copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host[:len(seqs)].copy_(tokens)
+        self._inflight = _InFlight(seqs, tokens, host, ready)
+
+    def _next_overlapped(self) -> list[Sequence] | None:
+        """The sequences of the step in flight, if the next step may run them before
+        their picks are read: still the steady state, none reaching its length with
+        the pick in flight, and a slot for each next token without preempting."""
+        flight = self._inflight
+        assert flight is not None
+        seqs = flight.seqs
+        if not self._steady(seqs) or len(seqs) > self.scheduler.config.max_num_batched_tokens:
+            return None
+        limit = self.model.config.max_context_len
+        for s in seqs:
+            # after appending the pick in flight: would it stop by length?
+            if len(s.output_ids) + 1 >= s.params.max_tokens or s.num_tokens + 1 >= limit:
+                return None
+        for s in seqs:
+            assert s.lease is not None
+            if isinstance(self.store.allocate(s.lease, s.num_computed + 1), OutOfBlocks):
+                return None  # a synchronous step preempts as the scheduler decides
+        return seqs
+
+    def _overlapped_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """Run ``seqs`` (the step in flight's) on its picks, then read those picks."""
+        flight = self._inflight
+        assert flight is not None
+        self.steps += 1
+        self.overlapped_steps += 1
+        tables = []
+        seq_lens = []
+        for s in seqs:
+            assert s.lease is not None
+            tables.append(s.lease.slots)
+            seq_lens.append(s.num_computed + 1)
+        logits = self.runner.run([0] * len(seqs), tables, [1] * len(seqs), seq_lens,
+                                 device_ids=flight.tokens)
+        for s in seqs:
+            s.advance(1)
+            self._computed += 1
+        self._launch_picks(logits, seqs)
+        outs = self._read(flight)
+        for s in seqs:  # the tokens just read are the inputs of the step launched above
+            if s.status is Status.RUNNING:
+                assert s.lease is not None
+                self.store.commit(s.lease, s.num_computed)
+        if all(s.status is not Status.RUNNING for s in seqs):
+            self._drain()  # every sequence stopped: nothing left to read
+        return outs
+
+    def _drain(self) -> list[RequestOutput]:
+        """Read the step in flight; the next call runs synchronously."""
+        flight = self._inflight
+        assert flight is not None
+        self._inflight = None
+        return self._read(flight)
+
+    def _read(self, flight: _InFlight) -> list[RequestOutput]:
+        """Wait for ``flight``'s picks on the host and append them (stops, lengths);
+        sequences that finished meanwhile (an abort, a stop one step earlier) skip
+        theirs."""
+        if flight.ready is not None:
+            flight.ready.synchronize()
+        picks = flight.host[:len(flight.seqs)].tolist()
+        touched: set[str] = set()
+        for seq, tok in zip(flight.seqs, picks):
+            if seq.status is not Status.RUNNING:
+                continue
+            self._append(seq, tok)
+            touched.add(seq.request_id)
         return [self._output(self._requests[r]) for r in touched if r in self._requests]
 
     @property

@@ -120,12 +120,16 @@ class ModelRunner:
         return sorted(self._mixed)
 
     def run(self, token_ids: Sequence[int], block_tables: Sequence[Sequence[int]],
-            query_lens: Sequence[int], seq_lens: Sequence[int]) -> Tensor:
+            query_lens: Sequence[int], seq_lens: Sequence[int],
+            device_ids: Tensor | None = None) -> Tensor:
         """fp32 logits ``[B, vocab]`` of the last query of each of the ``B`` sequences.
 
         Arguments are those of :meth:`engine.batch.BatchStager.stage` (``token_ids`` the
-        step's query tokens in batch order). The step's K/V is written to the pool. The
-        returned tensor may be a graph's output buffer: read it before the next call.
+        step's query tokens in batch order). ``device_ids`` ``[T]`` int64 on the model's
+        device, when given, replaces ``token_ids`` (whose values are then ignored) with
+        tokens the host has not read yet (the previous step's picks), copied in stream
+        order. The step's K/V is written to the pool. The returned tensor may be a
+        graph's output buffer: read it before the next call.
         """
         num_seqs = len(seq_lens)
         if (self.use_graphs and num_seqs > 0
@@ -136,8 +140,11 @@ class ModelRunner:
                     self.capture([size])
                 if size in self._graphs:
                     assert self._graph_stager is not None
-                    self._graph_stager.stage(token_ids, block_tables, query_lens, seq_lens,
-                                             pad_seqs=size, width=self.graph_width)
+                    ids, _, _ = self._graph_stager.stage(token_ids, block_tables, query_lens,
+                                                         seq_lens, pad_seqs=size,
+                                                         width=self.graph_width)
+                    if device_ids is not None:
+                        ids[:num_seqs].copy_(device_ids)
                     graph, logits = self._graphs[size]
                     graph.replay()
                     self.graph_steps += 1
@@ -148,9 +155,11 @@ class ModelRunner:
                     self.capture_mixed([key])
                 if key is not None and key in self._mixed:
                     assert self._graph_stager is not None
-                    self._graph_stager.stage(token_ids, block_tables, query_lens, seq_lens,
-                                             pad_seqs=key[0], pad_tokens=key[1],
-                                             width=self.graph_width)
+                    ids, _, _ = self._graph_stager.stage(
+                        token_ids, block_tables, query_lens, seq_lens, pad_seqs=key[0],
+                        pad_tokens=key[1], width=self.graph_width)
+                    if device_ids is not None:
+                        ids[:len(token_ids)].copy_(device_ids)
                     graph, logits = self._mixed[key]
                     graph.replay()
                     self.graph_steps += 1
@@ -164,6 +173,8 @@ class ModelRunner:
                 max(stager.max_cells, num_seqs * width, 2 * stager.max_cells))
         input_ids, positions, batch = stager.stage(token_ids, block_tables, query_lens,
                                                    seq_lens)
+        if device_ids is not None:
+            input_ids = device_ids
         self.eager_steps += 1
         return self.model(input_ids, positions, batch, self.kv_pool)
 
@@ -181,6 +192,7 @@ class ModelRunner:
         if not todo <= set(self.graph_sizes):
             raise ValueError(f"sizes {sorted(todo)} are not all in {self.graph_sizes}")
         width = self._init_graph_stager()
+        assert self._graph_stager is not None
         try:
             for size in sorted(todo - set(self._graphs), reverse=True):
                 input_ids, positions, batch = self._graph_stager.stage(

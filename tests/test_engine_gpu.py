@@ -49,14 +49,16 @@ def models() -> tuple[CausalLM, CausalLM]:
 
 
 def make_engine(model: CausalLM, *, enable_cache: bool = True, budget: int = 4096,
-                cuda_graphs: bool | None = None, **store_kw) -> Engine:
+                cuda_graphs: bool | None = None, overlap: bool | None = None,
+                **store_kw) -> Engine:
     c = model.config
     layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, 16, "float32")
     store_kw.setdefault("gpu_blocks", 512)
     store = KVStore(StoreConfig(layout=layout, device="cuda", **store_kw))
     return Engine(model, None, store, Namespace("gpu-test", "float32", 16), frozenset(),
                   SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget,
-                                  enable_cache=enable_cache), cuda_graphs=cuda_graphs)
+                                  enable_cache=enable_cache), cuda_graphs=cuda_graphs,
+                  overlap=overlap)
 
 
 def prompts() -> list[list[int]]:
@@ -156,7 +158,21 @@ def test_graph_replay_matches_eager_tokens(models, reference):
     assert want != reference  # the seeded run really sampled
     assert eager.runner.graph_steps == 0 and eager.runner.eager_steps > 0
     assert graphs.runner.captured and graphs.runner.graph_steps > 0
+    assert graphs.overlapped_steps > 0  # greedy decode overlaps on CUDA by default
     assert run(graphs, prompts(), tag="again") == reference
+
+
+def test_overlapped_decode_equals_synchronous_on_gpu(models):
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 20, 9, 33, 16, 1)]
+    sync = make_engine(models[0], overlap=False)
+    over = make_engine(models[0], overlap=True)
+    for engine, tag in ((sync, "s"), (over, "o")):
+        for i, (p, sp) in enumerate(zip(prompts(), params)):
+            engine.add_request(f"{tag}{i}", p, sp)
+    want = {o.request_id[1:]: o.token_ids for o in sync.run() if o.finished}
+    got = {o.request_id[1:]: o.token_ids for o in over.run() if o.finished}
+    assert got == want and over.overlapped_steps > 0 and sync.overlapped_steps == 0
+    over.store.check_integrity()
 
 
 def test_graph_logits_match_eager_and_padding_writes_nothing(models):
