@@ -12,7 +12,15 @@ after a shared prefix of each requested length (tokens). Per prefix:
   *forced* (every hit loaded, to measure the load path: its GB/s is bytes landed in GPU
   slots over the measured load seconds) and *cost-aware* (the store's cost model decides
   how many blocks to load; its decision is printed as blocks loaded / declined per
-  tier). One cost model learns online from every run, cold ones included.
+  tier, next to the model's predicted seconds to load every block and to recompute
+  every block). One cost model learns online from every run, cold ones included.
+
+Order: first, for every prefix, the cold runs, the prefix computed once in each tiered
+engine and one question after it (a GPU hit); then, prefix by prefix, the rows. So the
+model has seen prefill steps of every size (and the question's) before it decides any
+cost-aware row, as a serving engine has after its first requests; the forced rows of a
+tier come before its cost-aware rows, so its load rate is measured too. The summary
+sets the final model's predictions next to what was measured.
 
 Floors measured in the same run: a raw pinned host -> device copy of the longest
 prefix's KV bytes (on CPU: a memory copy), the tier's own ``get`` of the same blocks
@@ -35,19 +43,27 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstore.args import size_arg
+from kvstore.cost import Plan
 
 QUESTION_TOKENS = 32
 
 
 @dataclass
 class Cell:
-    """One (prefix, source, mode) measurement."""
+    """One (prefix, source, mode) measurement.
+
+    ``load_s``: measured load seconds of the source tier, mean over the runs that loaded.
+    ``plan``: the cost model's plan for the run reported (the median one): its predicted
+    ``all_load_s``/``all_recompute_s`` and ``basis``.
+    """
 
     ttft_s: float
     cached: dict[str, int]
     loaded: dict[str, int] = field(default_factory=dict)
     declined: dict[str, int] = field(default_factory=dict)
     gbps: float | None = None
+    load_s: float | None = None
+    plan: Plan | None = None
 
 
 @dataclass
@@ -136,6 +152,8 @@ class Sweep:
         self.rng = random.Random(args.seed)
         self.tmp = tmp
         self.vocab = c.vocab_size
+        self.prefixes: dict[int, list[int]] = {}
+        self.colds: dict[int, Cell] = {}
 
     def tokens(self, n: int) -> list[int]:
         return [self.rng.randrange(100, self.vocab) for _ in range(n)]
@@ -144,24 +162,37 @@ class Sweep:
         for engine in [self.cold, *self.engines.values()]:
             engine.store.close()
 
-    def run_prefix(self, n: int) -> dict[tuple[str, str], Cell]:
-        """Every row of one prefix length: ``{(source, mode): Cell}``."""
+    def teach(self, n: int) -> Cell:
+        """Before any row: the cold runs of prefix ``n`` (its cold cell), the prefix
+        computed in each tiered engine, and one question after it (a GPU hit). The cost
+        model learns from all of them (prefill steps of this size and the question's)."""
         args = self.args
-        prefix = self.tokens(n)
-        cells: dict[tuple[str, str], Cell] = {}
+        prefix = self.prefixes[n] = self.tokens(n)
         times = []
         for r in range(args.repeat + 1):
             t, _ = _ttft(self.cold, prefix + self.tokens(QUESTION_TOKENS), f"cold-{n}-{r}")
             times.append(t)
-        cells[("cold", "")] = Cell(statistics.median(times[1:]), {})
+        self.colds[n] = Cell(statistics.median(times[1:]), {})
+        self.learned.decide = False
+        for name, engine in self.engines.items():
+            _ttft(engine, prefix + self.tokens(QUESTION_TOKENS), f"teach-{n}-{name}")
+            engine.store.flush()  # publication reached the shared tier
+            _ttft(engine, prefix + self.tokens(QUESTION_TOKENS), f"teach-q-{n}-{name}")
+        return self.colds[n]
+
+    def run_prefix(self, n: int) -> dict[tuple[str, str], Cell]:
+        """Every row of one prefix length (after :meth:`teach`): ``{(source, mode): Cell}``."""
+        prefix = self.prefixes[n]
+        cells: dict[tuple[str, str], Cell] = {("cold", ""): self.colds[n]}
         sources = [("gpu", "disk"), ("host", "disk"), ("disk", "disk")]
         if "redis" in self.engines:
             sources.append(("redis", "redis"))
         for eng_name in dict.fromkeys(name for _, name in sources):
             engine = self.engines[eng_name]
             self.learned.decide = False
+            # Back to the GPU (other prefixes' rows pushed it down the tiers).
             _ttft(engine, prefix + self.tokens(QUESTION_TOKENS), f"warm-{n}-{eng_name}")
-            engine.store.flush()  # publication reached the shared tier
+            engine.store.flush()
         for source, eng_name in sources:
             engine = self.engines[eng_name]
             for mode in ("forced", "cost-aware"):
@@ -183,21 +214,25 @@ class Sweep:
         for r in range(self.args.repeat + 1):  # the first run warms the path
             self._place(engine, source)
             before = store.stats()
+            self.learned.last_plan = None
             t, cached = _ttft(engine, prefix + self.tokens(QUESTION_TOKENS),
                               f"{source}-{mode}-{n}-{r}")
             after = store.stats()
-            runs.append((t, cached, before, after))
+            runs.append((t, cached, before, after, self.learned.last_plan))
         measured = runs[1:]
         t_med = statistics.median(t for t, *_ in measured)
-        _, cached, before, after = min(measured, key=lambda x: abs(x[0] - t_med))
+        _, cached, before, after, plan = min(measured, key=lambda x: abs(x[0] - t_med))
         loaded = _delta(after.blocks_loaded, before.blocks_loaded)
         declined = _delta(after.blocks_declined, before.blocks_declined)
         nbytes = sum(_delta(a.bytes_loaded, b.bytes_loaded).get(source, 0)
-                     for _, _, b, a in measured)
-        secs = sum(_delta(a.load_seconds, b.load_seconds).get(source, 0.0)
-                   for _, _, b, a in measured)
+                     for _, _, b, a, _ in measured)
+        per_run = [_delta(a.load_seconds, b.load_seconds).get(source, 0.0)
+                   for _, _, b, a, _ in measured]
+        secs = sum(per_run)
         gbps = nbytes / secs / 1e9 if source != "gpu" and secs > 0 else None
-        return Cell(t_med, cached, loaded, declined, gbps)
+        loads = [x for x in per_run if x > 0]
+        load_s = statistics.mean(loads) if source != "gpu" and loads else None
+        return Cell(t_med, cached, loaded, declined, gbps, load_s, plan)
 
     def floors(self, n_bytes: int, prefix_len: int) -> Floors:
         """Raw pinned copy, the shared tiers' own get, and the checksum, measured now."""
@@ -348,6 +383,10 @@ def run(args: argparse.Namespace, random_model: Callable) -> int:
         sweep = Sweep(args, model, device, dtype, prefixes, tmp)
         try:
             for n in prefixes:
+                cold = sweep.teach(n)
+                print(f"prefix {n} tokens: cold {cold.ttft_s * 1e3:.1f} ms (the cost model "
+                      f"learns from it)")
+            for n in prefixes:
                 rows.append((n, sweep.run_prefix(n)))
                 _print_prefix(rows[-1])
             longest = max(prefixes)
@@ -358,18 +397,73 @@ def run(args: argparse.Namespace, random_model: Callable) -> int:
     return 0
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
 def _print_prefix(row: tuple[int, dict[tuple[str, str], Cell]]) -> None:
     n, cells = row
     cold = cells[("cold", "")].ttft_s
     print(f"\nprefix {n} tokens: cold {cold * 1e3:.1f} ms")
-    print(f"  {'source':<7} {'mode':<11} {'TTFT ms':>9} {'/cold':>6} {'load GB/s':>10}  "
-          f"{'cached tokens':<24} decision (blocks loaded | declined)")
+    print(f"  {'source':<7} {'mode':<11} {'TTFT ms':>8} {'/cold':>6} {'load GB/s':>9} "
+          f"{'load ms':>8}  {'predicted: load':>15} {'recompute':>9}  {'cached tokens':<20} "
+          f"decision (blocks loaded | declined)")
     for (source, mode), c in cells.items():
         if source == "cold":
             continue
         gb = "-" if c.gbps is None else f"{c.gbps:.1f}"
-        print(f"  {source:<7} {mode:<11} {c.ttft_s * 1e3:9.1f} {c.ttft_s / cold:6.2f} {gb:>10}  "
-              f"{_fmt_counts(c.cached):<24} {_fmt_counts(c.loaded)} | {_fmt_counts(c.declined)}")
+        plan = c.plan
+        pred_load = _ms(plan.all_load_s) if plan is not None else "-"
+        pred_re = _ms(plan.all_recompute_s) if plan is not None else "-"
+        why = ""
+        if plan is not None and mode == "cost-aware" and plan.basis != "predicted":
+            why = f"  [{plan.basis}]"
+        print(f"  {source:<7} {mode:<11} {c.ttft_s * 1e3:8.1f} {c.ttft_s / cold:6.2f} {gb:>9} "
+              f"{_ms(c.load_s):>8}  {pred_load:>15} {pred_re:>9}  {_fmt_counts(c.cached):<20} "
+              f"{_fmt_counts(c.loaded)} | {_fmt_counts(c.declined)}{why}")
+
+
+def _print_model(rows: Sequence[tuple[int, dict[tuple[str, str], Cell]]], sweep: Sweep) -> None:
+    """The final model and its predictions next to what the sweep measured."""
+    cm = sweep.learned
+    rates = {t: cm.load_rate(t) for t in ("host", "disk", "redis")}
+    prefill = cm.prefill_rate()
+    print("cost model (learned): " + "; ".join(
+        f"{t} {r.bytes_per_s / 1e9:.1f} GB/s + {r.latency_s * 1e3:.2f} ms"
+        for t, r in rates.items() if r is not None)
+        + (f"; prefill {prefill.per_step_s * 1e3:.2f} ms/step + "
+           f"{prefill.per_token_s * 1e6:.2f} us/token + "
+           f"{prefill.per_token_context_s * 1e9:.3f} ns/token/context-token "
+           f"({'trusted' if cm.prefill_trusted() else 'not trusted: steps of too few sizes'})"
+           if prefill else "; prefill not measured"))
+    if prefill is None:
+        return
+    tiers = [t for t in ("host", "disk", "redis") if rates.get(t) is not None]
+    print("  predicted by the final model / measured, ms. cold: a step of prefix + question "
+          "(measured: cold TTFT);\n  question: its step after a GPU hit (measured: GPU "
+          "forced TTFT); recompute: the prefix's blocks (measured: cold - question);\n"
+          "  load: every block of the prefix (measured: the forced rows' load seconds)")
+    print(f"  {'prefix':>6} " + " ".join(f"{name:>17}" for name in (
+        "cold", "question", "recompute", *(f"{t} load" for t in tiers))))
+
+    def pair(pred: float | None, measured: float | None) -> str:
+        return f"{_ms(pred):>8} / {_ms(measured):<6}"
+
+    for n, cells in rows:
+        blocks = n // 16
+        cold_m = cells[("cold", "")].ttft_s
+        gpu = cells.get(("gpu", "forced"))
+        q_m = gpu.ttft_s if gpu is not None else None
+        line = [pair(prefill.step_seconds(n + QUESTION_TOKENS, 0), cold_m),
+                pair(prefill.step_seconds(QUESTION_TOKENS + n - blocks * 16, blocks * 16), q_m),
+                pair(prefill.seconds(blocks * 16, 0), None if q_m is None else cold_m - q_m)]
+        for t in tiers:
+            rate = rates[t]
+            forced = cells.get((t, "forced"))
+            line.append(pair(None if rate is None else
+                             rate.seconds(blocks * sweep.layout.block_bytes),
+                             None if forced is None else forced.load_s))
+        print(f"  {n:>6} " + " ".join(line))
 
 
 def _print_summary(rows: Sequence[tuple[int, dict[tuple[str, str], Cell]]], floors: Floors,
@@ -387,14 +481,7 @@ def _print_summary(rows: Sequence[tuple[int, dict[tuple[str, str], Cell]]], floo
     if floors.get_into_gbps is not None:
         print(f"  disk tier get_into + numpy copy (the workers' read): "
               f"{floors.get_into_gbps:.2f} GB/s {w} threads")
-    rates = {t: sweep.learned.load_rate(t) for t in ("host", "disk", "redis")}
-    prefill = sweep.learned.prefill_rate()
-    print("cost model (learned): " + "; ".join(
-        f"{t} {r.bytes_per_s / 1e9:.1f} GB/s + {r.latency_s * 1e3:.2f} ms"
-        for t, r in rates.items() if r is not None)
-        + (f"; prefill {prefill.per_token_s * 1e6:.2f} us/token + "
-           f"{prefill.per_token_context_s * 1e9:.3f} ns/token/context-token"
-           if prefill else "; prefill not measured"))
+    _print_model(rows, sweep)
     print("\ntargets:")
     worst = max(c.ttft_s / cells[("cold", "")].ttft_s for _, cells in rows
                 for (s, m), c in cells.items() if m == "cost-aware")
