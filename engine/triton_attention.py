@@ -147,7 +147,9 @@ def choose_config(
         return _fit_smem(head_dim, elem_bytes, block_m, 128, num_splits, 4, 3)
     # Prefill-like: compute-bound; big tiles unless that leaves the GPU under-filled.
     block_m = max(128, _next_pow2(group))
-    if (num_tokens // max(1, block_m // group) + num_seqs) * num_kv_heads < 2 * sms:
+    long_context = max_context >= 2048  # splitting the KV fills the GPU: keep big tiles
+    if (num_tokens // max(1, block_m // group) + num_seqs) * num_kv_heads < 2 * sms \
+            and not long_context:
         block_m = max(64, _next_pow2(group))
     if head_dim <= 64:
         block_n, warps, stages = 128, 4 if block_m <= 64 else 8, 2
@@ -156,9 +158,10 @@ def choose_config(
     else:
         block_n, warps, stages = 128, 8, 3
     # A short chunk over a long cached context (a question after a long system prompt,
-    # a chunked-prefill tail) still leaves most SMs idle with 64-row tiles: split its KV
-    # like a decode (>= 4 tiles a split, ~2 programs an SM). Without this, a 32-token
-    # question after 8k cached tokens of Llama-3-8B runs 24 programs a layer.
+    # a chunked-prefill tail) leaves most SMs idle: split its KV like a decode (>= 4
+    # tiles a split, ~2 programs an SM), with tiles big enough that each query tile
+    # reads the context once. Without this, a 32-token question after 8k cached tokens
+    # of Llama-3-8B runs 24 programs a layer.
     programs = (num_tokens // max(1, block_m // group) + num_seqs) * num_kv_heads
     num_splits = 1
     if programs < 2 * sms:

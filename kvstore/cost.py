@@ -547,6 +547,13 @@ class CostModel:
         :attr:`Plan.basis`.
         """
         n = len(sources)
+        if all(t == "gpu" for t in sources):
+            # Nothing to load: every block is taken, and no fit is solved on the
+            # engine's thread for it (a GPU hit's TTFT is a few milliseconds).
+            plan = Plan(n, {"gpu": n} if n else {}, {}, 0.0, 0.0, 0.0, None,
+                        "GPU hit: nothing to load")
+            self.last_plan = plan
+            return plan
         with self._lock:
             now = time.monotonic()
             for tier, at in list(self._measured_at.items()):

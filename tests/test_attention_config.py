@@ -21,9 +21,11 @@ def test_long_prefill_never_splits() -> None:
 
 
 def test_short_chunk_over_a_long_context_splits() -> None:
-    # 32 queries x 4 heads a kv head is prefill-like (64-row tiles), but only 3 programs
-    # per kv head would run: the KV is split instead.
+    # 32 queries x 4 heads a kv head is prefill-like, but only 2 programs per kv head
+    # would run: the KV is split, with 128-row tiles (each reads the context once).
     cfg = choose_config(32, 1, 4, 1, 128, 8032, CPU)
-    assert cfg.block_m == 64 and cfg.num_splits > 1
-    # ... and not when the context is short (fewer than 4 KV tiles a split).
+    assert cfg.block_m == 128 and cfg.num_splits > 1
+    # A short context keeps the old rule (64-row tiles) and splits only with >= 4 KV
+    # tiles a split.
+    assert choose_config(32, 1, 4, 1, 128, 1024, CPU).block_m == 64
     assert choose_config(32, 1, 4, 1, 128, 64, CPU).num_splits == 1

@@ -147,6 +147,7 @@ CONFIGS = {
     "split": ta.KernelConfig(block_m=16, block_n=32, num_splits=4),
     "big-tile": ta.KernelConfig(block_m=128, block_n=64, num_splits=1, num_warps=8),
     "big-tile-split": ta.KernelConfig(block_m=64, block_n=64, num_splits=5),
+    "biggest-tile-split": ta.KernelConfig(block_m=128, block_n=64, num_splits=3, num_warps=8),
 }
 
 
@@ -176,7 +177,7 @@ def test_long_context(dtype: torch.dtype) -> None:
         check(decode.run(config), ref, dtype, f"long-decode {name}")
     chunk = Batch([(8192, 512), (4096, 1), (8100, 1)], group * kvh, kvh, head_dim, dtype, seed=8)
     ref = chunk.reference()
-    for name in ("auto", "big-tile", "big-tile-split"):
+    for name in ("auto", "big-tile", "big-tile-split", "biggest-tile-split"):
         check(chunk.run(CONFIGS[name]), ref, dtype, f"long-chunk {name}")
     # A 32-token question after 8k cached tokens: the heuristic splits its KV.
     question = Batch([(8032, 32)], group * kvh, kvh, head_dim, dtype, seed=9)
