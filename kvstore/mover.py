@@ -395,7 +395,14 @@ class BlockMover:
         host = [r for r in requests if r.tier == "host"]
         transfer = None
         if host:
-            self.host_barrier()
+            if self._cuda and all(t.strategy != "staged" for t in self._host_pending):
+                # No host-side wait: the GPU->host copies that wrote these host slots and
+                # this host->GPU copy run on the device's one side stream, in order, so
+                # the engine thread does not stall on the compute they waited for. (A
+                # staged copy lands in the host slots only when the CPU finishes it.)
+                self._host_pending = [t for t in self._host_pending if not t.done()]
+            else:
+                self.host_barrier()
             sources = [r.source for r in host if r.source is not None]
             assert len(sources) == len(host), "a host load names its host slot"
             transfer = copy_slots(self.host, sources, self.gpu,
