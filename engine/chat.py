@@ -240,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"kvstore chat: {exc}", file=sys.stderr)
         return 2
-    print(f"ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    warm = llm.warmup_report
+    print(f"ready in {time.perf_counter() - t0:.1f} s"
+          + (f" (warm-up {warm.seconds:.1f} s)" if warm is not None else ""), file=sys.stderr)
     for line in llm.describe():
         print(f"  {line}", file=sys.stderr)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,

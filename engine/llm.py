@@ -22,12 +22,14 @@ from typing import Any, cast
 import torch
 from tqdm import tqdm
 
+from engine import warmup
 from engine.engine import Engine
 from engine.loader import resolve_model
 from engine.model import CausalLM
 from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerConfig
 from engine.sequence import RequestOutput
+from engine.warmup import WarmupReport
 from kvstore import env
 from kvstore.config import Policy, StoreConfig
 from kvstore.events import open_events
@@ -61,7 +63,9 @@ class EngineConfig:
     events to for routers (``kvstore.events``; ``None``: none), as ``replica_id``
     (``""``: hostname and process id). ``kv_format``: format of the blocks in the shared
     tiers, ``exact`` (default), ``int8`` or ``fp8`` (:class:`kvstore.config.StoreConfig`;
-    the device and host pools stay exact).
+    the device and host pools stay exact). ``warmup``: run every kernel variant a request
+    can hit and capture the decode CUDA graphs before the first request
+    (:mod:`engine.warmup`); ``None`` (default) does so on CUDA only.
     """
 
     model: str = "smollm2"
@@ -90,6 +94,7 @@ class EngineConfig:
     kv_events_url: str | None = None
     replica_id: str = ""
     kv_format: str = "exact"
+    warmup: bool | None = None
 
     def __post_init__(self) -> None:
         if self.gpu_blocks is not None and self.gpu_blocks < 1:
@@ -150,6 +155,16 @@ class LLM:
                              SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                              cfg.enable_cache))
         self._ids = itertools.count()
+        self.warmup_report: WarmupReport | None = None
+        if warmup.enabled(device, cfg.warmup):
+            self.warm_up()
+
+    def warm_up(self) -> WarmupReport:
+        """Run every kernel variant a request can hit and capture the decode CUDA graphs
+        now, so that the first request pays none of it (:mod:`engine.warmup`; done at
+        construction on CUDA unless ``warmup=False``). Changes no output."""
+        self.warmup_report = warmup.warm_up(self.engine, self.tokenizer)
+        return self.warmup_report
 
     # ---------------------------------------------------------------- inputs
 

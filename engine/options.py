@@ -40,6 +40,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                             "tokenizer.json")
     add_device_argument(model)
     add_dtype_argument(model, "weights and KV dtype (default: bfloat16 on GPU, float32 on CPU)")
+    model.add_argument("--no-warmup", action="store_true",
+                       help="skip the start-up warm-up (on CUDA it runs every kernel variant "
+                            "a request can hit and captures the decode CUDA graphs before the "
+                            "first request, so the first reply is as fast as the next; on CPU "
+                            "there is none): a faster start, a slower first request")
     model.add_argument("--model-cache-dir", default=None, metavar="DIR",
                        help="where converted model weights are kept (default: "
                             "$KVSTORE_HOME/models, $KVSTORE_HOME defaulting to "
@@ -97,4 +102,4 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "remote_url": args.remote, "policy": args.policy, "kv_format": args.kv_format,
             "enable_cache": not args.no_prefix_reuse,
             "model_cache_dir": args.model_cache_dir, "load_format": args.load_format,
-            "tokenizer": args.tokenizer}
+            "tokenizer": args.tokenizer, "warmup": False if args.no_warmup else None}

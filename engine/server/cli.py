@@ -201,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              shutdown_timeout_s=args.shutdown_timeout)
     except ValueError as exc:
         parser.error(str(exc))
-    logger.info("loading %s and opening the cache tiers...", args.model)
+    logger.info("loading %s and opening the cache tiers%s...", args.model,
+                "" if args.no_warmup else " (then the warm-up, on CUDA)")
     try:
         from engine.llm import LLM
         from engine.options import engine_kwargs
