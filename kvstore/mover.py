@@ -219,6 +219,11 @@ class _CompressedStaging:
         self.scales = np.empty((lanes, lane_blocks, self.scale_bytes), dtype=np.uint8)
         self.device = (torch.empty((lanes, lane_blocks * self.block_bytes), dtype=torch.uint8,
                                    device=device) if pin else None)
+        # Destination slots of each lane's blocks, staged like the bytes (a pageable
+        # copy or a read-back would synchronize the side stream every worker shares).
+        self.index_host = torch.empty((lanes, lane_blocks), dtype=torch.int64, pin_memory=pin)
+        self.index_device = (torch.empty((lanes, lane_blocks), dtype=torch.int64,
+                                         device=device) if pin else None)
         self._free: SimpleQueue[int] = SimpleQueue()
         for i in range(lanes):
             self._free.put(i)
@@ -514,16 +519,20 @@ class BlockMover:
                         quant.packed_view(packed, self.layout, self.kv_format, ok),
                         self.gpu.tensor, slots)
                 else:
+                    assert staging.index_device is not None
+                    index_host = staging.index_host[lane, :ok]
+                    index_host.numpy()[:] = slots  # GPU slots this store allocated
                     stream = side_stream(self.gpu.device)
                     with torch.cuda.stream(stream):
                         if state.ready is not None:
                             stream.wait_event(state.ready)
                         dev = staging.device[lane, :packed.numel()]
                         dev.copy_(packed, non_blocking=True)
+                        index = staging.index_device[lane, :ok]
+                        index.copy_(index_host, non_blocking=True)
                         quant.dequantize_into(
                             quant.packed_view(dev, self.layout, self.kv_format, ok),
-                            self.gpu.tensor, torch.tensor(slots).to(dev.device,
-                                                                    non_blocking=False))
+                            self.gpu.tensor, index)
                         done = torch.cuda.Event()
                         done.record(stream)
                     done.synchronize()  # the lane's bytes may be reused after this

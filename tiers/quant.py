@@ -119,14 +119,21 @@ def _check_blocks(blocks: Tensor) -> None:
 
 
 def _slot_index(slots: Tensor | list[int] | None, n: int, device: torch.device) -> Tensor:
+    """``slots`` as an int64 index on ``device``. Lists and host tensors are checked
+    against ``[0, n)`` on the host; a CUDA tensor is the caller's to check (reading it
+    back would synchronize its stream, which the load pipeline must not do)."""
     if slots is None:
         return torch.arange(n, dtype=torch.int64, device=device)
-    idx = torch.as_tensor(slots, dtype=torch.int64).to(device)
+    if isinstance(slots, Tensor) and slots.is_cuda:
+        if slots.dim() != 1:
+            raise ValueError("slots must be a 1-d list of slot numbers")
+        return slots.to(device=device, dtype=torch.int64)
+    idx = torch.as_tensor(slots, dtype=torch.int64)
     if idx.dim() != 1:
         raise ValueError("slots must be a 1-d list of slot numbers")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
         raise ValueError(f"slots must be in [0, {n}), got {idx.tolist()[:8]}")
-    return idx
+    return idx.to(device)
 
 
 # --------------------------------------------------------------------- torch reference
