@@ -93,6 +93,7 @@ class Engine:
         self._runner: ModelRunner | None = None
         self.overlap = model.device.type == "cuda" if overlap is None else overlap
         self.overlapped_steps = 0
+        self._discarded = 0
         self._inflight: _InFlight | None = None
         self._host_ids: list[Tensor] = []  # two host buffers for the picks, used in turn
 
@@ -295,6 +296,7 @@ class Engine:
         touched: set[str] = set()
         for seq, tok in zip(flight.seqs, picks):
             if seq.status is not Status.RUNNING:
+                self._discarded += 1  # it stopped (or was aborted) a step earlier
                 continue
             self._append(seq, tok)
             touched.add(seq.request_id)
@@ -432,7 +434,8 @@ class Engine:
             computed_tokens=self._computed, recomputed_tokens=self._recomputed,
             preemptions=sched.preemptions, parked_blocks=sched.parked_blocks,
             deferred_admissions=sched.deferred, waiting=len(sched.waiting),
-            loading=len(sched.loading), running=len(sched.running))
+            loading=len(sched.loading), running=len(sched.running),
+            overlapped_steps=self.overlapped_steps, discarded_tokens=self._discarded)
 
     def run(self) -> Iterator[RequestOutput]:
         """Step until every request is finished, yielding snapshots as they progress."""
