@@ -1,10 +1,17 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over the paged KV pool.
 
-Plain torch: RMSNorm, rotate-half RoPE (plain, linear or llama3-scaled frequencies),
-grouped-query attention through an :class:`engine.attention.AttentionBackend`, SwiGLU
-MLP, optional tied embeddings. Q/K/V and gate/up projections are fused into one matmul
-each. Numerics follow transformers: norms in fp32, residual stream in the model dtype,
-RoPE tables in fp32 cast to the model dtype, logits returned in fp32.
+RMSNorm, rotate-half RoPE (plain, linear or llama3-scaled frequencies), grouped-query
+attention through an :class:`engine.attention.AttentionBackend`, SwiGLU MLP, optional
+tied embeddings. Q/K/V and gate/up projections are fused into one matmul each. Numerics
+follow transformers: norms in fp32, residual stream in the model dtype, RoPE tables in
+fp32 cast to the model dtype, logits returned in fp32.
+
+The elementwise work between the matmuls runs through :mod:`engine.fused`, laid out as
+vLLM does: each layer returns its MLP output and the residual stream apart, and the
+next norm adds them (``add_rms_norm``), so a layer is norm, QKV matmul, RoPE + K/V write,
+attention, O matmul, add + norm, gate/up matmul, SiLU * up, down matmul. On CUDA these
+are single Triton kernels (:meth:`CausalLM.set_fused`); elsewhere the same formulas run
+as plain torch ops, numerically the model before the fusion.
 
 One :meth:`CausalLM.forward` runs a step of ``T`` tokens of ``B`` sequences (any mix
 of prefill chunks and decodes), writing their K/V into the pool and returning logits
@@ -20,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine import fused
 from engine.attention import AttentionBackend, select_backend
 from engine.batch import AttentionBatch
 from engine.config import ModelConfig
@@ -27,17 +35,24 @@ from engine.loader import LoadedModel, resolve_dtype
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / sqrt(mean(x^2) + eps)``, computed in fp32, returned in ``x``'s dtype."""
+    """``weight * x / sqrt(mean(x^2) + eps)``: the norm in fp32 rounded to ``x``'s dtype,
+    then the weight multiplies in that dtype, as in transformers."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.use_triton = False
 
     def forward(self, x: Tensor) -> Tensor:
-        # F.rms_norm upcasts to fp32 and casts the result back (one fused kernel on
-        # CUDA); the weight multiplies in x's dtype, as in transformers.
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        """``x`` ``[T, size]`` -> ``[T, size]``."""
+        return fused.rms_norm(x, self.weight, self.eps, use_triton=self.use_triton)
+
+    def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """``(norm(residual + x), residual + x)`` for ``x``, ``residual`` ``[T, size]``
+        (the sum in the model dtype); one kernel on the Triton path."""
+        return fused.add_rms_norm(x, residual, self.weight, self.eps,
+                                  use_triton=self.use_triton)
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
@@ -72,19 +87,13 @@ class Rotary(nn.Module):
         self._inv_freq = rope_inv_freq(config)
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(cos, sin)`` ``[T, 1, head_dim]`` in ``dtype`` for ``positions`` ``[T]``."""
+        """``(cos, sin)`` ``[T, head_dim]`` in ``dtype`` for ``positions`` ``[T]``
+        (rotate-half tables: the second half of each row repeats the first)."""
         if self._inv_freq.device != positions.device:
             self._inv_freq = self._inv_freq.to(positions.device)
         freqs = positions[:, None].float() * self._inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE of ``x`` ``[T, heads, head_dim]`` by ``cos``/``sin`` ``[T, 1, D]``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -99,21 +108,21 @@ class Attention(nn.Module):
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim ** -0.5
         self.backend = backend
+        self.use_triton = False
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_out_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch,
                 k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        """``x`` ``[T, hidden]`` -> ``[T, hidden]``; writes this step's K/V to the caches."""
+        """``x`` ``[T, hidden]`` -> ``[T, hidden]``; writes this step's K/V to the caches.
+        ``cos``/``sin`` ``[T, head_dim]`` are the step's RoPE tables."""
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
-        # RoPE on Q and K in one pass (the same elementwise ops, half the kernels).
-        qk = qkv[:, :self.q_size + self.kv_size].view(
-            num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
-        self.backend.write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+        # RoPE on Q and K and the K/V write: one kernel on the Triton path.
+        q = fused.rope_write_kv(qkv, cos, sin, k_cache, v_cache, batch.slot_mapping,
+                                self.num_heads, self.num_kv_heads,
+                                write_kv=self.backend.write_kv, use_triton=self.use_triton)
         out = self.backend.paged_attention(q, k_cache, v_cache, batch.block_tables,
                                            batch.query_start_loc, batch.seq_lens, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -128,14 +137,17 @@ class MLP(nn.Module):
                                       bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size,
                                    bias=config.mlp_bias)
+        self.use_triton = False
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        """``x`` ``[T, hidden]`` -> ``[T, hidden]``."""
+        act = fused.silu_mul(self.gate_up_proj(x), use_triton=self.use_triton)
+        return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+    """Pre-norm transformer block ``h = x + attn(norm(x)); out = h + mlp(norm(h))``, with
+    the residual stream carried apart: the last add happens in the next layer's norm."""
 
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
@@ -144,10 +156,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, batch: AttentionBatch,
-                k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor,
+                batch: AttentionBatch, k_cache: Tensor,
+                v_cache: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mlp_out, stream)`` ``[T, hidden]`` each; the layer's output is their sum.
+
+        ``x`` is the previous layer's ``mlp_out`` and ``residual`` its ``stream``; for the
+        first layer ``x`` is the embeddings and ``residual`` is ``None``.
+        """
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, cos, sin, batch, k_cache, v_cache)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class CausalLM(nn.Module):
@@ -168,14 +191,16 @@ class CausalLM(nn.Module):
         self.rotary = Rotary(config)
         self.lm_head = (None if config.tie_word_embeddings
                         else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.fused_kernels = False
 
     @classmethod
     def empty(cls, config: ModelConfig, *, dtype: torch.dtype | str = torch.float32,
               device: torch.device | str = "cpu",
-              backend: AttentionBackend | str = "auto") -> CausalLM:
+              backend: AttentionBackend | str = "auto", fused: str = "auto") -> CausalLM:
         """A model with uninitialised parameters (no random-init cost) in ``dtype`` on
         ``device``; ``backend`` is an :class:`AttentionBackend` or a ``select_backend``
-        preference (``"auto"``, ``"torch"``, ``"triton"``)."""
+        preference (``"auto"``, ``"torch"``, ``"triton"``); ``fused`` is the
+        :meth:`set_fused` preference."""
         device = torch.device(device)
         if isinstance(backend, str):
             backend = select_backend(device, backend)
@@ -184,18 +209,33 @@ class CausalLM(nn.Module):
         # cast on the meta device first: never allocate (and copy) an fp32 copy of a
         # bf16 model (an 8B model would take 32 GB and seconds)
         model = model.to(resolve_dtype(dtype)).to_empty(device=device)
+        model.set_fused(fused)
         return model.eval()
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str = "cpu",
-                    backend: AttentionBackend | str = "auto") -> CausalLM:
+                    backend: AttentionBackend | str = "auto", fused: str = "auto") -> CausalLM:
         """Build from a :class:`LoadedModel`; ``dtype`` ``None`` keeps the weights' dtype."""
         if dtype is None:
             dtype = loaded.weights["model.embed_tokens.weight"].dtype
-        model = cls.empty(loaded.config, dtype=dtype, device=device, backend=backend)
+        model = cls.empty(loaded.config, dtype=dtype, device=device, backend=backend,
+                          fused=fused)
         model.load_weights(loaded.weights)
         return model
+
+    def set_fused(self, prefer: str = "auto") -> bool:
+        """Choose the elementwise kernels (:func:`engine.fused.select`): ``"auto"`` runs
+        the fused Triton kernels on CUDA when they pass their self-check (and
+        ``KVSTORE_FUSED_KERNELS`` is not ``0``), the torch formulas elsewhere; ``"torch"``
+        and ``"triton"`` force one. Returns whether the Triton kernels are on. Graphs
+        captured before a change keep the kernels they captured."""
+        on = fused.select(self.device, prefer)
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.use_triton = on
+        self.fused_kernels = on
+        return on
 
     @property
     def dtype(self) -> torch.dtype:
@@ -263,8 +303,13 @@ class CausalLM(nn.Module):
         self.check_kv_pool(kv_pool)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        residual: Tensor | None = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, batch, kv_pool[:, i, 0], kv_pool[:, i, 1])
-        x = self.norm(x[batch.logits_indices])
+            x, residual = layer(x, residual, cos, sin, batch, kv_pool[:, i, 0], kv_pool[:, i, 1])
+        rows = batch.logits_indices
+        if residual is None:
+            x = self.norm(x[rows])
+        else:  # the last layer's residual add, on the sampled rows only
+            x, _ = self.norm.add_forward(x[rows], residual[rows])
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
