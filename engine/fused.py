@@ -176,7 +176,7 @@ if AVAILABLE:
             x = (r.to(tl.float32) + x.to(tl.float32)).to(dt)  # the model-dtype add
             tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
         xf = x.to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
+        rstd = tl.math.rsqrt(tl.math.div_rn(tl.sum(xf * xf, 0), n_cols.to(tl.float32)) + eps)
         y = (xf * rstd).to(dt)  # F.rms_norm's result in the model dtype
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         out = y.to(tl.float32) * w.to(tl.float32)
@@ -225,21 +225,21 @@ if AVAILABLE:
         tl.store(q_dst, o1, mask=q_ok)
         tl.store(q_dst + HALF, o2, mask=q_ok)
 
+        # K and V of this token into the paged caches, unless its slot is negative
+        kt = kc_ptr.dtype.element_ty
+        vt = vc_ptr.dtype.element_ty
+        k_ok = is_k[:, None] & d_ok[None, :]
+        v_ok = is_v[:, None] & d_ok[None, :]
         slot = tl.load(slot_ptr + t)
         if slot >= 0:
             blk = slot // BLOCK_SIZE
             off = slot % BLOCK_SIZE
-            kv_ok = d_ok[None, :]
             k_dst = (kc_ptr + blk * stride_kc_slot + off * stride_kc_tok
                      + ((head - H) * stride_kc_head)[:, None] + d[None, :])
-            k_ok = is_k[:, None] & kv_ok
-            kt = kc_ptr.dtype.element_ty
             tl.store(k_dst, o1.to(kt), mask=k_ok)
             tl.store(k_dst + HALF, o2.to(kt), mask=k_ok)
             v_dst = (vc_ptr + blk * stride_vc_slot + off * stride_vc_tok
                      + ((head - H - KVH) * stride_vc_head)[:, None] + d[None, :])
-            v_ok = is_v[:, None] & kv_ok
-            vt = vc_ptr.dtype.element_ty
             tl.store(v_dst, o1.to(vt), mask=v_ok)
             tl.store(v_dst + HALF, o2.to(vt), mask=v_ok)
 
@@ -258,7 +258,9 @@ if AVAILABLE:
         u = tl.load(base + n_cols, mask=mask, other=0.0)
         dt = g.dtype
         gf = g.to(tl.float32)
-        act = (gf / (1.0 + tl.exp(-gf))).to(dt)  # F.silu in fp32, rounded to dt
+        # F.silu in fp32 (IEEE division as torch's; exp is the device's fast exp2-based
+        # one), rounded to dt
+        act = tl.math.div_rn(gf, 1.0 + tl.exp(-gf)).to(dt)
         out = (act.to(tl.float32) * u.to(tl.float32)).to(dt)
         tl.store(out_ptr + row * n_cols + cols, out, mask=mask)
 
@@ -409,11 +411,14 @@ def silu_mul_triton(gate_up: Tensor) -> Tensor:
 
 
 def _pick(t: Tensor, use_triton: bool | None) -> bool:
-    if use_triton is None:
-        return triton_usable(t.device)
-    if use_triton and not triton_usable(t.device):
+    if use_triton is False:
+        return False
+    if AVAILABLE and t.is_cuda:  # the common case first: no environment lookup
+        return True
+    usable = triton_usable(t.device)
+    if use_triton and not usable:
         raise RuntimeError(f"the Triton kernels cannot run on {t.device}")
-    return use_triton
+    return usable
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, *,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine import fused
+from engine import fused as fused_ops
 from engine.attention import AttentionBackend, select_backend
 from engine.batch import AttentionBatch
 from engine.config import ModelConfig
@@ -46,12 +46,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``[T, size]`` -> ``[T, size]``."""
-        return fused.rms_norm(x, self.weight, self.eps, use_triton=self.use_triton)
+        return fused_ops.rms_norm(x, self.weight, self.eps, use_triton=self.use_triton)
 
     def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """``(norm(residual + x), residual + x)`` for ``x``, ``residual`` ``[T, size]``
         (the sum in the model dtype); one kernel on the Triton path."""
-        return fused.add_rms_norm(x, residual, self.weight, self.eps,
+        return fused_ops.add_rms_norm(x, residual, self.weight, self.eps,
                                   use_triton=self.use_triton)
 
 
@@ -120,7 +120,7 @@ class Attention(nn.Module):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         # RoPE on Q and K and the K/V write: one kernel on the Triton path.
-        q = fused.rope_write_kv(qkv, cos, sin, k_cache, v_cache, batch.slot_mapping,
+        q = fused_ops.rope_write_kv(qkv, cos, sin, k_cache, v_cache, batch.slot_mapping,
                                 self.num_heads, self.num_kv_heads,
                                 write_kv=self.backend.write_kv, use_triton=self.use_triton)
         out = self.backend.paged_attention(q, k_cache, v_cache, batch.block_tables,
@@ -141,7 +141,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``[T, hidden]`` -> ``[T, hidden]``."""
-        act = fused.silu_mul(self.gate_up_proj(x), use_triton=self.use_triton)
+        act = fused_ops.silu_mul(self.gate_up_proj(x), use_triton=self.use_triton)
         return self.down_proj(act)
 
 
@@ -230,7 +230,7 @@ class CausalLM(nn.Module):
         ``KVSTORE_FUSED_KERNELS`` is not ``0``), the torch formulas elsewhere; ``"torch"``
         and ``"triton"`` force one. Returns whether the Triton kernels are on. Graphs
         captured before a change keep the kernels they captured."""
-        on = fused.select(self.device, prefer)
+        on = fused_ops.select(self.device, prefer)
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.use_triton = on

@@ -102,8 +102,9 @@ def test_activations_stay_finite_in_bf16(tiny_config: Path) -> None:
     outputs: list[torch.Tensor] = []
     with LLM(str(tiny_config), load_format="dummy", device="cpu", dtype="bfloat16",
              gpu_blocks=64) as llm:
-        for layer in llm.model.layers:
-            layer.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
+        for layer in llm.model.layers:  # a layer returns (mlp_out, residual): output = sum
+            layer.register_forward_hook(
+                lambda _m, _i, out: outputs.append((out[1] + out[0]).detach()))
         out = llm.generate(list(range(3, 60)), SamplingParams(max_tokens=4, temperature=0.0,
                                                               ignore_eos=True))[0]
     assert len(outputs) == 16 * 4 and len(out.outputs[0].token_ids) == 4
