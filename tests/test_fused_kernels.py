@@ -91,7 +91,7 @@ def test_rms_norm_and_add_rms_norm(dtype: torch.dtype, shape: tuple[int, int], p
     check(got, want, dtype, exact=False)
     assert got.is_contiguous() and got_res.is_contiguous()
     assert torch.equal(x, x_before) and torch.equal(residual, res_before)  # inputs untouched
-    if ON_GPU and tokens:
+    if ON_GPU and tokens and dtype != torch.float32:  # fp32 differs in ulps everywhere
         # beyond the bound: rounding differences are rare, not systematic
         differ = (got != want).float().mean().item()
         assert differ < 0.01, f"{differ:.2%} of the normed elements differ from torch"
@@ -113,7 +113,7 @@ def test_silu_mul(dtype: torch.dtype, shape: tuple[int, int], pad: int) -> None:
     got = fused.silu_mul_triton(gate_up)
     want = fused.silu_mul_reference(gate_up)
     check(got, want, dtype, exact=False)
-    if ON_GPU and tokens:
+    if ON_GPU and tokens and dtype != torch.float32:  # fp32 differs in ulps everywhere
         differ = (got != want).float().mean().item()
         assert differ < 0.01, f"{differ:.2%} of the elements differ from torch"
 
