@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine import attention
+from kvstore import env
 
 try:
     import triton
@@ -76,7 +77,7 @@ __all__ = [
 
 WriteKV = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
 
-ENV_SWITCH = "KVSTORE_FUSED_KERNELS"
+ENV_SWITCH = env.FUSED_KERNELS
 """Set to ``0`` to make :func:`select` choose the torch references on every device."""
 
 
@@ -530,7 +531,7 @@ def select(device: torch.device | str, prefer: str = "auto") -> bool:
             raise RuntimeError(f"the Triton kernels cannot run on {device}"
                                + ("" if AVAILABLE else ": triton is not installed"))
         return True
-    if device.type != "cuda" or not AVAILABLE or os.environ.get(ENV_SWITCH, "1") == "0":
+    if device.type != "cuda" or not AVAILABLE or not env.fused_kernels_enabled():
         return False
     key = str(device)
     if key not in _selected:

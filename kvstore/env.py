@@ -4,6 +4,8 @@
   tier and sessions); default ``~/.cache/kvstore``.
 - ``KVSTORE_DAEMON_TOKEN``: bearer token of the cache daemon (server and clients).
 - ``KVSTORE_API_KEY``: bearer key of the OpenAI-compatible server.
+- ``KVSTORE_FUSED_KERNELS``: ``0`` keeps the engine's fused Triton kernels
+  (``engine/fused.py``) off on CUDA (the torch formulas run instead); default on.
 """
 
 from __future__ import annotations
@@ -25,3 +27,11 @@ def daemon_token() -> str | None:
 def api_key() -> str | None:
     """The OpenAI-compatible server's API key, when set."""
     return os.environ.get("KVSTORE_API_KEY") or None
+
+
+FUSED_KERNELS = "KVSTORE_FUSED_KERNELS"
+
+
+def fused_kernels_enabled() -> bool:
+    """False when ``KVSTORE_FUSED_KERNELS=0`` turns the fused kernels off."""
+    return os.environ.get(FUSED_KERNELS, "1") != "0"
