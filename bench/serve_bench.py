@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from bench import router_bench
+from engine.config import NAMED_SHAPES
 from kvstore.args import (
     add_device_argument,
     add_dtype_argument,
@@ -791,9 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "given); 'all' = every one")
     srv.add_argument("--model", default="smollm2",
                      help="kvstore serve --model: 'smollm2', a checkpoint directory, or with "
-                          "--load-format dummy a shape (llama3-8b, llama3.1-8b, qwen2-7b, "
-                          "mistral-7b, llama2-7b, qwen2-0.5b, smollm2) or a config.json "
-                          "(default: %(default)s)")
+                          f"--load-format dummy a shape ({', '.join(NAMED_SHAPES)}) or a "
+                          "config.json (default: %(default)s)")
     srv.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                      help="dummy: random weights of the model's shape (default: %(default)s)")
     srv.add_argument("--tokenizer", default=None,

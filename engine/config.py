@@ -341,6 +341,16 @@ NAMED_SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2,
         "torch_dtype": "bfloat16"},
     "llama3-8b": _LLAMA3_8B,
+    # Two narrow layers over SmolLM2's vocabulary (its tokenizer fits): a model that
+    # answers in about a millisecond on a CPU, for measuring plumbing (the router's or
+    # the server's overhead) at rates a real model could not sustain there.
+    "tiny": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+        "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+        "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2,
+        "torch_dtype": "float32"},
     "llama3.1-8b": {
         **_LLAMA3_8B, "max_position_embeddings": 131072,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from engine.config import NAMED_SHAPES
 from kvstore import env
 from kvstore.args import add_device_argument, add_dtype_argument, size_arg
 from kvstore.config import POLICIES
@@ -27,9 +28,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     model.add_argument("--model", default="smollm2",
                        help="'smollm2' (the bundled SmolLM2-135M-Instruct), a local Hugging "
                             "Face checkpoint directory or a .gguf file (default: %(default)s); "
-                            "with --load-format dummy a shape name (llama3-8b, llama3.1-8b, "
-                            "qwen2-7b, mistral-7b, llama2-7b, qwen2-0.5b, smollm2) or a "
-                            "config.json")
+                            f"with --load-format dummy a shape name ({', '.join(NAMED_SHAPES)}) "
+                            "or a config.json")
     model.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="auto: the model's weights; dummy: random weights of its shape "
                             "(deterministic, made on the device in seconds; for benchmarks "
