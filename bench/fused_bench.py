@@ -1,6 +1,6 @@
 """Fused elementwise kernels (engine/fused.py) next to the torch formulas they replace.
 
-Run: ``python -m bench.fused_bench`` (``--help``). Needs a CUDA device and triton. Two
+Run: ``kvstore bench fused`` (``--help``). Needs a CUDA device and triton. Two
 parts, both with the fused kernels and the torch formulas in the same run:
 
 1. ops: add + RMSNorm, RoPE + K/V write and SiLU * up at a model's shape (default
@@ -196,7 +196,7 @@ def _ints(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The fused-kernel bench's argument parser."""
-    parser = argparse.ArgumentParser(prog="python -m bench.fused_bench",
+    parser = argparse.ArgumentParser(prog="kvstore bench fused",
                                      description=plain_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="ops,step",

@@ -26,6 +26,7 @@ BENCHES: dict[str, tuple[str, str]] = {
                  "closed-loop clients over a small GPU KV pool: tiers vs preemption"),
     "plan": ("bench.plan_bench", "the plan's predictions next to the engine's measurements"),
     "format": ("bench.format_bench", "bytes and load GB/s of exact, int8 and fp8 blocks"),
+    "fused": ("bench.fused_bench", "fused elementwise kernels vs the torch formulas"),
 }
 
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -31,7 +31,7 @@ DEPRECATED = ("--host-blocks", "--memory-bytes", "--host-kv-bytes", "--disk-kv-b
               "--max-batched-tokens")
 """Old spellings: some still parse as hidden aliases, none may be shown."""
 LONG_RUNNING = ("chat", "serve", "daemon", "router")
-WRITES_FILES = ("hit-rate", "engine", "attention", "serve", "router")
+WRITES_FILES = ("hit-rate", "engine", "attention", "serve", "router", "fused")
 """Benches that write files (tables, CSVs, plots, logs, JSON)."""
 SIZE_FLAGS = {"--gpu-kv-bytes", "--host-bytes", "--disk-bytes", "--max-body-bytes",
               "--load-batch-bytes"}
