@@ -115,6 +115,11 @@ class ModelRunner:
         return sorted(self._graphs)
 
     @property
+    def eager_capacity(self) -> tuple[int, int]:
+        """``(tokens, sequences)`` the eager steps' stager holds now (it grows to fit)."""
+        return self._eager.max_tokens, self._eager.max_seqs
+
+    @property
     def captured_mixed(self) -> list[tuple[int, int]]:
         """``(rows, tokens)`` of the mixed-step graphs that exist, ascending."""
         return sorted(self._mixed)

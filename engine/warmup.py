@@ -248,11 +248,7 @@ def run_steps(engine: Engine, shapes: Iterable[StepShape]) -> int:
     shapes = list(shapes)
     if not shapes:
         return 0
-    ref = getattr(runner, "_eager", None)
-    sched = engine.scheduler.config
-    max_tokens = ref.max_tokens if isinstance(ref, BatchStager) else max(
-        1, sched.max_num_batched_tokens)
-    max_seqs = ref.max_seqs if isinstance(ref, BatchStager) else sched.max_num_seqs
+    max_tokens, max_seqs = runner.eager_capacity
     max_tokens = max(max_tokens, *(s.num_tokens for s in shapes))
     max_seqs = max(max_seqs, *(len(s.seq_lens) for s in shapes))
     cells = max(len(s.seq_lens) * s.width for s in shapes)
