@@ -6,6 +6,9 @@ Fixtures:
   and its directory removed afterwards, whatever the test did to it.
 - ``redis_cluster``: one 3-master Redis Cluster for the whole session; each test gets
   it flushed, with any node a previous test stopped restarted first.
+- ``smollm2`` and ``model``: the real SmolLM2-135M-Instruct in fp32 (converted once a
+  session) and its :class:`engine.model.CausalLM` on the CPU with the torch attention
+  backend (modules that need another variant define their own).
 """
 
 from __future__ import annotations
@@ -64,3 +67,20 @@ def redis_cluster(redis_cluster_session: RedisCluster) -> RedisCluster:
     redis_cluster_session.heal()
     redis_cluster_session.flushall()
     return redis_cluster_session
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory):
+    """SmolLM2-135M-Instruct in fp32 (an ``engine.loader.LoadedModel``)."""
+    from engine.loader import resolve_model
+
+    return resolve_model("smollm2", cache_dir=tmp_path_factory.getbasetemp() / "models",
+                         dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def model(smollm2):
+    """``smollm2``'s ``CausalLM`` on the CPU, fp32, torch attention backend."""
+    from engine.model import CausalLM
+
+    return CausalLM.from_loaded(smollm2, dtype=torch.float32, backend="torch")

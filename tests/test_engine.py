@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine.engine import Engine
 from engine.llm import LLM
-from engine.loader import LoadedModel, resolve_model
+from engine.loader import LoadedModel
 from engine.model import CausalLM
 from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerConfig
@@ -28,17 +27,6 @@ SYSTEM = ("You are a concise assistant for a bakery. You answer questions about 
           "pastry, opening hours and prices. Keep answers short and friendly. ") * 3
 QUESTIONS = ["What time do you open on Sunday?", "Do you sell rye bread?",
              "How much is a croissant?", "Can I order a birthday cake?"]
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return resolve_model("smollm2", cache_dir=tmp_path_factory.getbasetemp() / "models",
-                         dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def model(smollm2: LoadedModel) -> CausalLM:
-    return CausalLM.from_loaded(smollm2, dtype=torch.float32, backend="torch")
 
 
 def make_engine(smollm2: LoadedModel, model: CausalLM, *, enable_cache: bool = True,

@@ -7,10 +7,9 @@ sampled requests beside greedy ones, and new arrivals."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from engine.engine import Engine
-from engine.loader import LoadedModel, resolve_model
+from engine.loader import LoadedModel
 from engine.model import CausalLM
 from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerConfig
@@ -21,17 +20,6 @@ from tiers.layout import KVLayout
 
 QUESTIONS = ["What time do you open on Sunday?", "Do you sell rye bread?",
              "How much is a croissant?", "Can I order a birthday cake?"]
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return resolve_model("smollm2", cache_dir=tmp_path_factory.getbasetemp() / "models",
-                         dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def model(smollm2: LoadedModel) -> CausalLM:
-    return CausalLM.from_loaded(smollm2, dtype=torch.float32, backend="torch")
 
 
 @pytest.fixture(scope="module")

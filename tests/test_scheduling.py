@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.engine import Engine
-from engine.loader import LoadedModel, resolve_model
+from engine.loader import LoadedModel
 from engine.model import CausalLM
 from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerConfig
@@ -96,17 +96,6 @@ TEXTS = ["The history of bread begins in the Neolithic era, when people first gr
          "A croissant is a buttery, flaky pastry of Austrian origin, named for its shape",
          "Rye bread is made with various proportions of flour from rye grain and is dense",
          "Sourdough is bread made by the fermentation of dough using wild lactobacilli"]
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return resolve_model("smollm2", cache_dir=tmp_path_factory.getbasetemp() / "models",
-                         dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def model(smollm2: LoadedModel) -> CausalLM:
-    return CausalLM.from_loaded(smollm2, dtype=torch.float32, backend="torch")
 
 
 @pytest.fixture(scope="module")
