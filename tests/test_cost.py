@@ -23,7 +23,7 @@ from kvstore.cost import (
 )
 from kvstore.store import KVStore
 from radix import Namespace, hash_blocks
-from tests.test_engine import model, prompts, reference, run, smollm2  # noqa: F401
+from tests.test_engine import prompts, reference, run  # noqa: F401
 from tests.test_store import BS, LAYOUT, NS, make_store, serve, tokens
 from tiers.layout import KVLayout
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_engine import make_engine, model, prompts, reference, run, smollm2  # noqa: F401
+from tests.test_engine import make_engine, prompts, reference, run  # noqa: F401
 
 
 @pytest.mark.parametrize("shared", ["disk", "redis"])
