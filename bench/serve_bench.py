@@ -1003,6 +1003,7 @@ def _run(args: argparse.Namespace, names: list[str], out: Path,
                 redis_blocks=(1 << 20) if "redis" in name else 0)
         rows.append(summary)
         results[name] = res
+        write_csv(rows, results, out)  # after each configuration: a cut-short run keeps them
         print(f"[{name}] {summary.requests} ok, {summary.errors} errors, {skipped} skipped "
               f"(context), {summary.duration_s:.1f} s"
               + (f"; first error: {summary.first_error}" if summary.first_error else ""))
