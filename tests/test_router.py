@@ -169,6 +169,14 @@ def test_policies_choose_by_prefix_against_load() -> None:
     capped = Chooser(PolicyConfig("prefix", load_weight=0.1, max_imbalance=2))
     assert capped.choose([Candidate("a", 2), Candidate("b", 0)], hits).replica == "a"
     assert capped.choose([Candidate("a", 3), Candidate("b", 0)], hits).replica == "b"
+    # Prefill queued on a replica counts against it: a holds 4.8 blocks' worth, b 4.0;
+    # with 1.0 more uncached block pending on a than on b, b answers sooner.
+    assert prefix.choose([Candidate("a", 0, 1.0), Candidate("b", 0, 0.0)],
+                         hits).replica == "b"
+    assert prefix.choose([Candidate("a", 0, 0.5), Candidate("b", 0, 0.0)],
+                         hits).replica == "a"
+    # with nothing cached, the replica with less prefill queued wins, whatever the count
+    assert prefix.choose([Candidate("a", 0, 40.0), Candidate("b", 1, 0.0)]).replica == "b"
     least = Chooser(PolicyConfig("least-load"))
     assert least.choose([Candidate("a", 3), Candidate("b", 1)]).replica == "b"
     rr = Chooser(PolicyConfig("round-robin"))

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,7 @@ from kvstore.router.feed import EventFeed
 from kvstore.router.index import GlobalIndex
 from kvstore.router.keys import KeySpace
 from kvstore.router.metrics import RouterMetrics
-from kvstore.router.policy import Candidate, Chooser, PolicyConfig
+from kvstore.router.policy import Candidate, Chooser, PolicyConfig, saved_blocks
 from kvstore.router.replicas import HealthChecker, Replica
 from kvstore.service import HTTPError, auth_middleware, error_middleware
 from kvstore.urls import redact_url
@@ -158,12 +159,30 @@ def _reply_headers(upstream: aiohttp.ClientResponse, replica: Replica) -> dict[s
     return headers
 
 
+class _Pending:
+    """One request's queued prefill on a replica (``blocks``), counted in the replica's
+    ``pending_blocks`` from dispatch until :meth:`done` (first byte, failure or end;
+    idempotent)."""
+
+    def __init__(self, replica: Replica, blocks: float) -> None:
+        self.replica = replica
+        self.blocks = blocks
+        replica.pending_blocks += blocks
+
+    def done(self) -> None:
+        if self.blocks:
+            self.replica.pending_blocks = max(0.0, self.replica.pending_blocks - self.blocks)
+            self.blocks = 0.0
+
+
 async def _forward(request: web.Request, state: RouterState, replica: Replica, method: str,
-                   path: str, body: bytes | None, arrived: float | None) -> web.StreamResponse:
+                   path: str, body: bytes | None, arrived: float | None,
+                   first_byte: Callable[[], None] = lambda: None) -> web.StreamResponse:
     """Send one request to ``replica``; ``_Unreachable`` when it failed before the client
-    was sent anything. A non-streamed answer carries ``X-Kvstore-Route-Ms``: the time
-    from ``arrived`` (``perf_counter``) to sending it to this replica (reading, parsing,
-    tokenizing, hashing, choosing; earlier tries included)."""
+    was sent anything. ``first_byte()`` is called once the replica's answer (or the
+    first event of a stream) is in. A non-streamed answer carries ``X-Kvstore-Route-Ms``:
+    the time from ``arrived`` (``perf_counter``) to sending it to this replica (reading,
+    parsing, tokenizing, hashing, choosing; earlier tries included)."""
     assert state.session is not None
     sent = time.perf_counter()
     try:
@@ -180,6 +199,7 @@ async def _forward(request: web.Request, state: RouterState, replica: Replica, m
                 data = await upstream.read()
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 raise _Unreachable(str(exc) or type(exc).__name__) from None
+            first_byte()
             if arrived is not None:
                 headers[ROUTE_TIME_HEADER] = f"{(sent - arrived) * 1000:.3f}"
             return web.Response(status=upstream.status, body=data, headers=headers)
@@ -189,6 +209,7 @@ async def _forward(request: web.Request, state: RouterState, replica: Replica, m
             raise _Unreachable(str(exc) or type(exc).__name__) from None
         if not first:
             raise _Unreachable("closed the stream before its first event")
+        first_byte()
         response = web.StreamResponse(status=upstream.status, headers=headers)
         await response.prepare(request)
         await response.write(first)
@@ -235,14 +256,14 @@ async def _dispatch(request: web.Request, state: RouterState, path: str, raw: by
     tried: set[str] = set()
     m = state.metrics
     while True:
-        candidates = [Candidate(r.name, r.in_flight) for r in state.replicas
+        candidates = [Candidate(r.name, r.in_flight, r.pending_blocks) for r in state.replicas
                       if r.routable and r.name not in tried]
         if not candidates:
             # None passed its last check: one may only be too busy to answer /healthz
             # in time. Try those with a known namespace before refusing (a dead one
             # fails fast and is skipped).
-            candidates = [Candidate(r.name, r.in_flight) for r in state.replicas
-                          if r.namespace is not None and r.refused is None
+            candidates = [Candidate(r.name, r.in_flight, r.pending_blocks)
+                          for r in state.replicas if r.namespace is not None and r.refused is None
                           and r.name not in tried]
         hits = state.index.match(keys, [c.name for c in candidates]) if keys else None
         decision = state.chooser.choose(candidates, hits)
@@ -261,9 +282,13 @@ async def _dispatch(request: web.Request, state: RouterState, path: str, raw: by
                 m.prompt_tokens.inc(len(keys) * bs)
                 for tier, n in decision.hit.by_tier.items():
                     m.matched.labels(tier).inc(n * bs)
+        # the prefill this request queues there, until its first byte comes back
+        work = max(0.0, len(keys) - saved_blocks(state.chooser.config.weights, decision.hit))
+        pending = _Pending(replica, work)
         replica.in_flight += 1
         try:
-            response = await _forward(request, state, replica, request.method, path, raw, start)
+            response = await _forward(request, state, replica, request.method, path, raw, start,
+                                      pending.done)
         except _Unreachable as exc:
             logger.warning("replica %s: %s; request moved to another replica", replica.name,
                            exc)
@@ -274,6 +299,7 @@ async def _dispatch(request: web.Request, state: RouterState, path: str, raw: by
             continue
         finally:
             replica.in_flight -= 1
+            pending.done()
         m.requests.labels(replica.name, str(response.status)).inc()
         return response
 
@@ -301,7 +327,8 @@ async def router_status(request: web.Request) -> web.Response:
         "policy": state.chooser.config.policy,
         "replicas": [{"replica_id": r.name, "url": redact_url(r.url), "healthy": r.healthy,
                       "in_rotation": r.routable, "refused": r.refused,
-                      "in_flight": r.in_flight, "blocks": state.index.held(r.name)}
+                      "in_flight": r.in_flight,
+                      "pending_blocks": r.pending_blocks, "blocks": state.index.held(r.name)}
                      for r in state.replicas],
         "index_blocks": len(state.index),
         "events": None if feed is None else {

@@ -12,7 +12,9 @@
 - ``kvstore_router_route_seconds``: time from a request's arrival to its dispatch
   (parsing, tokenizing, hashing, choosing).
 - ``kvstore_router_replica_healthy{replica}``, ``kvstore_router_replica_in_flight{replica}``,
-  ``kvstore_router_replica_blocks{replica,tier}`` (by the events).
+  ``kvstore_router_replica_pending_blocks{replica}`` (uncached prompt blocks sent and not
+  yet answered: prefill queued), ``kvstore_router_replica_blocks{replica,tier}`` (by the
+  events).
 - ``kvstore_router_events_total{op}``, ``kvstore_router_event_batches_total``,
   ``kvstore_router_event_gaps_total`` (batches lost), ``kvstore_router_events_connected``,
   ``kvstore_router_index_blocks``.
@@ -45,14 +47,18 @@ class _StateCollector(Collector):
                                     "is in rotation", labels=["replica"])
         flight = GaugeMetricFamily("kvstore_router_replica_in_flight", "Requests sent to the "
                                    "replica and not finished", labels=["replica"])
+        pending = GaugeMetricFamily("kvstore_router_replica_pending_blocks", "Uncached "
+                                    "prompt blocks sent to the replica and not yet answered "
+                                    "(prefill queued there)", labels=["replica"])
         blocks = GaugeMetricFamily("kvstore_router_replica_blocks", "Blocks the replica "
                                    "holds by its KV events", labels=["replica", "tier"])
         for r in replicas:
             healthy.add_metric([r.name], float(r.routable))
             flight.add_metric([r.name], r.in_flight)
+            pending.add_metric([r.name], r.pending_blocks)
             for tier, n in index.held(r.name).items():
                 blocks.add_metric([r.name, tier], n)
-        yield from (healthy, flight, blocks)
+        yield from (healthy, flight, pending, blocks)
         yield GaugeMetricFamily("kvstore_router_index_blocks", "Distinct blocks in the "
                                 "router's index", value=len(index))
         events = CounterMetricFamily("kvstore_router_events", "KV events applied, by op",

@@ -1,18 +1,24 @@
 """Choosing a replica: by cached prefix weighted by tier against load, round-robin, or
 least load.
 
-``prefix`` scores each healthy replica::
+``prefix`` scores each healthy replica by the prefill work a request would wait for
+there, in blocks (fewer is better; the score is its negative)::
 
-    score = sum(weight[tier] * blocks held in that tier) - load_weight * in_flight
+    score = sum(weight[tier] * blocks held in that tier)      # prefill it saves there
+            - pending_blocks                                  # prefill queued there
+            - load_weight * in_flight                         # decoding there
 
 where the blocks are the request's leading blocks the replica holds (by the KV events;
-each block counted in its fastest tier), and ``in_flight`` the requests the router has
-sent it that have not finished. The highest score wins; ties go to the least loaded,
-then round-robin. ``load_weight`` is in blocks: one request in flight costs as much as
-``load_weight`` cached blocks. A long shared prefix (a system prompt cached on one
-replica) would outweigh any load; so a replica with more than ``max_imbalance``
-requests in flight beyond the least loaded one is not chosen while another is in
-reach.
+each block counted in its fastest tier; a tier's weight is the share of a block's
+prefill that holding it there saves), ``pending_blocks`` the uncached prompt blocks of
+requests the router has sent the replica that have not yet answered their first byte
+(the prefill queued ahead of this request), and ``in_flight`` the requests sent and not
+finished. The request's own prompt length is the same everywhere and drops out. The
+highest score wins; ties go to the least loaded, then round-robin: a replica holding the
+prefix wins unless the prefill queued on it exceeds what it saves. A long shared prefix
+(a system prompt cached on one replica) would outweigh any load; so a replica with more
+than ``max_imbalance`` requests in flight beyond the least loaded one is not chosen while
+another is in reach.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ DEFAULT_WEIGHTS = {"gpu": 1.0, "host": 0.8, "disk": 0.5}
 @dataclass(frozen=True)
 class PolicyConfig:
     """How replicas are chosen. ``weights``: tier -> value of one cached block there
-    (tiers not named count 0); ``load_weight``: blocks one in-flight request costs."""
+    (tiers not named count 0): the share of a block's prefill that holding it there
+    saves; ``load_weight``: blocks one in-flight request costs."""
 
     policy: str = "prefix"
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
@@ -55,10 +62,13 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A healthy replica the request may go to: its name and requests in flight."""
+    """A healthy replica the request may go to: its name, requests in flight, and
+    ``pending_blocks``: uncached prompt blocks of its requests not yet past their first
+    byte (prefill queued there)."""
 
     name: str
     in_flight: int
+    pending_blocks: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,11 @@ class Decision:
 
 
 _NO_HIT = PrefixHit(0, {})
+
+
+def saved_blocks(weights: Mapping[str, float], hit: PrefixHit) -> float:
+    """Blocks of prefill that ``hit`` saves: each held block times its tier's weight."""
+    return sum(weights.get(t, 0.0) * b for t, b in hit.by_tier.items())
 
 
 class Chooser:
@@ -109,8 +124,8 @@ class Chooser:
         chosen = ordered[0]
         for c in ordered:
             hit = (hits or {}).get(c.name, _NO_HIT)
-            value = sum(weights.get(t, 0.0) * b for t, b in hit.by_tier.items())
-            key = (value - lw * c.in_flight, -c.in_flight)
+            value = saved_blocks(weights, hit)
+            key = (value - c.pending_blocks - lw * c.in_flight, -c.in_flight)
             if best is None or key > best:
                 best, chosen = key, c
         assert best is not None

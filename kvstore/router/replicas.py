@@ -27,12 +27,14 @@ logger = logging.getLogger("kvstore.router")
 @dataclass
 class Replica:
     """One ``kvstore serve`` behind the router. ``name`` is its replica id once known
-    (its URL before); ``in_flight``: requests sent and not finished."""
+    (its URL before); ``in_flight``: requests sent and not finished; ``pending_blocks``:
+    uncached prompt blocks of those not yet past their first byte (prefill queued)."""
 
     url: str
     name: str
     healthy: bool = False
     in_flight: int = 0
+    pending_blocks: float = 0.0
     namespace: dict[str, Any] | None = None
     refused: str | None = None  # why it is kept out (namespace mismatch), if it is
     since: float = field(default_factory=time.monotonic)
