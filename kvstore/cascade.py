@@ -14,7 +14,7 @@ No torch import: simulation mode runs on these types alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from radix import Moved, Node
@@ -136,10 +136,13 @@ class LoadMeasure:
 
 @dataclass(frozen=True)
 class Published:
-    """Blocks that shared tier ``tier`` verifiably holds after a publication."""
+    """The end of a background write to shared tier ``tier``: ``nodes`` it verifiably
+    holds (to record), ``lost`` the blocks an earlier demotion recorded there whose write
+    did not land (to forget)."""
 
     tier: str
     nodes: list[Node]
+    lost: list[Node] = field(default_factory=list)
 
 
 class LoadHandle(Protocol):

@@ -3,8 +3,12 @@
 - GPU <-> host: ``tiers.pool.copy_slots``, one call per batch, on a CUDA side stream
   (asynchronous; the compute stream is made to wait where it reads or reuses slots).
 - Demotion down the cascade (:meth:`BlockMover.demote`): GPU -> host slots; host ->
-  shared tier (encode, ``put``); shared -> shared (``get``, ``put``). A block whose
-  ``put`` did not land is reported back, so the index never records it there.
+  shared tier in the background (the host slots are copied into the write queue, the
+  publication pool, and written by the publisher thread, so a slow disk never stalls the
+  step loop; blocks the full queue cannot take are dropped, and a write that does not
+  land is reported back through :meth:`BlockMover.published` so the store forgets it);
+  shared -> shared (``get``, ``put``, synchronous). A block whose ``put`` did not land
+  is reported back, so the index does not keep it there.
 - Loads into GPU slots (:meth:`BlockMover.load`, promotion): host hits are one
   ``copy_slots`` call; shared-tier hits (disk, Redis, daemon) go through one pipeline
   over :data:`MoverConfig.load_workers` threads. Each worker takes a batch of about
@@ -319,8 +323,11 @@ class BlockMover:
         """Copy demoted blocks from tier ``src`` to the next tier ``dst``; returns the
         nodes whose bytes did not reach ``dst`` (the store forgets them there).
 
-        GPU -> host is asynchronous (host readers wait at :meth:`host_barrier`); writes
-        to a shared tier are synchronous, as the source slots are freed next.
+        GPU -> host is asynchronous (host readers wait at :meth:`host_barrier`). Host ->
+        shared tier is written in the background when the write queue has room (see
+        :meth:`_demote_in_background`; the blocks it takes are reported lost later if
+        their write fails); otherwise, and shared -> shared, synchronously, as the source
+        slots are freed next.
         """
         if not moved:
             return []
@@ -330,6 +337,8 @@ class BlockMover:
         nodes = [m.node for m in moved]
         if src == "host":
             self.host_barrier()
+            if self._pub_pool is not None:
+                return self._demote_in_background(dst, nodes, [m.src for m in moved])
             items = self._encode_slots(nodes, self.host, [m.src for m in moved])
         elif src not in POOL_TIERS:
             keys = [n.key for n in nodes]
@@ -340,6 +349,50 @@ class BlockMover:
         stored = self._put_verified(dst, items)
         self._count(f"{src}->{dst}", len(stored))
         return [n for n in nodes if n.key not in stored]
+
+    def _demote_in_background(self, dst: str, nodes: list[Node], host_slots: list[int]
+                              ) -> list[Node]:
+        """Write-back from the host pool to shared tier ``dst`` off the store's thread.
+
+        The blocks the write queue (the publication pool) has room for are copied into
+        it now, so their host slots may be reused at once, and written to ``dst`` by the
+        publisher thread; those whose write does not land come back as
+        :attr:`Published.lost`. The rest are dropped (counted in :attr:`publish_dropped`):
+        under sustained pressure the disk keeps what it can write, and the step loop
+        never waits for it. Returns the dropped nodes (the store forgets them in
+        ``dst``); the others stay recorded there meanwhile (a load that finds one not yet
+        written is a miss, like any lost block).
+        """
+        pool = self._pub_pool
+        assert pool is not None
+        n = min(len(nodes), pool.num_free)
+        if n < len(nodes):
+            # keep the blocks nearest their chains' roots: a hit needs a prefix's
+            # leading blocks, a trailing one alone serves nothing
+            order = sorted(range(len(nodes)), key=lambda i: nodes[i].depth)
+            nodes = [nodes[i] for i in order]
+            host_slots = [host_slots[i] for i in order]
+            with self._lock:
+                self.publish_dropped += len(nodes) - n
+        if n:
+            slots = list(pool.alloc(n).slots)
+            src = torch.tensor(host_slots[:n], dtype=torch.int64)
+            pool.tensor.index_copy_(0, torch.tensor(slots, dtype=torch.int64),
+                                    self.host.tensor.index_select(0, src))
+            self._publisher.submit(self._demote_job, dst, nodes[:n], slots)
+        return nodes[n:]
+
+    def _demote_job(self, dst: str, nodes: list[Node], slots: list[int]) -> None:
+        """Publisher thread: encode demoted blocks from the write queue and put them."""
+        pool = self._pub_pool
+        assert pool is not None
+        try:
+            items = self._encode_slots(nodes, pool, slots)
+        finally:
+            pool.free(slots)
+        stored = self._put_verified(dst, items)
+        self._count(f"host->{dst}", len(stored))
+        self._published.append(Published(dst, [], [n for n in nodes if n.key not in stored]))
 
     def _encode_slots(self, nodes: Sequence[Node], pool: SlotPool, slots: Sequence[int]
                       ) -> list[tuple[bytes, bytes]]:

@@ -286,11 +286,10 @@ class KVStore:
             for tier in self.shared_tiers.values():
                 tier.close()
             raise
-        publish = config.publish or config.policy == "write-through"
+        # the write queue serves publication and write-back demotion to the shared tiers
         self.mover = BlockMover(config.layout, self.gpu, self.host, self.shared_tiers,
                                 MoverConfig(config.load_workers, config.load_batch_bytes,
-                                            config.publish_queue_bytes if publish else 0,
-                                            config.kv_format))
+                                            config.publish_queue_bytes, config.kv_format))
 
     # ------------------------------------------------------------------ match
 
@@ -579,9 +578,13 @@ class KVStore:
 
     def _drain_published(self) -> None:
         """Record in the index what the shared tiers verifiably stored since last time,
-        within each tier's room in the index."""
+        within each tier's room in the index; forget what background demotions recorded
+        there and did not store."""
         for pub in self.mover.published():
             level = self._level[pub.tier]
+            for node in pub.lost:
+                if node.attached and node.locs[level.index] is not None:
+                    self.tree.clear_location(node, level.index)
             fresh = [n for n in pub.nodes if n.attached and n.locs[level.index] is None]
             self._ensure_free(level, len(fresh))
             for node in fresh[:level.room.num_free]:

@@ -113,7 +113,9 @@ def test_write_back_cascade_gpu_host_disk_and_promotion_back(tmp_path):
     serve(store, b)  # a -> host
     s = store.stats()
     assert s.index.blocks == {"gpu": 4, "host": 4, "disk": 0}
-    serve(store, c)  # b -> host, a -> disk
+    serve(store, c)  # b -> host, a -> disk (written in the background)
+    assert store.stats().index.blocks == {"gpu": 4, "host": 4, "disk": 4}
+    store.flush()
     s = store.stats()
     assert s.index.blocks == {"gpu": 4, "host": 4, "disk": 4}
     assert s.demotions == {"gpu": 8, "host": 4}
@@ -419,6 +421,25 @@ def test_failed_write_through_and_demotion_are_not_recorded(redis_server):
     store.flush()
     s = store.stats()
     assert s.index.blocks["redis"] == 4  # a only: b and c never reached Redis
+    store.check_integrity()
+    store.close()
+
+
+def test_write_back_to_disk_drops_what_the_write_queue_cannot_take(tmp_path):
+    # A one-block write queue: of the four blocks the host demotes at once, one is
+    # written (in the background), three are dropped and counted; a later request finds
+    # exactly the written one on disk and recomputes the rest.
+    store = make_store(tmp_path, gpu_blocks=4, host_blocks=4, disk=True, publish=False,
+                       publish_queue_bytes=LAYOUT.block_bytes)
+    a, b, c = tokens(41, 4 * BS), tokens(42, 4 * BS), tokens(43, 4 * BS)
+    serve(store, a)
+    serve(store, b)  # a -> host
+    serve(store, c)  # b -> host; a's four blocks leave the host, one reaches the disk
+    store.flush()
+    s = store.stats()
+    assert s.publish_dropped == 3 and s.blocks_moved["host->disk"] == 1
+    assert s.index.blocks["disk"] == 1
+    assert serve(store, a) == {"disk": BS}  # run_request checks the bytes
     store.check_integrity()
     store.close()
 
