@@ -18,7 +18,8 @@ of the real shape, built as in :mod:`bench.engine_bench`), on the local device:
 
 Prints one table per model: plan, measured, plan / measured; the efficiencies and floors
 the plan assumed; and what the measurements imply (whole-step efficiencies, the time a
-layer), to calibrate the constants of :mod:`kvstore.plan`. The issue's
+layer, and the attention's bandwidth efficiency once the plan's other kernels are taken
+off the decode step), to calibrate the constants of :mod:`kvstore.plan`. The issue's
 target is every ratio within 0.8-1.2 on the H200.
 """
 
@@ -223,6 +224,15 @@ def bench_model(name: str, args: argparse.Namespace, dev: torch.device,
         "decode step per layer, batch 1 (s)": d1 / cfg.num_layers,
         "prefill per layer (s)": ttft / cfg.num_layers,
     }
+    # the attention efficiency the decode step implies: its time less the plan's other
+    # kernels, against the KV the attention reads
+    kernels = kp.step_kernels(cfg, size, spec, args.batch, 1, args.context - 1, True,
+                              plan.efficiency)
+    attention = next(k for k in kernels if k.name == "paged attention")
+    rest = sum(k.seconds for k in kernels) - attention.seconds
+    if db > rest:
+        implied[f"attention bandwidth efficiency, batch {args.batch}"] = (
+            attention.bytes / ((db - rest) * spec.bandwidth))
     if dev.type == "cuda":
         implied["peak memory allocated / plan budget"] = peak / plan.memory.usable
     engine.store.close()
