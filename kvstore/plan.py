@@ -8,9 +8,12 @@ needs before it runs:
   ``block_size`` per block (MHA, GQA and MQA differ only in ``kv_heads``);
 - **KV pool and largest batch**: the GPU memory left for KV after the weights and a
   stated reserve, and how many sequences of the requested context fit in it;
-- **latency**: a roofline per step, the larger of compute time (FLOPs / achieved FLOP/s)
-  and memory time (bytes / achieved bandwidth), plus a per-layer launch floor.
-  Prefill is bound by compute, decode by memory bandwidth;
+- **latency**: a roofline per kernel, summed over the engine's kernel sequence of a step
+  (:func:`step_kernels`): each kernel takes the largest of its compute time (FLOPs /
+  achieved FLOP/s), its memory time (bytes / achieved bandwidth) and its floor (the
+  shortest a kernel runs); a step takes the larger of that sum and the host's work for
+  it (CUDA-graph replay in decode, eager launches in prefill). A big model's prefill is
+  bound by compute, its decode by memory bandwidth; a small model's steps by the host;
 - **tier sizing**: host DRAM and disk capacity that reach 90/95/99% of the infinite
   cache's hit rate on a workload, found by bisection over capacities with the store's
   own simulation (:meth:`kvstore.store.KVStore.replay`), and the prefill it saves.
@@ -35,31 +38,75 @@ from kvstore.args import SIZE_HELP, add_dtype_argument, size_arg
 from kvstore.units import format_size
 
 # ---------------------------------------------------------------------------- constants
+# The latency model's constants. Each comes from ``kvstore bench plan`` and the kernel
+# timings of engine steps on an H200 whose measured ceilings are 4,131 GB/s (device copy)
+# and 742 TFLOP/s (bf16 matmul): efficiencies are fractions of *measured* ceilings
+# (:func:`measure_device`), not of a data sheet's. Recalibrate on another GPU with that
+# bench. One set serves every model: none is fitted to one shape.
 
-PREFILL_COMPUTE_EFFICIENCY = 0.70
-"""Fraction of the GPU's dense bf16 FLOP/s the engine's prefill reaches (fused QKV,
-gate/up and down GEMMs plus Triton paged attention, one 8,192-token chunk). From
-``kvstore bench plan`` on an H200 (Llama-3-8B shape, random bf16 weights, 2,048-token
-prompt): 0.73 of the measured 717 TFLOP/s. Recalibrate with that bench on the target GPU."""
+GEMM_COMPUTE_EFFICIENCY = 0.80
+"""Fraction of the GPU's bf16 FLOP/s a prefill GEMM (fused QKV, O, fused gate/up, down,
+LM head) reaches. H200: Llama-3-8B's 2,048-token prefill, GEMMs nearly all of its FLOPs,
+runs at 0.81 of the measured 742 TFLOP/s."""
 
-DECODE_MEMORY_EFFICIENCY = 0.72
-"""Fraction of the HBM bandwidth a decode step reaches (weight GEMVs and paged-attention
-reads of the KV). Same bench and shape, 2,048-token contexts: 0.77 at batch 1, 0.66 at
-batch 64, 0.80 at the largest batch (431), of the measured 3.94 TB/s."""
+DECODE_GEMM_COMPUTE_EFFICIENCY = 0.80
+"""Fraction of bf16 FLOP/s a decode step's GEMMs (one row a sequence) reach when
+compute-bound, which they are only at large batches (below ~200 rows they read weights).
+Such GEMMs are not skinny: H200, Llama-3-8B's 436-sequence step takes 41.9 ms; reading its
+117 GB of KV takes at least 28.3 ms at copy bandwidth, which leaves its 6.6 TFLOP of GEMMs
+at most ~12.5 ms, 0.7 of FLOP/s or more (at 0.40 the plan would predict 61 ms). The
+prefill value is used."""
 
-DECODE_COMPUTE_EFFICIENCY = 0.40
-"""Fraction of dense bf16 FLOP/s reached by the skinny GEMMs of a decode step (matters
-only for large batches, where decode turns compute-bound; not yet measured)."""
+GEMM_MEMORY_EFFICIENCY = 0.90
+"""Fraction of the copy bandwidth a memory-bound GEMM reaches reading its weights (the
+decode GEMVs: ~0.9 of the measured copy bandwidth on an H200)."""
 
-DECODE_FLOOR_S_PER_LAYER = 50e-6
-"""Floor of one decode step per decoder layer (seconds): a small model's step is bound by
-the engine's per-step host work and CUDA-graph replay, not by FLOPs or bytes. From the
-same bench: SmolLM2 (30 layers) decodes at batch 1 in 1.5 ms an engine step."""
+ATTENTION_MEMORY_EFFICIENCY = 0.75
+"""Fraction of the copy bandwidth paged attention reaches reading the KV. H200, decode
+at 2,048 tokens: the Triton kernel alone reads SmolLM2's KV (3 KV heads x 64) at ~2.96 of
+4.13 TB/s at batch 64 (0.72); the whole steps, less the plan's other kernels, imply 0.59
+(batch 64) and 0.64 (batch 2,838) for SmolLM2 and 0.79 (batch 64) and 0.95 (batch 436)
+for Llama-3-8B (8 KV heads x 128: twice the bytes a head vector). One value between
+them: SmolLM2's large decode steps run ~15% slower than planned, Llama-3-8B's largest
+~15% faster."""
 
-PREFILL_FLOOR_S_PER_LAYER = 550e-6
-"""Floor of one prefill chunk per decoder layer (seconds; eager, no CUDA graph). From the
-same bench: SmolLM2's 2,048-token prompt reaches its first token in 16.4 ms (one point:
-recalibrate at the context you plan for)."""
+SPLIT_KV_PROGRAMS = 264
+"""The engine's decode attention splits each sequence's KV and launches a merge kernel
+when its programs (batch x KV heads) number fewer than this: 2 an SM of an H100's or
+H200's 132 (:func:`engine.triton_attention.choose_config`)."""
+
+ATTENTION_COMPUTE_EFFICIENCY = 0.30
+"""Fraction of bf16 FLOP/s paged attention reaches when compute-bound (prefill). Not
+measured alone at head_dim 128: Llama-3-8B's 2,048-token prefill (49.2 ms on an H200, 1.1
+of its 29.7 TFLOP in attention) puts it above ~0.23 if its GEMMs run at 0.9 of FLOP/s.
+SmolLM2 (head_dim 64: half the work a K/V tile) reaches only ~0.13 (4.8 GFLOP a layer in
+~51 us with the merge), but its prefill is host-bound: its planned TTFT does not move."""
+
+ELEMENTWISE_MEMORY_EFFICIENCY = 0.80
+"""Fraction of the copy bandwidth the elementwise kernels reach (add + RMSNorm, RoPE + KV
+write, SiLU * up, the split-KV merge, embedding and row gathers, the fp32 logits cast,
+argmax)."""
+
+GEMM_FLOOR_S = 4e-6
+"""Shortest GEMM kernel (seconds, gap to the next launch included). H200: the cuBLAS
+GEMMs of a small model's decode step take 3.6-4.1 us plus ~0.5 us of gap, whatever their
+size below that."""
+
+KERNEL_FLOOR_S = 2e-6
+"""Shortest non-GEMM kernel (seconds, gap included). H200, under a CUDA graph: RMSNorm
+1.8 us, SiLU * up 1.5 us, the split-KV merge 1.7 us, RoPE + KV write 2.2 us, plus ~0.5 us
+of gap each."""
+
+DECODE_HOST_S_PER_LAYER = 32.5e-6
+"""Host work of one decode step per decoder layer (seconds): scheduling, staging the
+step's metadata, replaying its CUDA graph, sampling. The GPU cannot finish a step sooner.
+H200: SmolLM2 (30 layers) decodes at batch 1 in 0.976 ms a step with the GPU idle
+between kernels (host-bound)."""
+
+PREFILL_HOST_S_PER_LAYER = 440e-6
+"""Host work of one prefill step (chunk) per decoder layer (seconds; eager, no CUDA
+graph: every kernel is launched from Python). H200: SmolLM2's 2,048-token prompt reaches
+its first token in 13.4 ms with 3.1 ms of GPU kernel time."""
 
 MEMORY_UTILIZATION = 0.90
 """Fraction of GPU memory the plan lets the engine use (the rest: CUDA context, the
@@ -351,30 +398,58 @@ def plan_memory(cfg: ModelConfig, size: ModelSize, gpu: GPUSpec, context: int,
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Fractions of the ceilings the engine reaches (see the module constants)."""
+    """Fractions of the measured ceilings each kind of kernel reaches, the kernel floors
+    and the host floors of a step (defaults: the module constants, which say where they
+    come from). Fractions must be in (0, 1]; floors >= 0 seconds."""
 
-    prefill_compute: float = PREFILL_COMPUTE_EFFICIENCY
-    decode_memory: float = DECODE_MEMORY_EFFICIENCY
-    decode_compute: float = DECODE_COMPUTE_EFFICIENCY
-    decode_floor_per_layer: float = DECODE_FLOOR_S_PER_LAYER
-    prefill_floor_per_layer: float = PREFILL_FLOOR_S_PER_LAYER
+    gemm_compute: float = GEMM_COMPUTE_EFFICIENCY
+    decode_gemm_compute: float = DECODE_GEMM_COMPUTE_EFFICIENCY
+    gemm_memory: float = GEMM_MEMORY_EFFICIENCY
+    attention_memory: float = ATTENTION_MEMORY_EFFICIENCY
+    attention_compute: float = ATTENTION_COMPUTE_EFFICIENCY
+    elementwise_memory: float = ELEMENTWISE_MEMORY_EFFICIENCY
+    gemm_floor: float = GEMM_FLOOR_S
+    kernel_floor: float = KERNEL_FLOOR_S
+    decode_host_per_layer: float = DECODE_HOST_S_PER_LAYER
+    prefill_host_per_layer: float = PREFILL_HOST_S_PER_LAYER
 
     def __post_init__(self) -> None:
-        for name in ("prefill_compute", "decode_memory", "decode_compute"):
+        for name in ("gemm_compute", "decode_gemm_compute", "gemm_memory",
+                     "attention_memory", "attention_compute", "elementwise_memory"):
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise PlanError(f"efficiency {name} must be in (0, 1], got {value}")
-        if min(self.decode_floor_per_layer, self.prefill_floor_per_layer) < 0:
-            raise PlanError("the per-layer step floors must be >= 0 seconds")
+        for name in ("gemm_floor", "kernel_floor", "decode_host_per_layer",
+                     "prefill_host_per_layer"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise PlanError(f"floor {name} must be >= 0 seconds, got {value}")
+
+
+def format_assumptions(eff: Efficiency) -> str:
+    """One line: the efficiencies and floors a plan assumed."""
+    decode = ("" if eff.decode_gemm_compute == eff.gemm_compute
+              else f" ({eff.decode_gemm_compute:.0%} in decode)")
+    return (f"GEMMs {eff.gemm_compute:.0%} of FLOP/s{decode}, {eff.gemm_memory:.0%} of "
+            f"bandwidth; attention "
+            f"{eff.attention_compute:.0%} of FLOP/s, {eff.attention_memory:.0%} of "
+            f"bandwidth; elementwise {eff.elementwise_memory:.0%} of bandwidth; kernel floors "
+            f"{eff.gemm_floor * 1e6:.1f} us a GEMM, {eff.kernel_floor * 1e6:.1f} us others; "
+            f"host floors a layer: decode {eff.decode_host_per_layer * 1e6:.1f} us, prefill "
+            f"{eff.prefill_host_per_layer * 1e6:.0f} us")
 
 
 @dataclass(frozen=True)
-class Roofline:
-    """One predicted phase: ``flops`` and ``bytes`` moved, ``compute_s = flops /
-    (flops/s x efficiency)``, ``memory_s = bytes / (bandwidth x efficiency)``,
-    ``floor_s`` the launch floor, ``seconds = max(compute_s, memory_s, floor_s)`` and
-    ``bound`` which of the three it is."""
+class KernelTime:
+    """One kernel of a step, over its ``launches`` (one a decoder layer, or one a step):
+    ``flops`` and ``bytes`` of all launches; ``compute_s = flops / (FLOP/s x its compute
+    efficiency)``, ``memory_s = bytes / (bandwidth x its memory efficiency)``,
+    ``floor_s = launches x its kernel floor``, and ``seconds`` the largest of the three
+    (every launch is the same, so this is ``launches`` x one launch's roofline).
+    ``bound``: ``compute``, ``memory`` or ``floor``, whichever ``seconds`` is."""
 
+    name: str
+    launches: int
     flops: float
     bytes: float
     compute_s: float
@@ -384,14 +459,17 @@ class Roofline:
     bound: str
 
 
-def _roofline(flops: float, nbytes: float, gpu: GPUSpec, compute_eff: float,
-              memory_eff: float, floor_s: float) -> Roofline:
+def _kernel(name: str, launches: int, flops: float, nbytes: float, gpu: GPUSpec,
+            compute_eff: float, memory_eff: float, floor: float) -> KernelTime:
+    flops, nbytes = launches * flops, launches * nbytes
     compute_s = flops / (gpu.flops * compute_eff)
     memory_s = nbytes / (gpu.bandwidth * memory_eff)
+    floor_s = launches * floor
     seconds = max(compute_s, memory_s, floor_s)
-    bound = ("compute" if seconds == compute_s else "memory" if seconds == memory_s
-             else "launch")
-    return Roofline(flops, nbytes, compute_s, memory_s, floor_s, seconds, bound)
+    bound = ("floor" if seconds == floor_s else "compute" if seconds == compute_s
+             else "memory")
+    return KernelTime(name, launches, flops, nbytes, compute_s, memory_s, floor_s, seconds,
+                      bound)
 
 
 def attention_flops(cfg: ModelConfig, queries: int, context_start: int) -> float:
@@ -401,30 +479,165 @@ def attention_flops(cfg: ModelConfig, queries: int, context_start: int) -> float
     return 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs
 
 
+def step_kernels(cfg: ModelConfig, size: ModelSize, gpu: GPUSpec, batch: int,
+                 queries: int, cached: int, decode: bool,
+                 eff: Efficiency = Efficiency()) -> tuple[KernelTime, ...]:
+    """The kernels of one engine step (:meth:`engine.model.CausalLM.forward` on the fused
+    CUDA path, then greedy sampling), with their predicted times.
+
+    The step runs ``queries`` new tokens of each of ``batch`` sequences after ``cached``
+    tokens of context each, and takes logits for one row a sequence. ``decode`` (one
+    query a sequence, a replayed CUDA graph) adds the split-KV merge after attention and
+    runs its GEMMs at :attr:`Efficiency.decode_gemm_compute` when compute-bound; a
+    prefill chunk (``decode`` false) runs them at :attr:`Efficiency.gemm_compute`.
+
+    Per step: the embedding gather and the RoPE cos/sin tables (7 small kernels); per
+    decoder layer: add + RMSNorm, fused QKV GEMM, RoPE + KV write, paged attention,
+    (decode) split-KV merge, O GEMM, add + RMSNorm, fused gate/up GEMM, SiLU * up, down
+    GEMM; then once: the two gathers of the logit rows, the final add + RMSNorm on them,
+    the LM head GEMM (the embedding when tied: same bytes), the fp32 cast of the logits
+    and argmax. GEMMs read their weights once a step plus activations in and out;
+    attention reads each sequence's KV of the layer (``cached + queries`` tokens) plus
+    its queries and writes its output; elementwise kernels read and write
+    ``tokens x width`` elements. The merge runs only when the batch does not fill the
+    GPU (:data:`SPLIT_KV_PROGRAMS`), with the engine's split count.
+
+    Raises :class:`PlanError` unless ``batch`` and ``queries`` are >= 1 and ``cached``
+    >= 0.
+    """
+    if batch < 1 or queries < 1 or cached < 0:
+        raise PlanError(f"a step needs batch >= 1, queries >= 1 and cached >= 0 tokens; got "
+                        f"{batch}, {queries}, {cached}")
+    b = dtype_bytes(size.dtype)
+    h, d, inter, vocab = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    qkv = q + 2 * kv
+    tokens = batch * queries
+    rows = batch
+    layers = cfg.num_layers
+    gemm_c = eff.decode_gemm_compute if decode else eff.gemm_compute
+
+    def gemm(name: str, n_rows: int, k: int, n: int, bias: bool, launches: int = layers
+             ) -> KernelTime:
+        weights = (k * n + (n if bias else 0)) * b
+        return _kernel(name, launches, 2.0 * n_rows * k * n,
+                       weights + n_rows * (k + n) * b, gpu, gemm_c, eff.gemm_memory,
+                       eff.gemm_floor)
+
+    def elementwise(name: str, nbytes: float, launches: int = layers) -> KernelTime:
+        return _kernel(name, launches, 0.0, nbytes, gpu, 1.0, eff.elementwise_memory,
+                       eff.kernel_floor)
+
+    norm = elementwise("add + RMSNorm", 4 * tokens * h * b + h * b)
+    context = cached + queries
+    attention = _kernel(
+        "paged attention", layers, batch * attention_flops(cfg, queries, cached) / layers,
+        batch * context * 2 * kv * b + 2 * tokens * q * b, gpu, eff.attention_compute,
+        eff.attention_memory, eff.kernel_floor)
+    kernels = [
+        elementwise("embedding", 2 * tokens * h * b, 1),
+        elementwise("RoPE tables", 2 * tokens * d * b, 7),
+        norm,
+        gemm("QKV GEMM", tokens, h, qkv, cfg.attention_bias),
+        elementwise("RoPE + KV write", 2 * tokens * qkv * b + 2 * tokens * d * b),
+        attention,
+    ]
+    programs = batch * cfg.num_kv_heads
+    splits = min(-(-SPLIT_KV_PROGRAMS // programs), 16, max(1, -(-context // 128) // 4))
+    if decode and programs < SPLIT_KV_PROGRAMS and splits > 1:
+        # each split's fp32 partials (accumulator, max, sum) a query row, merged to one
+        kernels.append(elementwise(
+            "split-KV merge", splits * tokens * cfg.num_heads * (d + 2) * 4 + tokens * q * b))
+    kernels += [
+        gemm("O GEMM", tokens, q, h, cfg.attention_out_bias),
+        norm,
+        gemm("gate/up GEMM", tokens, h, 2 * inter, cfg.mlp_bias),
+        elementwise("SiLU * up", 3 * tokens * inter * b),
+        gemm("down GEMM", tokens, inter, h, cfg.mlp_bias),
+        elementwise("logit-row gathers", 2 * rows * h * b, 2),
+        elementwise("final add + RMSNorm", 4 * rows * h * b + h * b, 1),
+        gemm("LM head GEMM", rows, h, vocab, False, 1),
+        elementwise("fp32 logits", rows * vocab * (b + 4), 1),
+        elementwise("argmax", rows * vocab * 4, 1),
+    ]
+    return tuple(kernels)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """One predicted phase (a prefill of ``steps`` chunks, or one decode step), summed
+    over its steps and each step's kernels (:func:`step_kernels`).
+
+    ``flops`` and ``bytes``: what its kernels compute and move. ``compute_s``,
+    ``memory_s`` and ``floors_s``: the GPU time of the kernels bound by compute, by
+    memory and by their kernel floor; ``gpu_s`` their sum. ``host_s``: the host floor
+    (layers x the per-layer host work of the step kind, a step). ``seconds``: each
+    step's ``max(its GPU time, its host floor)``, summed. ``bound`` names what sets
+    ``seconds``: ``host`` when the host floor wins (the GPU idles between launches: a
+    small model, a CUDA graph replay or an eager prefill), else whichever of
+    ``compute``, ``memory`` or ``floors`` (kernels at their minimum duration, however
+    little they do) makes up the most of ``gpu_s``."""
+
+    flops: float
+    bytes: float
+    compute_s: float
+    memory_s: float
+    floors_s: float
+    gpu_s: float
+    host_s: float
+    seconds: float
+    bound: str
+    steps: int = 1
+
+
+def _phase(steps: Sequence[tuple[tuple[KernelTime, ...], float]]) -> Roofline:
+    """Sum steps of ``(kernels, host floor)`` into a :class:`Roofline`."""
+    parts = {"compute": 0.0, "memory": 0.0, "floor": 0.0}
+    flops = nbytes = gpu_s = host_s = seconds = host_bound_s = 0.0
+    for kernels, host in steps:
+        step_gpu = 0.0
+        for k in kernels:
+            parts[k.bound] += k.seconds
+            flops += k.flops
+            nbytes += k.bytes
+            step_gpu += k.seconds
+        gpu_s += step_gpu
+        host_s += host
+        seconds += max(step_gpu, host)
+        if host > step_gpu:
+            host_bound_s += host
+    if host_bound_s > seconds / 2:
+        bound = "host"
+    else:
+        top = max(parts, key=lambda p: parts[p])
+        bound = "floors" if top == "floor" else top
+    return Roofline(flops, nbytes, parts["compute"], parts["memory"], parts["floor"],
+                    gpu_s, host_s, seconds, bound, len(steps))
+
+
 def prefill_roofline(cfg: ModelConfig, size: ModelSize, gpu: GPUSpec, tokens: int,
                      eff: Efficiency = Efficiency(),
                      chunk: int = MAX_NUM_BATCHED_TOKENS) -> Roofline:
     """Predicted prefill of one ``tokens``-token prompt (the TTFT on an idle server), in
-    chunks of ``chunk`` tokens: every chunk reads the weights once and writes its KV;
-    logits only for the last token."""
-    chunks = -(-tokens // chunk)
-    layer_params = size.matmul_parameters - (cfg.vocab_size * cfg.hidden_size)
-    flops = (2.0 * layer_params * tokens + 2.0 * cfg.vocab_size * cfg.hidden_size
-             + attention_flops(cfg, tokens, 0))
-    nbytes = (chunks * size.weights_bytes + tokens * size.kv_bytes_per_token
-              + chunks * tokens / 2 * size.kv_bytes_per_token)
-    floor = chunks * cfg.num_layers * eff.prefill_floor_per_layer
-    return _roofline(flops, nbytes, gpu, eff.prefill_compute, eff.decode_memory, floor)
+    chunks of ``chunk`` tokens, each an eager step: its kernels (:func:`step_kernels`,
+    attention over all earlier chunks' KV too, logits for its last token) against the
+    prefill host floor."""
+    steps = []
+    for start in range(0, tokens, chunk):
+        queries = min(chunk, tokens - start)
+        steps.append((step_kernels(cfg, size, gpu, 1, queries, start, False, eff),
+                      cfg.num_layers * eff.prefill_host_per_layer))
+    return _phase(steps)
 
 
 def decode_roofline(cfg: ModelConfig, size: ModelSize, gpu: GPUSpec, batch: int,
                     context: int, eff: Efficiency = Efficiency()) -> Roofline:
-    """Predicted decode step of ``batch`` sequences of ``context`` tokens each (the time
-    per output token): the weights are read once per step, each sequence's KV once."""
-    flops = 2.0 * size.matmul_parameters * batch + attention_flops(cfg, 1, context) * batch
-    nbytes = size.weights_bytes + batch * context * size.kv_bytes_per_token
-    floor = cfg.num_layers * eff.decode_floor_per_layer
-    return _roofline(flops, nbytes, gpu, eff.decode_compute, eff.decode_memory, floor)
+    """Predicted decode step of ``batch`` sequences of ``context`` tokens each, the new
+    one included (the time per output token): its kernels (:func:`step_kernels`; the
+    weights read once, each sequence's ``context`` tokens of KV once) against the decode
+    host floor."""
+    kernels = step_kernels(cfg, size, gpu, batch, 1, max(0, context - 1), True, eff)
+    return _phase([(kernels, cfg.num_layers * eff.decode_host_per_layer)])
 
 
 # ------------------------------------------------------------------------- tier sizing
@@ -665,9 +878,22 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.0f} us"
 
 
+BOUND_TEXT = {"compute": "compute-bound", "memory": "memory-bound",
+              "floors": "bound by kernel floors", "host": "host-bound"}
+"""How the printout says each :attr:`Roofline.bound`."""
+
+
+def _why(r: Roofline) -> str:
+    steps = f"{r.steps} steps; " if r.steps > 1 else ""
+    return (f"{BOUND_TEXT[r.bound]}; {steps}{_num(r.flops)}FLOP, {_num(r.bytes)}B; kernels "
+            f"{_ms(r.gpu_s)}: compute {_ms(r.compute_s)} + memory {_ms(r.memory_s)} + "
+            f"floors {_ms(r.floors_s)}; host floor {_ms(r.host_s)}")
+
+
 def format_plan(plan: Plan) -> str:
     """The human-readable plan."""
     s, m, g, e, c = plan.size, plan.memory, plan.gpu, plan.efficiency, plan.config
+    batch = max(1, min(m.concurrency, m.max_batch or 1))
     attn = ("MHA" if c.num_kv_heads == c.num_heads else
             "MQA" if c.num_kv_heads == 1 else f"GQA {c.num_queries_per_kv}:1")
     lines = [
@@ -695,20 +921,13 @@ def format_plan(plan: Plan) -> str:
         f"({m.blocks_per_sequence} blocks each)",
         "",
         f"prefill    {m.context:,} tokens: TTFT {_ms(plan.prefill.seconds)} "
-        f"({plan.prefill.bound}-bound; {_num(plan.prefill.flops)}FLOP at "
-        f"{e.prefill_compute:.0%} of peak)",
+        f"({_why(plan.prefill)})",
         f"decode     batch 1: {_ms(plan.decode_one.seconds)} per output token "
-        f"({plan.decode_one.bound}-bound; {_num(plan.decode_one.bytes)}B at "
-        f"{e.decode_memory:.0%} of bandwidth)",
-        f"decode     batch {max(1, min(m.concurrency, m.max_batch or 1))}: "
-        f"{_ms(plan.decode_batch.seconds)} per step "
-        f"({plan.decode_batch.bound}-bound), "
-        f"{max(1, min(m.concurrency, m.max_batch or 1)) / plan.decode_batch.seconds:,.0f} "
-        "output tokens/s",
-        f"assumed    efficiencies: prefill {e.prefill_compute:.0%} of FLOP/s, decode "
-        f"{e.decode_memory:.0%} of bandwidth ({e.decode_compute:.0%} of FLOP/s when "
-        f"compute-bound); step floors a layer: decode {e.decode_floor_per_layer * 1e6:.0f} us, "
-        f"prefill {e.prefill_floor_per_layer * 1e6:.0f} us",
+        f"({_why(plan.decode_one)})",
+        f"decode     batch {batch}: {_ms(plan.decode_batch.seconds)} per step, "
+        f"{batch / plan.decode_batch.seconds:,.0f} output tokens/s "
+        f"({_why(plan.decode_batch)})",
+        f"assumed    {format_assumptions(e)}",
     ]
     if plan.tiers is not None:
         t = plan.tiers
@@ -780,10 +999,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--block-size", type=int, default=BLOCK_SIZE,
                    help="tokens per KV block (default: %(default)s)")
-    p.add_argument("--prefill-efficiency", type=float, default=PREFILL_COMPUTE_EFFICIENCY,
-                   help="fraction of peak FLOP/s prefill reaches (default: %(default)s)")
-    p.add_argument("--decode-efficiency", type=float, default=DECODE_MEMORY_EFFICIENCY,
-                   help="fraction of HBM bandwidth decode reaches (default: %(default)s)")
+    p.add_argument("--prefill-efficiency", type=float, default=GEMM_COMPUTE_EFFICIENCY,
+                   help="fraction of peak FLOP/s the prefill GEMMs reach (default: "
+                        "%(default)s)")
+    p.add_argument("--decode-efficiency", type=float, default=GEMM_MEMORY_EFFICIENCY,
+                   help="fraction of HBM bandwidth the decode GEMMs reach reading the "
+                        "weights (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -807,8 +1028,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype_bytes(args.dtype)
         host_bytes = args.host_bytes
         gpu = resolve_gpu(args.gpu) if args.gpu else _default_gpu()
-        eff = Efficiency(prefill_compute=args.prefill_efficiency,
-                         decode_memory=args.decode_efficiency)
+        eff = Efficiency(gemm_compute=args.prefill_efficiency,
+                         gemm_memory=args.decode_efficiency)
         plan = make_plan(name, cfg, args.dtype, args.context, args.concurrency, gpu, eff,
                          args.memory_utilization, args.block_size)
         if not args.gpu and gpu.source == "table":

@@ -111,24 +111,92 @@ def test_roofline_prefill_compute_bound_decode_memory_bound():
     eff = kp.Efficiency()
     size = kp.model_size(cfg, "bf16")
     pre = kp.prefill_roofline(cfg, size, gpu, 4096, eff)
-    assert pre.bound == "compute"
-    assert pre.seconds == pytest.approx(pre.flops / (gpu.flops * eff.prefill_compute))
+    assert pre.bound == "compute" and pre.steps == 1
+    assert pre.seconds == pre.gpu_s > pre.host_s
+    assert pre.compute_s > 0.9 * pre.gpu_s
     # linear layers: 2 FLOPs per matmul parameter per token dominate
-    assert pre.flops > 2 * (size.matmul_parameters - cfg.vocab_size * cfg.hidden_size) * 4096
+    layer_params = size.matmul_parameters - cfg.vocab_size * cfg.hidden_size
+    assert pre.flops > 2 * layer_params * 4096
+    assert pre.flops == pytest.approx(2 * layer_params * 4096 + kp.attention_flops(cfg, 4096, 0)
+                                      + 2 * cfg.vocab_size * cfg.hidden_size, rel=1e-3)
+    assert pre.seconds > pre.flops / (gpu.flops * eff.gemm_compute)
     dec = kp.decode_roofline(cfg, size, gpu, 1, 4096, eff)
-    assert dec.bound == "memory"
-    assert dec.bytes == size.weights_bytes + 4096 * size.kv_bytes_per_token
-    assert dec.seconds == pytest.approx(dec.bytes / (gpu.bandwidth * eff.decode_memory))
+    assert dec.bound == "memory" and dec.seconds == dec.gpu_s > dec.host_s
+    # the weights the GEMMs multiply (not the embedding table) and the context's KV
+    assert dec.bytes > (layer_params + cfg.vocab_size * cfg.hidden_size) * 2 \
+        + 4096 * size.kv_bytes_per_token
+    assert dec.seconds > dec.bytes / (gpu.bandwidth * eff.gemm_memory)
     # a bigger batch reads the same weights: per-token time falls
     dec64 = kp.decode_roofline(cfg, size, gpu, 64, 4096, eff)
-    assert dec64.seconds / 64 < dec.seconds
-    # a tiny model is bound by the launch floor
+    assert dec64.seconds / 64 < dec.seconds / 4
+    # a tiny model is bound by the host: the CUDA graph's replay and the step's work
     smol = _cfg("smollm2")
     tiny = kp.decode_roofline(smol, kp.model_size(smol, "bf16"), gpu, 1, 128, eff)
-    assert tiny.bound == "launch"
-    assert tiny.seconds == pytest.approx(30 * eff.decode_floor_per_layer)
-    with pytest.raises(kp.PlanError, match="efficiency"):
-        kp.Efficiency(prefill_compute=1.5)
+    assert tiny.bound == "host" and tiny.gpu_s < tiny.host_s
+    assert tiny.seconds == pytest.approx(30 * kp.DECODE_HOST_S_PER_LAYER)
+    # ... and its GPU time is mostly kernel floors
+    assert tiny.floors_s > 0.9 * tiny.gpu_s
+
+
+def test_a_step_is_the_sum_of_its_kernels():
+    cfg = _cfg("llama3-8b")
+    gpu = kp.GPUS["h200"]
+    eff = kp.Efficiency()
+    size = kp.model_size(cfg, "bf16")
+    kernels = kp.step_kernels(cfg, size, gpu, 8, 1, 2047, True, eff)
+    dec = kp.decode_roofline(cfg, size, gpu, 8, 2048, eff)
+    assert dec.gpu_s == pytest.approx(sum(k.seconds for k in kernels))
+    assert dec.flops == pytest.approx(sum(k.flops for k in kernels))
+    assert dec.bytes == pytest.approx(sum(k.bytes for k in kernels))
+    assert dec.compute_s + dec.memory_s + dec.floors_s == pytest.approx(dec.gpu_s)
+    for k in kernels:  # each kernel: the largest of its three times
+        assert k.seconds == max(k.compute_s, k.memory_s, k.floor_s) > 0
+    names = [k.name for k in kernels]
+    assert names.count("add + RMSNorm") == 2 and "split-KV merge" in names
+    gemms = [k for k in kernels if k.name.endswith("GEMM")]
+    assert [k.name for k in gemms] == ["QKV GEMM", "O GEMM", "gate/up GEMM", "down GEMM",
+                                       "LM head GEMM"]
+    assert [k.launches for k in gemms] == [32, 32, 32, 32, 1]
+    assert all(k.floor_s == k.launches * kp.GEMM_FLOOR_S for k in gemms)
+    attention = kernels[names.index("paged attention")]
+    # each sequence's 2,048 tokens of KV, a layer at a time
+    assert attention.bytes >= 8 * 2048 * size.kv_bytes_per_token
+    # a batch that fills the GPU launches no merge kernel
+    wide = kp.step_kernels(cfg, size, gpu, 64, 1, 2047, True, eff)
+    assert "split-KV merge" not in [k.name for k in wide]
+    # prefill in chunks: each chunk one step, attending to the chunks before it
+    pre = kp.prefill_roofline(cfg, size, gpu, 3000, eff, chunk=1024)
+    steps = [kp.step_kernels(cfg, size, gpu, 1, n, start, False, eff)
+             for start, n in ((0, 1024), (1024, 1024), (2048, 952))]
+    assert pre.steps == 3
+    assert pre.gpu_s == pytest.approx(sum(k.seconds for step in steps for k in step))
+    assert pre.host_s == pytest.approx(3 * 32 * kp.PREFILL_HOST_S_PER_LAYER)
+    # the same FLOPs as one step, but for the logits row each chunk computes
+    whole = kp.prefill_roofline(cfg, size, gpu, 3000, eff)
+    assert pre.flops - whole.flops == pytest.approx(2 * 2 * cfg.vocab_size * cfg.hidden_size)
+    # a kernel bound by its floor: SmolLM2's GEMMs at batch 1 take the floor
+    smol = _cfg("smollm2")
+    for k in kp.step_kernels(smol, kp.model_size(smol, "bf16"), gpu, 1, 1, 127, True, eff):
+        if k.name in ("QKV GEMM", "O GEMM", "down GEMM"):
+            assert k.bound == "floor" and k.seconds == pytest.approx(30 * kp.GEMM_FLOOR_S)
+
+
+def test_efficiency_validation():
+    with pytest.raises(kp.PlanError, match="efficiency gemm_compute must be in"):
+        kp.Efficiency(gemm_compute=1.5)
+    with pytest.raises(kp.PlanError, match="efficiency attention_memory must be in"):
+        kp.Efficiency(attention_memory=0)
+    with pytest.raises(kp.PlanError, match="floor gemm_floor must be >= 0"):
+        kp.Efficiency(gemm_floor=-1e-6)
+    with pytest.raises(kp.PlanError, match="floor decode_host_per_layer must be >= 0"):
+        kp.Efficiency(decode_host_per_layer=float("nan"))
+    with pytest.raises(kp.PlanError, match="batch >= 1"):
+        kp.step_kernels(_cfg("smollm2"), kp.model_size(_cfg("smollm2"), "bf16"),
+                        kp.GPUS["h200"], 0, 1, 10, True)
+    eff = kp.Efficiency(kernel_floor=0, decode_host_per_layer=0)
+    cfg = _cfg("smollm2")
+    dec = kp.decode_roofline(cfg, kp.model_size(cfg, "bf16"), kp.GPUS["h200"], 1, 128, eff)
+    assert dec.host_s == 0 and dec.seconds == dec.gpu_s
 
 
 def test_bisection_finds_the_smallest_capacity():
