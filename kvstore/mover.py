@@ -203,6 +203,18 @@ class _Staging:
         self._free.put(lane)
 
 
+def load_batch_blocks(n: int, lane: int, workers: int) -> int:
+    """Blocks per batch of an ``n``-block shared-tier load: at most ``lane`` (a staging
+    lane's blocks), and spread evenly: the batches (``ceil(n / lane)``, rounded up to a
+    multiple of ``workers``) share the blocks equally, so the load ends when every worker
+    has read about ``n / workers`` blocks instead of one worker reading a last short
+    round alone (256 blocks in lanes of 15 on 8 workers: 24 batches of 11, not 17 of 15
+    and one of 1, three rounds of 15 on the slowest worker)."""
+    batches = -(-max(1, n) // max(1, lane))
+    batches = -(-batches // max(1, workers)) * max(1, workers)
+    return max(1, -(-n // batches))
+
+
 class _CompressedStaging:
     """Staging lanes of compressed blocks: per lane, pinned (with CUDA) bytes for
     ``lane_blocks`` compressed payloads packed as all codes then all scales
@@ -477,9 +489,10 @@ class BlockMover:
                 ready = torch.cuda.Event()
                 ready.record(torch.cuda.current_stream(self.gpu.device))
             state = _LoadState(ready=ready)
+            per = load_batch_blocks(len(shared), self._lane_blocks, self.config.load_workers)
             batch: list[LoadRequest] = []
             for r in shared:
-                if batch and (r.tier != batch[0].tier or len(batch) == self._lane_blocks):
+                if batch and (r.tier != batch[0].tier or len(batch) == per):
                     futures.append(self._loaders.submit(self._load_batch, batch, state))
                     batch = []
                 batch.append(r)

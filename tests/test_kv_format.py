@@ -149,7 +149,8 @@ def test_host_demotion_quantizes_and_promotion_dequantizes(kv_format, tmp_path):
     serve(store, b, kv_format)  # a -> host (exact)
     assert serve(store, a, kv_format) == {"host": 4 * BS}  # host stays exact: checked
     serve(store, b, kv_format)
-    serve(store, c, kv_format)  # a -> disk, quantized
+    serve(store, c, kv_format)  # a -> disk, quantized (written in the background)
+    store.flush()
     s = store.stats()
     assert s.blocks_moved["host->disk"] >= 4
     assert serve(store, a, kv_format) == {"disk": 4 * BS}

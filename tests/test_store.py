@@ -454,6 +454,18 @@ def test_full_publication_queue_drops_and_counts(tmp_path):
     store.close()
 
 
+def test_load_batches_spread_evenly_over_the_workers():
+    from kvstore.mover import load_batch_blocks
+    assert load_batch_blocks(256, 15, 8) == 11  # 24 batches: three even rounds
+    assert load_batch_blocks(256, 16, 8) == 16  # 16 batches: two full rounds
+    assert load_batch_blocks(14, 2, 3) == 2
+    assert load_batch_blocks(3, 16, 8) == 1  # a short load reads in parallel
+    for n in range(1, 300, 7):
+        for lane in (1, 5, 15, 64):
+            per = load_batch_blocks(n, lane, 8)
+            assert 1 <= per <= lane and -(-n // per) >= min(n, 8) or per == 1
+
+
 def test_pipelined_load_over_many_batches_truncates_at_first_corrupt_block(tmp_path):
     kw = dict(gpu_blocks=32, load_batch_bytes=2 * LAYOUT.block_bytes, load_workers=3)
     store = make_store(tmp_path, disk=True, **kw)
