@@ -43,8 +43,10 @@ class StoreConfig:
       the engine) so another engine hits it without waiting for eviction. The index
       records a block in a shared tier only once the tier verifiably holds it. The
       simulation (:meth:`simulation`) turns it off: it models one process's cache.
-    - ``publish_queue_bytes``: pinned host bytes of committed blocks waiting for the
-      shared tiers (the queue's bound); blocks that do not fit are dropped and counted.
+    - ``publish_queue_bytes``: pinned host bytes of blocks waiting for the shared tiers
+      (the write queue's bound): publications, and write-back demotions from the host
+      (with ``publish`` off too; 0 makes those synchronous). Blocks that do not fit are
+      dropped and counted (``publish_dropped``).
     - ``load_workers``/``load_batch_bytes``: threads of the shared-tier -> GPU load
       pipeline and the payload bytes each reads and copies at a time (its pinned
       staging lane).

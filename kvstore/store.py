@@ -179,8 +179,9 @@ class StoreStats:
     ``blocks_declined``: hit blocks the cost model left to recompute (loading them was
     predicted slower), by tier. ``bytes_loaded``/``load_seconds``: bytes that landed in
     GPU slots per source tier and the measured seconds those loads took (their ratio is
-    the achieved load bandwidth). ``publish_dropped``: committed blocks not published to
-    the shared tiers because the publication queue was full.
+    the achieved load bandwidth). ``publish_dropped``: blocks not written to the shared
+    tiers because the write queue was full (publications, and host write-back
+    demotions, which then leave the cache).
     """
 
     hit_tokens: dict[str, int]
