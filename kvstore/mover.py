@@ -284,7 +284,8 @@ class BlockMover:
         self.publish_dropped = 0
         self.puts_failed: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._host_pending: list[Transfer] = []
+        # GPU->host copies in flight, with the host slots each writes
+        self._host_pending: list[tuple[Transfer, frozenset[int]]] = []
         self._cuda = gpu.device.type == "cuda"
         self.kv_format = cfg.kv_format
         self._compressed = cfg.kv_format != "exact"
@@ -304,11 +305,22 @@ class BlockMover:
 
     # ------------------------------------------------------------- GPU <-> host
 
-    def host_barrier(self) -> None:
-        """Wait for every GPU->host copy in flight, before host slots are read."""
-        pending, self._host_pending = self._host_pending, []
-        for t in pending:
-            t.wait()
+    def host_barrier(self, slots: Sequence[int] | None = None) -> None:
+        """Wait for the GPU->host copies in flight that write ``slots`` (every one by
+        default), before those host slots are read on the host."""
+        if slots is None:
+            pending, self._host_pending = self._host_pending, []
+            for t, _ in pending:
+                t.wait()
+            return
+        wanted = set(slots)
+        keep: list[tuple[Transfer, frozenset[int]]] = []
+        for t, dst in self._host_pending:
+            if not wanted.isdisjoint(dst):
+                t.wait()
+            elif not t.done():
+                keep.append((t, dst))
+        self._host_pending = keep
 
     def gpu_to_host(self, gpu_slots: Sequence[int], host_slots: Sequence[int]) -> None:
         """Copy GPU slots to host slots (async). The GPU slots may be reused at once."""
@@ -317,7 +329,7 @@ class BlockMover:
         t = copy_slots(self.gpu, gpu_slots, self.host, host_slots)
         if self._cuda:
             t.wait_on_stream(torch.cuda.current_stream(self.gpu.device))
-        self._host_pending.append(t)
+        self._host_pending.append((t, frozenset(host_slots)))
         self._count("gpu->host", len(gpu_slots))
 
     def copy_gpu(self, src: int, dst: int) -> None:
@@ -348,7 +360,7 @@ class BlockMover:
             return []
         nodes = [m.node for m in moved]
         if src == "host":
-            self.host_barrier()
+            self.host_barrier([m.src for m in moved])  # only the copies into the victims
             if self._pub_pool is not None:
                 return self._demote_in_background(dst, nodes, [m.src for m in moved])
             items = self._encode_slots(nodes, self.host, [m.src for m in moved])
@@ -465,16 +477,16 @@ class BlockMover:
         host = [r for r in requests if r.tier == "host"]
         transfer = None
         if host:
-            if self._cuda and all(t.strategy != "staged" for t in self._host_pending):
+            sources = [r.source for r in host if r.source is not None]
+            assert len(sources) == len(host), "a host load names its host slot"
+            if self._cuda and all(t.strategy != "staged" for t, _ in self._host_pending):
                 # No host-side wait: the GPU->host copies that wrote these host slots and
                 # this host->GPU copy run on the device's one side stream, in order, so
                 # the engine thread does not stall on the compute they waited for. (A
                 # staged copy lands in the host slots only when the CPU finishes it.)
-                self._host_pending = [t for t in self._host_pending if not t.done()]
+                self._host_pending = [(t, d) for t, d in self._host_pending if not t.done()]
             else:
-                self.host_barrier()
-            sources = [r.source for r in host if r.source is not None]
-            assert len(sources) == len(host), "a host load names its host slot"
+                self.host_barrier(sources)
             transfer = copy_slots(self.host, sources, self.gpu,
                                   [r.slot for r in host])
             self._count("host->gpu", len(host))
