@@ -302,6 +302,8 @@ class BlockMover:
         self._pub_pool = HostPool(layout, pub_slots) if pub_slots else None
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-publish")
         self._published: deque[Published] = deque()
+        # keys of write-back demotions queued or being written (a load waits for them)
+        self._writing: Counter[bytes] = Counter()
 
     # ------------------------------------------------------------- GPU <-> host
 
@@ -403,6 +405,8 @@ class BlockMover:
             src = torch.tensor(host_slots[:n], dtype=torch.int64)
             pool.tensor.index_copy_(0, torch.tensor(slots, dtype=torch.int64),
                                     self.host.tensor.index_select(0, src))
+            with self._lock:
+                self._writing.update(node.key for node in nodes[:n])
             self._publisher.submit(self._demote_job, dst, nodes[:n], slots)
         return nodes[n:]
 
@@ -414,7 +418,14 @@ class BlockMover:
             items = self._encode_slots(nodes, pool, slots)
         finally:
             pool.free(slots)
-        stored = self._put_verified(dst, items)
+        try:
+            stored = self._put_verified(dst, items)
+        finally:
+            with self._lock:
+                self._writing.subtract(node.key for node in nodes)
+                for node in nodes:
+                    if self._writing[node.key] <= 0:
+                        del self._writing[node.key]
         self._count(f"host->{dst}", len(stored))
         self._published.append(Published(dst, [], [n for n in nodes if n.key not in stored]))
 
@@ -494,6 +505,10 @@ class BlockMover:
         shared = sorted((r for r in requests if r.tier != "host"), key=lambda r: r.index)
         if shared:
             assert self._loaders is not None, "a shared-tier load needs shared tiers"
+            with self._lock:
+                writing = bool(self._writing) and any(r.key in self._writing for r in shared)
+            if writing:  # a block demoted a moment ago: let its write land first
+                self._publisher.submit(lambda: None).result()
             # The slots were reserved now, on the store's thread: the workers' copies
             # wait for the compute enqueued so far, not for compute enqueued later.
             ready = None
