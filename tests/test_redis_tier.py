@@ -429,6 +429,49 @@ def test_stalled_server_answers_misses_without_waiting(redis_server: RedisServer
     tier.close()
 
 
+def test_large_gets_wait_for_the_values_queued_ahead_of_them(redis_server: RedisServer):
+    # Eight 4 MiB blocks; a 50 ms timeout a wait; the server stalls ~0.25 s while the
+    # batch waits. A wait that allows only timeout_s gives up (misses); one that allows
+    # for the bytes requested from the node (32 MiB at SLOW_SERVER_BYTES_PER_S: 0.34 s
+    # more, plus the bytes other threads asked for first) rides it out. An idle tier's
+    # small read still gives up at timeout_s (test_stalled_server_answers_misses_...).
+    from tiers.redis import SLOW_SERVER_BYTES_PER_S
+
+    big = KVLayout(num_layers=64, num_kv_heads=8, head_dim=128, block_size=16)
+    items = make_blocks(8, seed=11, layout=big)
+    keys = keys_of(items)
+    with RedisTier(redis_server.url, **STEADY) as writer:
+        writer.put(items)
+    tier = RedisTier(redis_server.url, timeout_s=0.05, **FAST_BREAKER)
+    assert wait_until(lambda: tier.get(keys) == [v for _, v in items])  # learns the size
+    value_bytes = len(items[0][1])
+    allowance = 0.05 + 8 * value_bytes / SLOW_SERVER_BYTES_PER_S
+    stall_s = min(0.25, allowance - 0.04)
+    assert stall_s > 0.1  # the stall outlasts timeout_s by far
+
+    def stall() -> None:
+        with redis_server.client() as c:
+            c.execute_command("DEBUG", "SLEEP", f"{stall_s:.3f}")
+
+    def stalled() -> bool:
+        with redis.Redis(port=redis_server.port, socket_timeout=0.02,
+                         retry=Retry(NoBackoff(), 0)) as c:
+            try:
+                c.ping()
+            except redis.TimeoutError:
+                return True
+        return False
+
+    sleeper = threading.Thread(target=stall)
+    sleeper.start()
+    assert wait_until(stalled, step_s=0.001)  # the server is asleep now
+    got = tier.get(keys)
+    sleeper.join()
+    assert got == [v for _, v in items]
+    assert tier.stats().errors == 0
+    tier.close()
+
+
 # -- cluster ------------------------------------------------------------------------------
 
 def test_cluster_spreads_keys_over_nodes(redis_cluster: RedisCluster):

@@ -230,6 +230,13 @@ def _parser_options() -> dict[str, Any]:
 
 _PARSER = _parser_options()
 
+SLOW_SERVER_BYTES_PER_S = 100e6
+"""The least a live server is expected to send (bytes/s). A read waits for its bytes
+behind every value requested from the same node before them, by any thread (the server
+answers one request at a time), so each wait for bytes of a ``GET`` batch may last
+``timeout_s`` plus those values' expected bytes at this rate; an idle tier still gives up
+on a stalled server after ``timeout_s``."""
+
 
 class _Node:
     """One Redis server: its client (connection pool) and its circuit breaker."""
@@ -238,6 +245,7 @@ class _Node:
         self.host, self.port = host, port
         self.client = client
         self.breaker = breaker
+        self.reading = 0  # values requested from this node and not yet read (tier's lock)
 
     @property
     def addr(self) -> str:
@@ -254,7 +262,9 @@ class RedisTier:
     then the open breaker answers at once. ``timeout_s``: timeout of each socket read
     and write, in seconds: how long a stalled server (or a starved CPU) may keep a call
     waiting before it counts as down. It bounds each wait for bytes, not a whole batch,
-    so large batches need no larger value.
+    so large batches need no larger value; a ``GET`` batch's waits also allow for the
+    values other threads asked the same node for first (see
+    :data:`SLOW_SERVER_BYTES_PER_S`).
     ``backoff_s``/``backoff_max_s``: circuit-breaker backoff after the first failure
     and its cap, in seconds. ``parallel``: run a cluster batch's node pipelines in
     one thread per node (else: send all, then read all, from the calling thread). ``topology_refresh_s``: least interval between two slot-map
@@ -300,6 +310,7 @@ class RedisTier:
         self._extra = {"round_trips": 0, "short_circuited": 0, "outages": 0,
                        "topology_refreshes": 0}
         self._warned: set[str] = set()
+        self._value_bytes = 0.0  # running mean of the values read (bytes)
         self._nodes: dict[tuple[str, int], _Node] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._topo_lock = threading.Lock()
@@ -355,6 +366,11 @@ class RedisTier:
                 nbytes += len(v)
             else:
                 corrupt.append(rkeys[i])
+        if hits:
+            with self._lock:
+                mean = nbytes / hits
+                self._value_bytes = mean if not self._value_bytes else \
+                    0.8 * self._value_bytes + 0.2 * mean
         if corrupt:
             logger.debug("redis tier %r: deleting %d corrupt block(s)", self.name, len(corrupt))
             self._run(corrupt, lambda i: ("UNLINK", corrupt[i]))
@@ -523,41 +539,59 @@ class RedisTier:
                 moved += f.result()
             return moved
         sent = [(node, idxs, self._send(node, idxs, cmd)) for node, idxs in items]
-        for node, idxs, conn in sent:
-            if conn is not None:
-                moved += self._receive(node, idxs, conn, out)
+        for node, idxs, call in sent:
+            if call is not None:
+                moved += self._receive(node, idxs, call, out)
         return moved
 
     def _node_call(self, node: _Node, idxs: list[int], cmd: Callable[[int], tuple[Any, ...]],
                    out: list[Any]) -> list[tuple[int, _Node, MovedError]]:
         """One pipeline on one node: send, then read the replies."""
-        conn = self._send(node, idxs, cmd)
-        return [] if conn is None else self._receive(node, idxs, conn, out)
+        call = self._send(node, idxs, cmd)
+        return [] if call is None else self._receive(node, idxs, call, out)
 
     def _send(self, node: _Node, idxs: list[int],
-              cmd: Callable[[int], tuple[Any, ...]]) -> Connection | None:
+              cmd: Callable[[int], tuple[Any, ...]]) -> tuple[Connection, int] | None:
         """Send one node's commands in one write, guarded by its breaker. Returns the
-        connection to read the replies from, or ``None`` (short-circuited or failed)."""
+        connection to read the replies from and the values it will read (``GET``s), or
+        ``None`` (short-circuited or failed). A ``GET`` batch's socket waits allow for
+        the values requested from the node before it (:data:`SLOW_SERVER_BYTES_PER_S`)."""
         if not node.breaker.allow():
             self._bump("short_circuited")
             return None
         pool = node.client.connection_pool
         conn: Connection | None = None
+        commands = [cmd(i) for i in idxs]
+        gets = len(commands) if commands and commands[0][0] == "GET" else 0
         try:
             conn = pool.get_connection()
-            conn.send_packed_command(conn.pack_commands([cmd(i) for i in idxs]))
+            if gets:
+                with self._lock:
+                    node.reading += gets
+                    ahead = node.reading * self._value_bytes
+                sock = getattr(conn, "_sock", None)
+                if ahead and sock is not None:
+                    sock.settimeout(self.timeout_s + ahead / SLOW_SERVER_BYTES_PER_S)
+            conn.send_packed_command(conn.pack_commands(commands))
         except Exception as exc:  # redis-py raises more than RedisError/OSError on bad I/O
+            self._done_reading(node, gets)
             if conn is not None:
                 conn.disconnect()
                 pool.release(conn)
             self._failed(node, exc)
             return None
-        return conn
+        return conn, gets
 
-    def _receive(self, node: _Node, idxs: list[int], conn: Connection,
+    def _done_reading(self, node: _Node, gets: int) -> None:
+        if gets:
+            with self._lock:
+                node.reading -= gets
+
+    def _receive(self, node: _Node, idxs: list[int], call: tuple[Connection, int],
                  out: list[Any]) -> list[tuple[int, _Node, MovedError]]:
-        """Read one node's replies into ``out``; release the connection. Returns the
-        commands answered ``MOVED``."""
+        """Read one node's replies into ``out``; release the connection (its socket
+        timeout back to ``timeout_s``). Returns the commands answered ``MOVED``."""
+        conn, gets = call
         pool = node.client.connection_pool
         replies: list[Any] = []
         try:
@@ -571,6 +605,10 @@ class RedisTier:
             self._failed(node, exc)
             return []
         finally:
+            self._done_reading(node, gets)
+            sock = getattr(conn, "_sock", None)
+            if gets and sock is not None:
+                sock.settimeout(self.timeout_s)
             pool.release(conn)
         self._bump("round_trips")
         recovered = node.breaker.success()
