@@ -414,20 +414,24 @@ class BlockMover:
         """Publisher thread: encode demoted blocks from the write queue and put them."""
         pool = self._pub_pool
         assert pool is not None
+        stored: set[bytes] = set()
         try:
-            items = self._encode_slots(nodes, pool, slots)
-        finally:
-            pool.free(slots)
-        try:
+            try:
+                items = self._encode_slots(nodes, pool, slots)
+            finally:
+                pool.free(slots)
             stored = self._put_verified(dst, items)
+        except Exception:  # whatever failed, those blocks are not there: report them lost
+            logger.exception("write-back of %d block(s) to %s failed", len(nodes), dst)
         finally:
             with self._lock:
                 self._writing.subtract(node.key for node in nodes)
                 for node in nodes:
                     if self._writing[node.key] <= 0:
                         del self._writing[node.key]
-        self._count(f"host->{dst}", len(stored))
-        self._published.append(Published(dst, [], [n for n in nodes if n.key not in stored]))
+            self._count(f"host->{dst}", len(stored))
+            self._published.append(Published(dst, [], [n for n in nodes
+                                                       if n.key not in stored]))
 
     def _encode_slots(self, nodes: Sequence[Node], pool: SlotPool, slots: Sequence[int]
                       ) -> list[tuple[bytes, bytes]]:
