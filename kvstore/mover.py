@@ -386,8 +386,8 @@ class BlockMover:
         :attr:`Published.lost`. The rest are dropped (counted in :attr:`publish_dropped`):
         under sustained pressure the disk keeps what it can write, and the step loop
         never waits for it. Returns the dropped nodes (the store forgets them in
-        ``dst``); the others stay recorded there meanwhile (a load that finds one not yet
-        written is a miss, like any lost block).
+        ``dst``); the others stay recorded there meanwhile (a load of one still queued
+        waits for its write: :meth:`load`).
         """
         pool = self._pub_pool
         assert pool is not None
@@ -402,9 +402,7 @@ class BlockMover:
                 self.publish_dropped += len(nodes) - n
         if n:
             slots = list(pool.alloc(n).slots)
-            src = torch.tensor(host_slots[:n], dtype=torch.int64)
-            pool.tensor.index_copy_(0, torch.tensor(slots, dtype=torch.int64),
-                                    self.host.tensor.index_select(0, src))
+            copy_slots(self.host, host_slots[:n], pool, slots)  # CPU pools: synchronous
             with self._lock:
                 self._writing.update(node.key for node in nodes[:n])
             self._publisher.submit(self._demote_job, dst, nodes[:n], slots)
