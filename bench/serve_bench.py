@@ -971,13 +971,18 @@ def _run(args: argparse.Namespace, names: list[str], out: Path,
               f"{format_size(sizes.disk_bytes)}")
         longest = max((sum(len(t.delta) + t.max_tokens for t in c.turns) for c in convs_proto),
                       default=0)
-        running = min(args.max_parallel or len(convs_proto), len(convs_proto)) * longest
+        in_flight = min(args.max_parallel or len(convs_proto), len(convs_proto))
+        running = in_flight * longest
         if sizes.gpu is not None and arrival_mode(args) == "closed" \
                 and running > sizes.gpu * BLOCK_SIZE:
-            print(f"note: {args.max_parallel} requests in flight may hold up to {running:,} "
-                  f"tokens of KV, more than the GPU pool's {sizes.gpu * BLOCK_SIZE:,}: they "
-                  "queue or are preempted; lower --max-parallel to measure the tiers rather "
-                  "than the scheduler")
+            fits = sizes.gpu * BLOCK_SIZE // max(1, longest)
+            fix = (f"--max-parallel {fits} (or a larger --gpu-kv-bytes) keeps them within "
+                   "the pool" if fits else "the pool does not hold one conversation's last "
+                   "request: raise --gpu-kv-bytes")
+            print(f"note: {in_flight} requests in flight may hold up to {running:,} tokens "
+                  f"of KV, more than the GPU pool's {sizes.gpu * BLOCK_SIZE:,}: they queue "
+                  f"or are preempted, blocks still needed are evicted and reloaded, and the "
+                  f"scheduler is measured rather than the tiers; {fix}")
     rows: list[Summary] = []
     results: dict[str, list[Result]] = {}
     for name in names:
