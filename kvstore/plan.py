@@ -251,7 +251,13 @@ def model_size(cfg: ModelConfig, dtype: str, block_size: int = BLOCK_SIZE) -> Mo
 class GPUSpec:
     """Ceilings of one accelerator: ``memory_bytes`` (what CUDA reports as total),
     ``bandwidth`` (HBM bytes/s), ``flops`` (dense bf16 FLOP/s), ``pcie`` (host<->device
-    bytes/s, one direction). ``source``: ``table`` (data sheet) or ``measured``."""
+    bytes/s, one direction). ``source``: ``table`` (data sheet) or ``measured``.
+
+    The plan's efficiencies are fractions of *measured* ceilings (a copy, a large
+    matmul: :func:`measure_device`), so the rooflines use :attr:`reached_bandwidth` and
+    :attr:`reached_flops`: the measured values, or a data sheet's scaled by what a copy
+    and a matmul reach of it (:data:`TABLE_BANDWIDTH_REACHED`,
+    :data:`TABLE_FLOPS_REACHED`)."""
 
     name: str
     memory_bytes: int
@@ -259,6 +265,26 @@ class GPUSpec:
     flops: float
     pcie: float
     source: str = "table"
+
+    @property
+    def reached_bandwidth(self) -> float:
+        """HBM bytes/s a device copy reaches (the rooflines' ceiling)."""
+        return self.bandwidth if self.source == "measured" else \
+            self.bandwidth * TABLE_BANDWIDTH_REACHED
+
+    @property
+    def reached_flops(self) -> float:
+        """Dense bf16 FLOP/s a large matmul reaches (the rooflines' ceiling)."""
+        return self.flops if self.source == "measured" else self.flops * TABLE_FLOPS_REACHED
+
+
+TABLE_BANDWIDTH_REACHED = 0.86
+"""Share of a data sheet's HBM bandwidth a device-to-device copy reaches: 4.13 of the
+H200's 4.8 TB/s (:func:`measure_device` on an H200, two sessions: 3.99 and 4.13)."""
+
+TABLE_FLOPS_REACHED = 0.75
+"""Share of a data sheet's dense bf16 FLOP/s an 8,192-square bf16 matmul reaches: 717 to
+743 of the H200's 989 TFLOP/s (:func:`measure_device` on an H200, three sessions)."""
 
 
 _GiB = 1 << 30
@@ -462,8 +488,8 @@ class KernelTime:
 def _kernel(name: str, launches: int, flops: float, nbytes: float, gpu: GPUSpec,
             compute_eff: float, memory_eff: float, floor: float) -> KernelTime:
     flops, nbytes = launches * flops, launches * nbytes
-    compute_s = flops / (gpu.flops * compute_eff)
-    memory_s = nbytes / (gpu.bandwidth * memory_eff)
+    compute_s = flops / (gpu.reached_flops * compute_eff)
+    memory_s = nbytes / (gpu.reached_bandwidth * memory_eff)
     floor_s = launches * floor
     seconds = max(compute_s, memory_s, floor_s)
     bound = ("floor" if seconds == floor_s else "compute" if seconds == compute_s
@@ -903,7 +929,10 @@ def format_plan(plan: Plan) -> str:
         f"context {c.max_context_len} tokens",
         f"gpu        {g.name} ({g.source}): {format_size(g.memory_bytes)}, "
         f"{g.bandwidth / 1e12:.2f} TB/s, {g.flops / 1e12:.0f} TFLOP/s bf16, "
-        f"PCIe {g.pcie / 1e9:.0f} GB/s",
+        f"PCIe {g.pcie / 1e9:.0f} GB/s"
+        + ("" if g.source == "measured" else
+           f"; reached by a copy and a matmul (the rooflines' ceilings): "
+           f"{g.reached_bandwidth / 1e12:.2f} TB/s, {g.reached_flops / 1e12:.0f} TFLOP/s"),
         "",
         f"parameters {s.parameters:,} ({s.parameters / 1e9:.2f} B)",
         f"weights    {s.weights_bytes / 1e9:.2f} GB ({format_size(s.weights_bytes)}) "

@@ -287,3 +287,18 @@ def test_plan_bench_on_cpu_measures_and_compares(capsys):
     for key in ("TTFT, 32-token prompt", "decode step, batch 1", "decode step, batch 2",
                 "decode step, batch 6 (largest)"):
         assert key in lines and lines[key].count(" ms") == 2
+
+
+def test_a_table_gpu_plans_at_what_its_copy_and_matmul_reach():
+    """The efficiencies are fractions of measured ceilings: a plan from the H200's data
+    sheet lands within a few percent of one from the H200's measured ceilings."""
+    name, cfg = kp.resolve_model("llama3-8b")
+    table = kp.resolve_gpu("h200")
+    measured = kp.GPUSpec("H200", table.memory_bytes, 4.131e12, 742.66e12, 55e9, "measured")
+    assert measured.reached_bandwidth == measured.bandwidth
+    assert table.reached_bandwidth < table.bandwidth and table.reached_flops < table.flops
+    a = kp.make_plan(name, cfg, "bf16", 2048, 64, table)
+    b = kp.make_plan(name, cfg, "bf16", 2048, 64, measured)
+    for x, y in ((a.prefill, b.prefill), (a.decode_one, b.decode_one),
+                 (a.decode_batch, b.decode_batch)):
+        assert x.seconds == pytest.approx(y.seconds, rel=0.05)
