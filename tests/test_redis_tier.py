@@ -389,20 +389,17 @@ def test_killed_mid_batch_then_restarted(redis_server: RedisServer, caplog):
     tier.close()
 
 
-def test_stalled_server_answers_misses_without_waiting(redis_server: RedisServer):
-    items = make_blocks(64)
-    keys = keys_of(items)
-    tier = RedisTier(redis_server.url, **FAST_BREAKER)  # default timeouts
-    with RedisTier(redis_server.url, **STEADY) as writer:
-        writer.put(items)
-    assert wait_until(lambda: tier.get(keys[:1]) == [items[0][1]])  # a pooled connection
+def start_stall(server: RedisServer, seconds: float, probe_timeout_s: float,
+                step_s: float = 0.02) -> threading.Thread:
+    """Put ``server`` to sleep for ``seconds`` (``DEBUG SLEEP``, from a thread) and
+    return that thread once a ping has gone unanswered for ``probe_timeout_s``."""
 
     def stall() -> None:
-        with redis_server.client() as c:
-            c.execute_command("DEBUG", "SLEEP", "1")
+        with server.client() as c:
+            c.execute_command("DEBUG", "SLEEP", f"{seconds:.3f}")
 
     def stalled() -> bool:
-        with redis.Redis(port=redis_server.port, socket_timeout=0.2,
+        with redis.Redis(port=server.port, socket_timeout=probe_timeout_s,
                          retry=Retry(NoBackoff(), 0)) as c:
             try:
                 c.ping()
@@ -411,9 +408,21 @@ def test_stalled_server_answers_misses_without_waiting(redis_server: RedisServer
         return False
 
     sleeper = threading.Thread(target=stall)
+    sleeper.start()
+    assert wait_until(stalled, step_s=step_s)  # DEBUG SLEEP has reached the server
+    return sleeper
+
+
+def test_stalled_server_answers_misses_without_waiting(redis_server: RedisServer):
+    items = make_blocks(64)
+    keys = keys_of(items)
+    tier = RedisTier(redis_server.url, **FAST_BREAKER)  # default timeouts
+    with RedisTier(redis_server.url, **STEADY) as writer:
+        writer.put(items)
+    assert wait_until(lambda: tier.get(keys[:1]) == [items[0][1]])  # a pooled connection
+
     with redis_server.client() as probe:
-        sleeper.start()
-        assert wait_until(stalled)  # DEBUG SLEEP has reached the server
+        sleeper = start_stall(redis_server, 1.0, probe_timeout_s=0.2)
         t0 = time.perf_counter()
         got = tier.get(keys)
         elapsed = time.perf_counter() - t0
@@ -448,23 +457,7 @@ def test_large_gets_wait_for_the_values_queued_ahead_of_them(redis_server: Redis
     allowance = 0.05 + 8 * value_bytes / SLOW_SERVER_BYTES_PER_S
     stall_s = min(0.25, allowance - 0.04)
     assert stall_s > 0.1  # the stall outlasts timeout_s by far
-
-    def stall() -> None:
-        with redis_server.client() as c:
-            c.execute_command("DEBUG", "SLEEP", f"{stall_s:.3f}")
-
-    def stalled() -> bool:
-        with redis.Redis(port=redis_server.port, socket_timeout=0.02,
-                         retry=Retry(NoBackoff(), 0)) as c:
-            try:
-                c.ping()
-            except redis.TimeoutError:
-                return True
-        return False
-
-    sleeper = threading.Thread(target=stall)
-    sleeper.start()
-    assert wait_until(stalled, step_s=0.001)  # the server is asleep now
+    sleeper = start_stall(redis_server, stall_s, probe_timeout_s=0.02, step_s=0.001)
     got = tier.get(keys)
     sleeper.join()
     assert got == [v for _, v in items]
