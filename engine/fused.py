@@ -42,17 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine import attention
+from engine.triton_attention import AVAILABLE, tl, triton  # one place decides Triton
 from kvstore import env
-
-try:
-    import triton
-    import triton.language as tl
-
-    AVAILABLE: bool = True
-except ImportError:
-    triton = None
-    tl = None
-    AVAILABLE = False
 
 log = logging.getLogger(__name__)
 

@@ -175,14 +175,19 @@ def test_overlapped_decode_equals_synchronous_on_gpu(models):
     over.store.check_integrity()
 
 
-def test_graph_logits_match_eager_and_padding_writes_nothing(models):
-    tri = models[0]
+def _graph_and_eager_runners(tri) -> tuple[torch.Tensor, ModelRunner, ModelRunner]:
+    """A 64-block fp32 pool of random K/V and two runners over it: graphs and eager."""
     c = tri.config
     layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, 16, "float32")
     pool = KVStore(StoreConfig(layout=layout, gpu_blocks=64, device="cuda")).gpu.tensor
     pool.normal_()
     graphs = ModelRunner(tri, pool, 16, max_num_seqs=16, max_num_tokens=512, cuda_graphs=True)
     eager = ModelRunner(tri, pool, 16, max_num_seqs=16, max_num_tokens=512, cuda_graphs=False)
+    return pool, graphs, eager
+
+
+def test_graph_logits_match_eager_and_padding_writes_nothing(models):
+    pool, graphs, eager = _graph_and_eager_runners(models[0])
     ps = [p[:40 + 9 * i] for i, p in enumerate(prompts()[:5])]  # 5 rows: padded to 8
     tables, start = [], 1  # slot 0 is the padding rows' block: keep it out of the way
     for p in ps:
@@ -206,13 +211,7 @@ def test_graph_logits_match_eager_and_padding_writes_nothing(models):
 
 
 def test_mixed_graph_logits_match_eager_and_padding_writes_nothing(models):
-    tri = models[0]
-    c = tri.config
-    layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, 16, "float32")
-    pool = KVStore(StoreConfig(layout=layout, gpu_blocks=64, device="cuda")).gpu.tensor
-    pool.normal_()
-    graphs = ModelRunner(tri, pool, 16, max_num_seqs=16, max_num_tokens=512, cuda_graphs=True)
-    eager = ModelRunner(tri, pool, 16, max_num_seqs=16, max_num_tokens=512, cuda_graphs=False)
+    pool, graphs, eager = _graph_and_eager_runners(models[0])
     a_ctx, b_ctx = prompts()[0][:200], prompts()[1][:90]
     tables = [list(range(1, 1 + 15)), list(range(16, 16 + 7))]  # slot 0: padding's block
     eager.run(a_ctx + b_ctx, tables, [200, 90], [200, 90])
