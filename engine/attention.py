@@ -194,7 +194,8 @@ def select_backend(device: torch.device | str, prefer: str = "auto") -> Attentio
     key = str(device)
     if key not in _selected:
         try:
-            _selected[key] = _load_triton(device)
+            with torch.cuda.device(device):  # kernels launch on the current device
+                _selected[key] = _load_triton(device)
         except Exception as exc:  # noqa: BLE001 - any failure means "use the reference"
             if prefer == "triton":
                 raise RuntimeError(f"Triton attention unusable on {device}: {exc}") from exc

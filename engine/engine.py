@@ -78,6 +78,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.store = store
         self.namespace = namespace
+        # CUDA launches (Triton's included) go to the calling thread's current device
+        self._device_index = (model.device.index if model.device.type == "cuda" else None)
         self.root = namespace.root()
         self.stop_ids = stop_ids
         self.scheduler = Scheduler(store, config or SchedulerConfig())
@@ -142,10 +144,20 @@ class Engine:
 
     # ------------------------------------------------------------------ step
 
+    def bind_device(self) -> None:
+        """Make the model's CUDA device current on the calling thread (a no-op on CPU or
+        when it already is). Kernels launch on the current device, which is per thread
+        and cuda:0 by default, so every thread that runs steps calls this; :meth:`step`
+        does."""
+        idx = self._device_index
+        if idx is not None and torch.cuda.current_device() != idx:
+            torch.cuda.set_device(idx)
+
     def step(self) -> list[RequestOutput]:
         """Run one step; return a snapshot of every request that made progress (with
         overlapped decode, the tokens the host read this call: those of the step
-        before)."""
+        before). Makes the engine's device current on the calling thread."""
+        self.bind_device()
         if self._inflight is not None:
             nxt = self._next_overlapped()
             if nxt is not None:

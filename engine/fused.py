@@ -527,7 +527,8 @@ def select(device: torch.device | str, prefer: str = "auto") -> bool:
     key = str(device)
     if key not in _selected:
         try:
-            self_check(device)
+            with torch.cuda.device(device):  # kernels launch on the current device
+                self_check(device)
             _selected[key] = True
         except Exception as exc:  # noqa: BLE001 - any failure means "use the references"
             log.warning("fused Triton kernels unusable on %s (%s); using torch", device, exc)

@@ -39,8 +39,13 @@ from engine.model import CausalLM
 
 log = logging.getLogger(__name__)
 
-GRAPH_MAX_CONTEXT = 8192
-"""Default longest context (tokens) a graph-replayed decode step may have."""
+GRAPH_MAX_CONTEXT = 131072
+"""Default longest context (tokens) a graph-replayed step may have (also bounded by the
+model's context and the KV pool). The graphs' block tables are this wide: a step uploads
+``rows x context / block_size`` int32 of them (256 KiB for 8 rows at 128k tokens of 16),
+and the kernels' launch shapes do not depend on it (the split-KV count is already at its
+cap at 8k). A step past it runs eagerly: at 8k, multi-turn chats of Llama-3-8B past the
+fourth turn decoded eagerly, host-bound (the GPU half idle on an H200)."""
 
 
 MIXED_GRAPH_TOKENS = (32, 64, 128, 256)
@@ -96,7 +101,8 @@ class ModelRunner:
         self.block_size = block_size
         self.use_graphs = capable if cuda_graphs is None else cuda_graphs
         self.graph_sizes = graph_batch_sizes(max_num_seqs)
-        context = min(model.config.max_position_embeddings, graph_max_context)
+        context = min(model.config.max_position_embeddings, graph_max_context,
+                      kv_pool.shape[0] * block_size)
         self.graph_width = -(-context // block_size)
         self.graph_steps = 0
         self.eager_steps = 0
@@ -106,6 +112,7 @@ class ModelRunner:
         self._graph_stager: BatchStager | None = None
         # torch's own name for what graph_pool_handle() returns (a NewType of tuple[int, int])
         self._graph_pool: torch.cuda._POOL_HANDLE | None = None
+        self._capture_stream: torch.cuda.Stream | None = None
         self._eager = BatchStager(block_size, model.device, max(1, max_num_tokens),
                                   max_num_seqs, max_num_seqs * 64)
 
@@ -204,7 +211,7 @@ class ModelRunner:
                     [], [], [], [], pad_seqs=size, width=width)
                 self.model(input_ids, positions, batch, self.kv_pool)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._graph_pool,
+                with torch.cuda.graph(graph, pool=self._graph_pool, stream=self._capture_stream,
                                       capture_error_mode="thread_local"):
                     logits = self.model(input_ids, positions, batch, self.kv_pool)
                 self._graphs[size] = (graph, logits)
@@ -240,7 +247,7 @@ class ModelRunner:
                     [], [], [], [], pad_seqs=rows, pad_tokens=tokens, width=width)
                 self.model(input_ids, positions, batch, self.kv_pool)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._graph_pool,
+                with torch.cuda.graph(graph, pool=self._graph_pool, stream=self._capture_stream,
                                       capture_error_mode="thread_local"):
                     logits = self.model(input_ids, positions, batch, self.kv_pool)
                 self._mixed[(rows, tokens)] = (graph, logits)
@@ -259,4 +266,7 @@ class ModelRunner:
             self._graph_stager = BatchStager(self.block_size, self.model.device, tokens,
                                              rows, rows * width)
             self._graph_pool = torch.cuda.graph_pool_handle()
+            # torch's default capture stream is made once per process, on whichever
+            # device was current then: a model on another GPU needs its own
+            self._capture_stream = torch.cuda.Stream(device=self.model.device)
         return width

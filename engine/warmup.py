@@ -337,6 +337,7 @@ def warm_up(engine: Engine, tokenizer: Tokenizer | None = None, *,
     report = WarmupReport()
     start = time.perf_counter()
     cuda = engine.model.device.type == "cuda"
+    engine.bind_device()
 
     def phase(name: str, fn: Callable[[], object]) -> object:
         t0 = time.perf_counter()

@@ -54,7 +54,7 @@ def make_engine(model: CausalLM, *, enable_cache: bool = True, budget: int = 409
     c = model.config
     layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, 16, "float32")
     store_kw.setdefault("gpu_blocks", 512)
-    store = KVStore(StoreConfig(layout=layout, device="cuda", **store_kw))
+    store = KVStore(StoreConfig(layout=layout, device=str(model.device), **store_kw))
     return Engine(model, None, store, Namespace("gpu-test", "float32", 16), frozenset(),
                   SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=budget,
                                   enable_cache=enable_cache), cuda_graphs=cuda_graphs,
@@ -81,6 +81,32 @@ def run(engine: Engine, batch: list[list[int]], params: SamplingParams = GREEDY,
 def reference(models) -> list[list[int]]:
     engine = make_engine(models[0], enable_cache=False)
     return [run(engine, [p], tag=f"ref{i}-")[0] for i, p in enumerate(prompts())]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA GPU")
+def test_engine_on_a_second_gpu_driven_from_another_thread(models, reference):
+    """A model on cuda:1 passes its kernels' self-checks there, and an engine on it run
+    from a fresh thread (whose current device is cuda:0) gives cuda:0's tokens, through
+    host demotions and promotions too. (Kernels launch on the current device.)"""
+    import threading
+
+    model = CausalLM.empty(models[0].config, dtype=torch.float32, device="cuda:1")
+    model.load_state_dict(models[0].state_dict())
+    assert model.fused_kernels, "the fused kernels failed their self-check on cuda:1"
+    assert model.backend.name == models[0].backend.name
+    engine = make_engine(model, host_blocks=256)
+    got: list[list[list[int]]] = []
+
+    def drive() -> None:
+        got.append(run(engine, prompts(), tag="first"))
+        assert engine.store.drop("gpu") > 0
+        got.append(run(engine, prompts()[:2], tag="again"))
+
+    worker = threading.Thread(target=drive)
+    worker.start()
+    worker.join()
+    assert got == [reference, reference[:2]]
+    assert engine.store.stats().hit_tokens.get("host", 0) > 0
 
 
 def test_triton_logits_match_torch_reference(models):
