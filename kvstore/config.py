@@ -46,7 +46,9 @@ class StoreConfig:
     - ``publish_queue_bytes``: pinned host bytes of blocks waiting for the shared tiers
       (the write queue's bound): publications, and write-back demotions from the host
       (with ``publish`` off too; 0 makes those synchronous). Blocks that do not fit are
-      dropped and counted (``publish_dropped``).
+      dropped and counted (``publish_dropped``). With a host tier, publications may fill
+      only half of it and are written after the demotions queued: under write pressure
+      the queue drops copies of blocks still cached above, not a host victim's only copy.
     - ``load_workers``/``load_batch_bytes``: threads of the shared-tier -> GPU load
       pipeline and the payload bytes each reads and copies at a time (its pinned
       staging lane).

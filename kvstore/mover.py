@@ -34,8 +34,9 @@
   hold exact KV; shared -> shared copies move blobs unchanged.
 - Publication (:meth:`BlockMover.publish`): committed blocks are snapshotted on the
   GPU side stream into a bounded pinned queue (:data:`MoverConfig.publish_queue_bytes`)
-  and written to the shared tiers by one background thread; a full queue drops
-  (counted), never blocks. What each tier verifiably stored comes back through
+  and written to the shared tiers by one background thread (``kvstore.writer``:
+  write-back of host victims first, then publications; publications may fill only half
+  the queue when there is a host tier); a full queue drops (counted), never blocks. What each tier verifiably stored comes back through
   :meth:`BlockMover.published`, for the store's thread to record in its index.
 
 Thread contract: every public method runs on the store's thread; workers touch only
@@ -53,6 +54,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from queue import SimpleQueue
 from typing import Any
 
@@ -60,6 +62,7 @@ import numpy as np
 import torch
 
 from kvstore.cascade import LoadMeasure, LoadRequest, Published
+from kvstore.writer import PUBLICATION, WRITE_BACK, Writer
 from radix import Moved, Node
 from tiers import quant
 from tiers.base import HashTier
@@ -300,7 +303,11 @@ class BlockMover:
                                            thread_name_prefix="kv-load") if shared else None
         pub_slots = cfg.publish_queue_bytes // layout.block_bytes if shared else 0
         self._pub_pool = HostPool(layout, pub_slots) if pub_slots else None
-        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-publish")
+        # Half the write queue is kept for write-back of host victims (their only copy)
+        # when there is a host tier to demote from: publications may not fill it.
+        demotes = isinstance(host, SlotPool) and host.num_slots > 0
+        self._pub_reserve = pub_slots // 2 if demotes else 0
+        self._publisher = Writer("kv-publish")
         self._published: deque[Published] = deque()
         # keys of write-back demotions queued or being written (a load waits for them)
         self._writing: Counter[bytes] = Counter()
@@ -405,7 +412,8 @@ class BlockMover:
             copy_slots(self.host, host_slots[:n], pool, slots)  # CPU pools: synchronous
             with self._lock:
                 self._writing.update(node.key for node in nodes[:n])
-            self._publisher.submit(self._demote_job, dst, nodes[:n], slots)
+            self._publisher.submit(partial(self._demote_job, dst, nodes[:n], slots),
+                                   WRITE_BACK)
         return nodes[n:]
 
     def _demote_job(self, dst: str, nodes: list[Node], slots: list[int]) -> None:
@@ -510,7 +518,7 @@ class BlockMover:
             with self._lock:
                 writing = bool(self._writing) and any(r.key in self._writing for r in shared)
             if writing:  # a block demoted a moment ago: let its write land first
-                self._publisher.submit(lambda: None).result()
+                self._publisher.barrier(WRITE_BACK)
             # The slots were reserved now, on the store's thread: the workers' copies
             # wait for the compute enqueued so far, not for compute enqueued later.
             ready = None
@@ -642,12 +650,15 @@ class BlockMover:
 
         Snapshots the GPU slots now (on the side stream, after the compute that wrote
         them), so the slots may be reused at once. When the queue is full the rest are
-        dropped (counted in :attr:`publish_dropped`); this never blocks.
+        dropped (counted in :attr:`publish_dropped`); this never blocks. With a host
+        tier, publications leave half the queue to write-back (a host victim's write is
+        its only copy's way down; a publication copies a block still cached above) and
+        are written after the write-backs queued (``kvstore.writer``).
         """
         if not nodes or not self.shared:
             return 0
         pool = self._pub_pool
-        n = min(len(nodes), pool.num_free) if pool is not None else 0
+        n = max(0, min(len(nodes), pool.num_free - self._pub_reserve)) if pool is not None else 0
         with self._lock:
             self.publish_dropped += len(nodes) - n
         if n == 0:
@@ -657,12 +668,12 @@ class BlockMover:
         batch = list(nodes[:n])
         if self._compressed:
             ready = self._snapshot_compressed(list(gpu_slots[:n]), pool, slots)
-            self._publisher.submit(self._publish_job, batch, slots, ready)
+            self._publisher.submit(partial(self._publish_job, batch, slots, ready), PUBLICATION)
             return n
         t = copy_slots(self.gpu, gpu_slots[:n], pool, slots)
         if self._cuda:
             t.wait_on_stream(torch.cuda.current_stream(self.gpu.device))
-        self._publisher.submit(self._publish_job, batch, slots, t)
+        self._publisher.submit(partial(self._publish_job, batch, slots, t), PUBLICATION)
         return n
 
     def _snapshot_compressed(self, gpu_slots: list[int], pool: HostPool, slots: list[int]
@@ -741,12 +752,12 @@ class BlockMover:
 
     def flush(self) -> None:
         """Wait until every queued publication has reached its tiers."""
-        self._publisher.submit(lambda: None).result()
+        self._publisher.barrier()
         self.host_barrier()
 
     def close(self) -> None:
         """Finish queued writes, then stop the threads."""
-        self._publisher.shutdown(wait=True)
+        self._publisher.shutdown()
         if self._loaders is not None:
             self._loaders.shutdown(wait=True)
         self.host_barrier()

@@ -126,7 +126,14 @@ def test_triton_logits_match_torch_reference(models):
     a = tri(ids, pos, batch, pools[0].tensor)
     b = ref(ids, pos, batch, pools[1].tensor)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
-    assert torch.allclose(pools[0].tensor[:start], pools[1].tensor[:start], atol=1e-5)
+    # Layer 0's K/V comes from the same embeddings, norm and projections on both sides
+    # (only the RoPE + write kernel differs): close to rounding. Deeper layers' inputs
+    # carry the two attention implementations' fp32 differences (summation order), so
+    # they get the logits' tolerance (one H200 run saw more than 1e-5 there when this
+    # test ran after the second-GPU one; alone it stayed within 1e-5).
+    kv_a, kv_b = pools[0].tensor[:start], pools[1].tensor[:start]
+    assert torch.allclose(kv_a[:, 0], kv_b[:, 0], atol=1e-5), (kv_a[:, 0] - kv_b[:, 0]).abs().max()
+    assert torch.allclose(kv_a, kv_b, rtol=1e-4, atol=1e-4), (kv_a - kv_b).abs().max()
 
 
 def test_cache_on_equals_cache_off_on_gpu(models, reference):

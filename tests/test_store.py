@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -440,6 +441,34 @@ def test_write_back_to_disk_drops_what_the_write_queue_cannot_take(tmp_path):
     assert s.publish_dropped == 3 and s.blocks_moved["host->disk"] == 1
     assert s.index.blocks["disk"] == 1
     assert serve(store, a) == {"disk": BS}  # run_request checks the bytes
+    store.check_integrity()
+    store.close()
+
+
+def test_write_back_keeps_half_the_write_queue_from_publications(tmp_path):
+    # A four-block write queue whose writer is held busy: publications may take only
+    # two slots, so when the host must let a chain go, two of its blocks (the only
+    # copies) still find room, where the queue full of publications of blocks still
+    # cached above would have dropped them all. Write-backs run first once it frees.
+    from kvstore.writer import WRITE_BACK
+
+    store = make_store(tmp_path, gpu_blocks=8, host_blocks=4, disk=True,
+                       publish_queue_bytes=4 * LAYOUT.block_bytes)
+    gate = threading.Event()
+    store.mover._publisher.submit(gate.wait, WRITE_BACK)
+    x, a, b, c = (tokens(s, 4 * BS) for s in (61, 62, 63, 64))
+    held = run_request(store, x)  # stays on the GPU; two of its four publications fit
+    assert store.stats().publish_dropped == 2
+    serve(store, a)  # no room beside the reserve: four publications dropped
+    serve(store, b)  # a -> host
+    serve(store, c)  # b -> host; a leaves the host: two blocks queued for write-back
+    assert store.stats().publish_dropped == 2 + 4 + 4 + 4 + 2
+    gate.set()
+    store.flush()
+    s = store.stats()
+    assert s.blocks_moved["host->disk"] == 2 and s.blocks_moved["gpu->disk"] == 2
+    store.release(held)
+    assert serve(store, a) == {"disk": 2 * BS}  # run_request checks the bytes
     store.check_integrity()
     store.close()
 
