@@ -144,7 +144,8 @@ class LLM:
             disk_path=disk, disk_bytes=cfg.disk_bytes if disk else 0,
             redis_url=cfg.redis_url, remote_url=cfg.remote_url,
             auth_token=cfg.auth_token if cfg.auth_token is not None else env.daemon_token(),
-            policy=cfg.policy, device=str(device), kv_format=cfg.kv_format)
+            policy=cfg.policy, device=str(device), kv_format=cfg.kv_format,
+            publish_queue_bytes=_write_queue_bytes(layout, cfg))
         self.namespace = Namespace(loaded.fingerprint, layout.dtype, cfg.block_size,
                                    tenant=cfg.tenant, kv_format=cfg.kv_format)
         self.replica_id = cfg.replica_id or _default_replica_id()
@@ -329,6 +330,15 @@ def _check_device(name: str) -> None:
                              f"{torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
         raise ValueError(f"device {name!r} is not supported: use cuda, cuda:N or cpu")
+
+
+def _write_queue_bytes(layout: KVLayout, cfg: EngineConfig) -> int:
+    """Bytes of the store's write queue (publications and write-back to the shared
+    tiers): the store's default, or two steps' worth of committed blocks when that is
+    more, so one long prefill's blocks are not dropped before the writer has seen them
+    (Llama-3-8B, 8,192-token steps: 1,024 blocks, 2 GiB; the default holds 128)."""
+    step_blocks = -(-cfg.max_num_batched_tokens // cfg.block_size)
+    return max(StoreConfig.publish_queue_bytes, 2 * step_blocks * layout.block_bytes)
 
 
 def _gpu_blocks(device: torch.device, layout: KVLayout, cfg: EngineConfig) -> int:

@@ -49,6 +49,8 @@ class StoreConfig:
       dropped and counted (``publish_dropped``). With a host tier, publications may fill
       only half of it and are written after the demotions queued: under write pressure
       the queue drops copies of blocks still cached above, not a host victim's only copy.
+      The engine (``engine.llm.LLM``) sizes it to two steps' worth of blocks when that is
+      more than the default (Llama-3-8B with 8,192-token steps: 2 GiB).
     - ``load_workers``/``load_batch_bytes``: threads of the shared-tier -> GPU load
       pipeline and the payload bytes each reads and copies at a time (its pinned
       staging lane).

@@ -129,3 +129,24 @@ def test_llm_on_dummy_weights_cached_equals_uncached(tiny_config: Path) -> None:
         assert warm.outputs[0].token_ids == cold.generate(second, params)[0].outputs[0].token_ids
         assert len(warm.outputs[0].token_ids) == 12
         assert llm.tokenizer is None
+
+
+def test_write_queue_holds_two_steps_of_committed_blocks(tiny_config: Path,
+                                                         tmp_path: Path) -> None:
+    """The store's write queue takes at least two steps' worth of blocks (so one long
+    prefill's publications are not dropped before the writer sees them), and never less
+    than the store's default."""
+    from kvstore.config import StoreConfig
+
+    wide = dict(TINY, vocab_size=1000, hidden_size=256, num_hidden_layers=12,
+                num_attention_heads=4, num_key_value_heads=4)  # 384 KiB fp32 blocks
+    tiny_config.write_text(json.dumps(wide))
+    with LLM(str(tiny_config), load_format="dummy", device="cpu", gpu_blocks=64,
+             disk_path=str(tmp_path / "disk"), max_num_batched_tokens=8192) as llm:
+        block = llm.store.config.layout.block_bytes
+        assert block == 384 << 10
+        assert llm.store.config.publish_queue_bytes == 2 * (8192 // 16) * block  # 384 MiB
+        assert llm.store.config.publish_queue_bytes > StoreConfig.publish_queue_bytes
+    with LLM(str(tiny_config), load_format="dummy", device="cpu", gpu_blocks=64,
+             max_num_batched_tokens=64) as llm:
+        assert llm.store.config.publish_queue_bytes == StoreConfig.publish_queue_bytes

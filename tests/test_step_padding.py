@@ -88,3 +88,18 @@ def test_pad_tokens_need_a_padding_row() -> None:
     stager = BatchStager(BS, "cpu", 64, 4, 64)
     with pytest.raises(ValueError, match="padding row"):
         stager.stage([1, 2], [[1]], [2], [2], pad_seqs=1, pad_tokens=8, width=4)
+
+
+def test_graph_width_covers_the_context_the_pool_and_the_model_allow(model: CausalLM) -> None:
+    """Graph-replayed steps reach any context the model and the pool allow (up to
+    GRAPH_MAX_CONTEXT): the graphs' block tables are that wide. (Capped at 8k tokens,
+    multi-turn chats past their fourth turn decoded eagerly on the GPU.)"""
+    from engine.runner import GRAPH_MAX_CONTEXT, ModelRunner
+
+    assert GRAPH_MAX_CONTEXT >= 128 * 1024
+    big = ModelRunner(model, _pool(model, 256), BS, 4, 64)  # 4,096 pool tokens
+    assert big.graph_width * BS == CONFIG["max_position_embeddings"]  # the model's 2,048
+    small = ModelRunner(model, _pool(model, 40), BS, 4, 64)  # 640 pool tokens
+    assert small.graph_width == 40
+    capped = ModelRunner(model, _pool(model, 256), BS, 4, 64, graph_max_context=1000)
+    assert capped.graph_width == -(-1000 // BS)
