@@ -21,6 +21,14 @@ Two measures with CUDA, each with its own baseline from the same run:
 Without CUDA the "GPU" pool is on the CPU, the baseline is a contiguous CPU ``copy_``
 and times are wall clock. GB/s are 1e9 bytes/s of block payload.
 
+Beside compute (CUDA, :func:`bench_beside_compute`): a serving engine copies while it
+computes. For ``"runs"`` (one DMA a run: copy engines only) and ``"index"`` (the
+zero-copy block-copy kernel: SMs waiting on PCIe), one scattered copy is started on the
+side stream and a burst of bf16 matmuls on the compute stream at once: the burst's time
+next to the same burst alone (the compute's slowdown), and the copy's GB/s next to its
+own alone. Which strategy ``"auto"`` should pick for large blocks
+(:data:`tiers.pool.AUTO_MIN_RUN_BYTES`) is decided by this, not by the copy alone.
+
 Run alone: ``python -m bench.tiers_bench_pools [--blocks N]``.
 """
 
@@ -180,8 +188,71 @@ def bench_pools(block_bytes: int, n_blocks: int, *, repeats: int = REPEATS,
     return rows
 
 
+COMPUTE_MATMULS = 40
+"""bf16 matmuls (4,096 x 4,096 by 4,096 x 4,096) of the compute burst."""
+
+
+def bench_beside_compute(block_bytes: int, n_blocks: int, *, repeats: int = 5
+                         ) -> list[str]:
+    """Lines of the beside-compute measure (module docstring); CUDA only."""
+    layout = layout_for_block_bytes(block_bytes)
+    device = torch.device("cuda")
+    host, gpu = HostPool(layout, 2 * n_blocks), GPUPool(layout, 2 * n_blocks, device=device)
+    for pool in (host, gpu):
+        if not pool.alloc(2 * n_blocks).ok:
+            raise RuntimeError("a fresh pool refused to allocate all its slots")
+    _fill(host, 0)
+    _fill(gpu, 1)
+    rng = random.Random(0)
+    h_slots = rng.sample(range(2 * n_blocks), n_blocks)
+    g_slots = rng.sample(range(2 * n_blocks), n_blocks)
+    a = torch.randn((4096, 4096), device=device, dtype=torch.bfloat16)
+    b = torch.randn((4096, 4096), device=device, dtype=torch.bfloat16)
+
+    def compute() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(COMPUTE_MATMULS):
+            torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    def copy(src: SlotPool, s: list[int], dst: SlotPool, d: list[int], strategy: str,
+             beside: bool) -> tuple[float, float]:
+        torch.cuda.synchronize()
+        t = copy_slots(src, s, dst, d, strategy=strategy)  # type: ignore[arg-type]
+        busy = compute() if beside else 0.0
+        t.wait()
+        seconds = t.seconds
+        assert seconds is not None
+        return busy, seconds
+
+    for _ in range(3):
+        compute()
+    alone = statistics.median(compute() for _ in range(repeats))
+    lines = [f"{block_bytes:,}-byte blocks, {n_blocks} scattered; compute burst alone "
+             f"{alone * 1e3:.2f} ms ({COMPUTE_MATMULS} bf16 4096^3 matmuls)",
+             f"{'direction':<9} {'strategy':<8} {'compute ms':>10} {'x alone':>8} "
+             f"{'copy GB/s':>10} {'x alone':>8}"]
+    nbytes = n_blocks * block_bytes
+    for name, src, s, dst, d in (("h2d", host, h_slots, gpu, g_slots),
+                                 ("d2h", gpu, g_slots, host, h_slots)):
+        for strategy in ("runs", "index"):
+            copy(src, s, dst, d, strategy, False)  # warm-up
+            solo = statistics.median(copy(src, s, dst, d, strategy, False)[1]
+                                     for _ in range(repeats))
+            runs = [copy(src, s, dst, d, strategy, True) for _ in range(repeats)]
+            busy = statistics.median(r[0] for r in runs)
+            both = statistics.median(r[1] for r in runs)
+            lines.append(f"{name:<9} {strategy:<8} {busy * 1e3:>10.2f} {busy / alone:>8.2f} "
+                         f"{nbytes / both / 1e9:>10.1f} {solo / both:>8.2f}")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the pool bandwidth table for the model block sizes."""
+    """Print the pool bandwidth table for the model block sizes (and, with CUDA, the
+    beside-compute measure)."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.tiers_bench_pools",
         description="Host<->GPU bulk slot-copy bandwidth vs a raw pinned copy.")
@@ -193,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for layout in MODEL_LAYOUTS.values():
         rows += bench_pools(layout.block_bytes, args.blocks, repeats=args.repeats)
     print(format_table(rows))
+    if torch.cuda.is_available():
+        for layout in MODEL_LAYOUTS.values():
+            print()
+            print("\n".join(bench_beside_compute(layout.block_bytes, args.blocks)))
     return 0
 
 
