@@ -427,6 +427,33 @@ async def run_load(url: str, model: str, convs: list[Conversation], args: argpar
     return results, skipped, duration
 
 
+KEEP_UP_SLACK = 1.5
+"""An open-loop run whose answers took this many times the span of its arrivals fell
+behind them: its TTFT is mostly queueing."""
+
+
+def keep_up_note(args: argparse.Namespace, results: Sequence[Result], duration_s: float
+                 ) -> str | None:
+    """For an open-loop run (trace replay, Poisson) the server did not keep up with, a
+    note with the arrival rate it would have: ``--time-scale`` (mooncake) or
+    ``--request-rate`` (Poisson) scaled by how far behind it fell, with 10% room. None
+    when it kept up, for closed loops and for runs of fewer than two requests."""
+    mode = arrival_mode(args)
+    if mode == "closed" or len(results) < 2:
+        return None
+    starts = [r.start_s for r in results]
+    span = max(starts) - min(starts)
+    if span <= 0 or duration_s <= KEEP_UP_SLACK * span:
+        return None
+    behind = duration_s / span
+    head = (f"note: the server fell behind the arrivals ({len(results)} requests arrived "
+            f"over {span:.1f} s and took {duration_s:.1f} s): TTFT here is mostly queueing; ")
+    if mode == "trace":
+        return head + f"--time-scale {math.ceil(args.time_scale * behind * 1.1 * 10) / 10:g} " \
+                      "would let it keep up"
+    return head + f"--request-rate {args.request_rate / behind / 1.1:.3g} would let it keep up"
+
+
 def arrival_mode(args: argparse.Namespace) -> str:
     """``closed`` (``--max-parallel``), ``poisson`` (``--request-rate``) or ``trace``."""
     if args.request_rate is not None:
@@ -1012,6 +1039,9 @@ def _run(args: argparse.Namespace, names: list[str], out: Path,
         print(f"[{name}] {summary.requests} ok, {summary.errors} errors, {skipped} skipped "
               f"(context), {summary.duration_s:.1f} s"
               + (f"; first error: {summary.first_error}" if summary.first_error else ""))
+        behind = keep_up_note(args, res, dur)
+        if behind:
+            print(f"[{name}] {behind}")
     print()
     print(format_table(rows))
     rounds = format_rounds(rows)

@@ -79,3 +79,27 @@ def test_mooncake_tokens_share_exactly_the_shared_hash_ids() -> None:
     assert a.max() < 1000
     with pytest.raises(ValueError, match="hash ids"):
         tokens.prompt({"input_length": 2000, "hash_ids": [1]})
+
+
+def test_an_open_loop_run_that_fell_behind_says_what_rate_would_keep_up() -> None:
+    import argparse
+
+    import numpy as np
+
+    def results(starts: list[float]) -> list[serve_bench.Result]:
+        return [serve_bench.Result(0, i, s, np.zeros(1, np.int32), 1)
+                for i, s in enumerate(starts)]
+
+    trace = argparse.Namespace(workload="mooncake", request_rate=None, max_parallel=None,
+                               time_scale=1.0)
+    spread = results([0.0, 5.0, 10.0])
+    note = serve_bench.keep_up_note(trace, spread, 30.0)  # 3x the 10 s of arrivals
+    assert note is not None and "--time-scale 3.3 " in note
+    assert serve_bench.keep_up_note(trace, spread, 12.0) is None  # kept up
+    poisson = argparse.Namespace(workload="multiturn", request_rate=4.0, max_parallel=None,
+                                 time_scale=1.0)
+    note = serve_bench.keep_up_note(poisson, spread, 40.0)  # 4x behind
+    assert note is not None and "--request-rate 0.909 " in note
+    closed = argparse.Namespace(workload="multiturn", request_rate=None, max_parallel=4,
+                                time_scale=1.0)
+    assert serve_bench.keep_up_note(closed, spread, 40.0) is None
