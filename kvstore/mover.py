@@ -36,8 +36,9 @@
   GPU side stream into a bounded pinned queue (:data:`MoverConfig.publish_queue_bytes`)
   and written to the shared tiers by one background thread (``kvstore.writer``:
   write-back of host victims first, then publications; publications may fill only half
-  the queue when there is a host tier); a full queue drops (counted), never blocks. What each tier verifiably stored comes back through
-  :meth:`BlockMover.published`, for the store's thread to record in its index.
+  the queue when there is a host tier); a full queue drops (counted), never blocks.
+  What each tier verifiably stored comes back through :meth:`BlockMover.published`,
+  for the store's thread to record in its index.
 
 Thread contract: every public method runs on the store's thread; workers touch only
 the shared tiers (thread-safe), staging buffers they own and GPU slots reserved for
