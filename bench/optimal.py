@@ -22,6 +22,12 @@ Why this is the optimum (docs/eviction.md has the long form):
   hit). Hence no policy of a cache of ``capacity`` blocks, leaf-first or not, hits more
   prompt blocks than this replay (a policy that keeps a child without its parent only
   loses hits, because a hit stops at the first missing block).
+- One exception: a block that comes back past a later request's hittable prefix (in
+  the part it computes anyway) is re-inserted there at no cost. Evicting such a parent
+  before that request and keeping its child can then hit more than leaf-first MIN
+  (``tests/test_optimal.py`` has a four-request example); the replay is then a lower
+  bound of the optimum. No workload of the benches does this: a block's later
+  references are prompt blocks (multi-turn, ShareGPT, Mooncake, shared prefixes).
 
 A tiered store is bounded the same way, tier by tier: its top ``k`` tiers together
 form a demand cache of their summed capacity (blocks enter them only when a request

@@ -8,7 +8,7 @@ from functools import cache
 from itertools import combinations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from bench import workloads as wl
@@ -114,13 +114,38 @@ REQUESTS = st.lists(
     min_size=1, max_size=7)
 
 
+def recomputed_for_free(refs: ReferenceString) -> bool:
+    """Whether some block seen before comes back past a request's hittable prefix
+    (recomputed there, so re-inserted at no cost): MIN's exactness needs that not to
+    happen (bench/optimal.py)."""
+    seen: set[int] = set()
+    for ids, elig in zip(refs.ids, refs.eligible):
+        if any(b in seen for b in ids[elig:]):
+            return True
+        seen.update(ids)
+    return False
+
+
 @settings(max_examples=150, deadline=None)
 @given(REQUESTS, st.integers(0, 3))
 def test_belady_equals_the_exhaustive_optimum(requests, extra):
     w = workload(*[(toks, min(p, len(toks))) for toks, p in requests])
     refs = ReferenceString.of(w)
     cap = refs.largest_request + extra
-    assert belady(refs, cap).hit_blocks == exhaustive_optimum(w, cap)
+    got, best = belady(refs, cap).hit_blocks, exhaustive_optimum(w, cap)
+    assert got <= best  # MIN is a policy: never above the optimum
+    if not recomputed_for_free(refs):
+        assert got == best
+
+
+def test_a_block_recomputed_for_free_can_beat_leaf_first_min():
+    # Request 2 recomputes block A outside its (empty) prompt: evicting A, the parent,
+    # at request 1 and keeping its child B lets request 3 hit both; MIN evicts the leaf
+    # B (A and B tie on their next hittable use) and hits one. The documented exception.
+    w = workload(([1, 1], 0), ([0, 0], 0), ([1], 0), ([1, 1], 2))
+    refs = ReferenceString.of(w)
+    assert recomputed_for_free(refs)
+    assert belady(refs, 3).hit_blocks == 1 and exhaustive_optimum(w, 3) == 2
 
 
 def store_hits(w: wl.Workload, cfg: StoreConfig) -> dict[str, int]:
@@ -140,6 +165,7 @@ def store_hits(w: wl.Workload, cfg: StoreConfig) -> dict[str, int]:
 def test_no_eviction_order_beats_the_optimum(requests, gpu_extra, host, disk):
     w = workload(*[(toks, min(p, len(toks))) for toks, p in requests])
     refs = ReferenceString.of(w)
+    assume(not recomputed_for_free(refs))  # the bound's one exception (bench/optimal.py)
     gpu = refs.largest_request + gpu_extra
     split = optimal_split(refs, {"gpu": gpu, "host": host, "disk": disk})
     g = split.hit_blocks["gpu"]
