@@ -20,8 +20,10 @@ Lifecycle of one sequence (docs/lifecycle.md walks it with the engine):
 Tiers are one ordered list of levels (``kvstore.cascade``): GPU, host (a pool of no
 slots when absent), then the configured shared tiers (disk, redis, remote). Policies:
 write-back (default) demotes evicted blocks one level down, GPU -> host -> disk ->
-redis -> remote; write-through also copies each committed block to host and the shared
-tiers when it is committed. Sharing by default (``StoreConfig.publish``): committed
+redis -> remote (a block promoted from the host keeps its host copy as a duplicate the
+host frees first when it needs room: evicting it from the GPU again copies nothing);
+write-through also copies each committed block to host and the shared tiers when it is
+committed. Sharing by default (``StoreConfig.publish``): committed
 blocks are also published to every shared tier at once, so other engines hit them; a
 block is recorded in a shared tier only once the tier verifiably holds it. ``pin``
 gives a prefix (a system prompt) eviction priority.
@@ -181,7 +183,9 @@ class StoreStats:
     GPU slots per source tier and the measured seconds those loads took (their ratio is
     the achieved load bandwidth). ``publish_dropped``: blocks not written to the shared
     tiers because the write queue was full (publications, and host write-back
-    demotions, which then leave the cache).
+    demotions, which then leave the cache). ``host_reclaimed``: host copies of blocks
+    also on the GPU (write-back keeps a promoted block's host copy) that the host freed
+    for room; each one spared a GPU -> host copy while it lived.
     """
 
     hit_tokens: dict[str, int]
@@ -198,6 +202,7 @@ class StoreStats:
     bytes_loaded: dict[str, int]
     load_seconds: dict[str, float]
     publish_dropped: int
+    host_reclaimed: int
     gpu_free: int
     gpu_total: int
     host_free: int
@@ -231,12 +236,18 @@ class KVStore:
         # Write-back moves blocks between tiers (the index records one tier per block);
         # write-through keeps the lower copies it made at commit.
         self._exclusive = config.policy == "write-back"
+        # Write-back keeps the host copy of a block promoted to the GPU while the host has
+        # room (the bytes are immutable): when the GPU lets the block go again it only
+        # drops its copy, with no GPU -> host copy. The host reclaims these duplicates
+        # first, oldest first, before it demotes or evicts a block it alone holds.
+        self._retained: dict[Node, None] = {}  # insertion order = reclaim order
         self._refs: dict[int, int] = {}  # private GPU slot -> leases referencing it
         self._hit_tokens: Counter[str] = Counter()
         self._miss_tokens = 0
         self._lookups = 0
         self._evictions: Counter[str] = Counter()
         self._demotions: Counter[str] = Counter()
+        self._reclaimed = 0  # host duplicates of GPU blocks freed for room
         self._loaded: Counter[str] = Counter()
         self._declined: Counter[str] = Counter()
         self._bytes_loaded: Counter[str] = Counter()
@@ -430,10 +441,15 @@ class KVStore:
                 # Write-back moves a block up (one copy, more distinct blocks cached);
                 # a shared tier's bytes stay where they are, findable past the index.
                 # Another lease promoting the same block may have moved it up first.
+                # A host copy stays as a duplicate the host reclaims first.
                 src = m.sources[i]
-                loc = self.tree.clear_location(node, self._t[src])
-                if loc is not None:
-                    self._level[src].room.give([loc])
+                if src == "host":
+                    if node.locs[self._t["host"]] is not None:
+                        self._retain(node)
+                else:
+                    loc = self.tree.clear_location(node, self._t[src])
+                    if loc is not None:
+                        self._level[src].room.give([loc])
         last = m.nodes[tree_n - 1] if tree_n else None
         if hit > tree_n:
             chain = m.chain
@@ -711,6 +727,10 @@ class KVStore:
         level = self._levels[pos]
         if level.room.capacity == 0:
             return
+        if level.name == "host" and self._retained:
+            need -= self._reclaim_retained(need)
+            if need <= 0:
+                return
         below = self._levels[pos + 1] if pos + 1 < len(self._levels) else None
         if below is not None and below.room.capacity > 0:
             while need > 0 and self.tree.num_evictable(level.index):
@@ -732,6 +752,37 @@ class KVStore:
             ev = self.tree.evict(level.index, need)
             level.room.give([e.location for e in ev])
             self._evictions[level.name] += len(ev)
+
+    def _retain(self, node: Node) -> None:
+        """Record ``node``'s host copy as a duplicate (newest last). Entries whose block
+        left either tier are dropped when they outnumber the host's slots twice over
+        (live duplicates never do), so the list stays bounded (amortized O(1))."""
+        self._retained.pop(node, None)
+        self._retained[node] = None
+        if len(self._retained) > 2 * self.host.num_slots + 64:
+            gpu_t, host_t = self._t["gpu"], self._t["host"]
+            self._retained = {n: None for n in self._retained
+                              if n.attached and n.locs[gpu_t] is not None
+                              and n.locs[host_t] is not None}
+
+    def _reclaim_retained(self, need: int) -> int:
+        """Free up to ``need`` host locations held by duplicates of GPU blocks (write-back
+        keeps a promoted block's host copy), oldest first; returns how many were freed.
+        Entries whose block is no longer on both tiers just leave the list. A duplicate
+        of a locked block may go: the lease reads the GPU copy. (A load still reading the
+        freed host slot runs before any later copy into it: one side stream, in order.)"""
+        gpu_t, host_t = self._t["gpu"], self._t["host"]
+        host = self._level["host"]
+        freed: list[Any] = []
+        while len(freed) < need and self._retained:
+            node = next(iter(self._retained))
+            del self._retained[node]
+            if node.attached and node.locs[gpu_t] is not None \
+                    and node.locs[host_t] is not None:
+                freed.append(self.tree.clear_location(node, host_t))
+        host.room.give(freed)
+        self._reclaimed += len(freed)
+        return len(freed)
 
     def drop(self, tier: str, count: int | None = None) -> int:
         """Evict up to ``count`` (default: all) unlocked blocks of ``tier`` now, demoting
@@ -788,6 +839,7 @@ class KVStore:
             corrupt_blocks=corrupt, tier_errors=errors, blocks_loaded=dict(self._loaded),
             blocks_declined=dict(self._declined), bytes_loaded=dict(self._bytes_loaded),
             load_seconds=dict(self._load_seconds), publish_dropped=self.mover.publish_dropped,
+            host_reclaimed=self._reclaimed,
             gpu_free=self.gpu.num_free, gpu_total=self.gpu.num_slots,
             host_free=self.host.num_free, host_total=self.host.num_slots,
             index=self.tree.stats())

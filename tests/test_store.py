@@ -133,12 +133,33 @@ def test_write_back_moves_blocks_between_gpu_and_host():
     store = make_store(gpu_blocks=4, host_blocks=8)
     a, b = tokens(1, 4 * BS), tokens(2, 4 * BS)
     serve(store, a)
-    serve(store, b)
-    assert serve(store, a) == {"host": 4 * BS}
-    # a moved up, b moved down: each block has one copy.
-    assert store.stats().index.blocks == {"gpu": 4, "host": 4}
+    serve(store, b)  # a -> host: four copies
+    assert serve(store, a) == {"host": 4 * BS}  # b -> host; a's host copy stays
+    s = store.stats()
+    assert s.index.blocks == {"gpu": 4, "host": 8} and s.demotions == {"gpu": 8}
     assert serve(store, b) == {"host": 4 * BS}
-    assert store.stats().host_free == 4
+    s = store.stats()  # a left the GPU without a copy: the host held it already
+    assert s.demotions == {"gpu": 8} and s.evictions["gpu"] == 12
+    assert s.blocks_moved["gpu->host"] == 8 and s.host_free == 0
+
+
+def test_host_reclaims_duplicates_of_gpu_blocks_before_its_own_blocks():
+    store = make_store(gpu_blocks=8, host_blocks=8)
+    a, b, c, d = (tokens(i, 4 * BS) for i in (1, 2, 3, 4))
+    serve(store, a)
+    serve(store, b)
+    serve(store, c)  # a -> host
+    assert serve(store, a) == {"host": 4 * BS}  # b -> host; a's host copy stays
+    assert store.stats().index.blocks == {"gpu": 8, "host": 8}
+    # c goes down and the full host needs four slots: it frees a's duplicates (a is on
+    # the GPU), not b, which it alone holds.
+    serve(store, d)
+    s = store.stats()
+    assert s.host_reclaimed == 4 and "host" not in s.evictions
+    assert s.index.blocks == {"gpu": 8, "host": 8}
+    assert serve(store, b) == {"host": 4 * BS}  # run_request checks the bytes
+    store.check_integrity()
+    store.close()
 
 
 def test_write_through_keeps_the_host_copy_on_promotion():
@@ -197,7 +218,8 @@ def test_two_leases_promote_the_same_host_blocks_at_once(device):
     for lease in leases:
         store.release(lease)
     s = store.stats()
-    assert s.index.blocks == {"gpu": 4, "host": 0} and s.host_free == 16
+    # one GPU copy; the host keeps its copies as duplicates it reclaims first
+    assert s.index.blocks == {"gpu": 4, "host": 4} and s.host_free == 12
     store.check_integrity()
 
 
