@@ -434,3 +434,17 @@ def test_prefill_cost_counts_attention() -> None:
     # token p costs 1 + p / knee: 3 tokens with a knee of 2 cost 1 + 1.5 + 2
     assert prefill_cost(3, knee=2) == 4.5
     assert prefill_cost(0) == 0 and prefill_cost(1) == 1
+
+
+def test_writeback_bench_counts_the_copies_host_duplicates_spare() -> None:
+    """A multi-turn replay whose host has room: every round reloads its history from
+    the host, and a block sent back to the GPU's eviction needs no second copy; with a
+    host too small for the duplicates they are reclaimed and the hits stay."""
+    from bench.writeback_bench import replay
+
+    roomy = replay(6, 4, 64, 8, gpu_blocks=40, host_blocks=100, disk_blocks=0)
+    rate, by_tier, evictions, demotions, reclaimed = roomy
+    assert by_tier.get("host", 0) > 0 and reclaimed == 0
+    assert demotions["gpu"] < evictions["gpu"] / 2  # about half the blocks copied once
+    tight = replay(6, 4, 64, 8, gpu_blocks=40, host_blocks=60, disk_blocks=0)
+    assert tight[4] > 0 and tight[0] > 0.5
