@@ -221,7 +221,8 @@ POLICIES = ("round-robin", "prefix", "least-load")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """``kvstore bench serve``'s router mode: ``--replicas``, ``--policies``, ``--devices``."""
+    """``kvstore bench serve``'s router mode: ``--replicas``, ``--policies``, ``--devices``,
+    ``--router-arg``."""
     g = p.add_argument_group("router (--replicas: the runs are routing policies)")
     g.add_argument("--replicas", type=int, default=0, metavar="N",
                    help="start N replicas of the first --configs configuration, one Redis and "
@@ -233,6 +234,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--devices", default=None, metavar="D0,D1",
                    help="devices given to the replicas in turn, e.g. cuda:0,cuda:1 (default: "
                         "--device for all: cap each pool with --gpu-kv-bytes to share one GPU)")
+    g.add_argument("--router-arg", action="append", default=None, metavar="ARG",
+                   help="extra argument for every kvstore router (repeatable; use "
+                        "--router-arg=--flag, e.g. --router-arg=--load-weight=16; "
+                        "default: none)")
 
 
 def policy_runs(p: argparse.ArgumentParser, args: argparse.Namespace, configs: list[str]
@@ -298,7 +303,8 @@ def fleet(policy: str, args: argparse.Namespace, flags: Sequence[str], out: Path
                 urls.append(server.wait_url(args.startup_timeout))
         urls += [s.wait_url(args.startup_timeout) for s in running.children[1:]]
         router = _RouterChild(["router", "--port", "0", "--policy", policy, "--kv-events",
-                               running.redis.url, *(x for u in urls for x in ("--replica", u))],
+                               running.redis.url, *(x for u in urls for x in ("--replica", u)),
+                               *(args.router_arg or [])],
                               out / f"router-{policy}.log")
         running.children.append(router)
         url = router.wait(120).url
