@@ -31,7 +31,9 @@ class Writer:
 
     Thread-safe. ``shutdown`` runs the jobs already queued, then stops the thread; a job
     submitted after it raises ``RuntimeError``. A job's exception is set on its future
-    (jobs report their own failures; the thread goes on).
+    (jobs report their own failures; the thread goes on). The thread is a daemon: a
+    process that exits without ``shutdown`` (``KVStore.close``) loses the writes still
+    queued, as a crash would; none of them was acknowledged.
     """
 
     def __init__(self, name: str = "kv-publish") -> None:
