@@ -73,9 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="tokens of each new user turn (default: %(default)s)")
     p.add_argument("--output-tokens", type=int, default=64,
                    help="tokens of each reply (default: %(default)s)")
-    p.add_argument("--gpu-blocks", type=int, default=6656, help="(default: %(default)s)")
-    p.add_argument("--host-blocks", type=int, default=20480, help="(default: %(default)s)")
-    p.add_argument("--disk-blocks", type=int, default=16384, help="(default: %(default)s)")
+    p.add_argument("--gpu-blocks", type=int, default=6656,
+                   help="GPU pool, blocks of 16 tokens (default: %(default)s: 13 GiB of "
+                        "Llama-3-8B KV)")
+    p.add_argument("--host-blocks", type=int, default=20480,
+                   help="host tier, blocks (default: %(default)s: 40 GiB of Llama-3-8B KV)")
+    p.add_argument("--disk-blocks", type=int, default=16384,
+                   help="disk tier, blocks (default: %(default)s: 32 GiB of Llama-3-8B KV)")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     for name in ("clients", "rounds", "new_tokens", "output_tokens", "gpu_blocks"):
         if getattr(args, name) <= 0:
