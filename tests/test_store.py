@@ -17,6 +17,8 @@ from pathlib import Path
 import lmdb
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvstore.config import StoreConfig
 from kvstore.store import Allocated, KVStore, Lease, OutOfBlocks
@@ -160,6 +162,41 @@ def test_host_reclaims_duplicates_of_gpu_blocks_before_its_own_blocks():
     assert serve(store, b) == {"host": 4 * BS}  # run_request checks the bytes
     store.check_integrity()
     store.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 5), st.booleans(),
+                          st.sampled_from(["serve", "hold", "drop-gpu", "drop-host"])),
+                min_size=1, max_size=24))
+def test_random_requests_through_gpu_and_host_keep_bytes_and_accounting(ops):
+    """Prefixes shared at random through a small GPU pool and host tier (write-back, so
+    promoted blocks keep host duplicates the host reclaims): every hit carries exactly
+    its block's KV (``run_request`` checks), the index and pools agree after every step,
+    and a held lease's blocks stay put."""
+    store = make_store(gpu_blocks=8, host_blocks=6)
+    held: list[Lease] = []
+    try:
+        for prefix, blocks, hold, op in ops:
+            if op == "drop-gpu":
+                store.drop("gpu")
+            elif op == "drop-host":
+                store.drop("host")
+            else:
+                toks = tokens(500 + prefix, 5 * BS)[:blocks * BS] + tokens(600 + len(held), 2)
+                locked = sum(len(lease.slots) for lease in held)
+                if locked + blocks + 1 > 8:  # a request must fit beside the held ones
+                    continue
+                lease = run_request(store, toks)
+                if op == "hold" and hold and len(held) < 2:
+                    held.append(lease)
+                else:
+                    store.release(lease)
+            store.check_integrity()
+        for lease in held:
+            store.release(lease)
+        store.check_integrity()
+    finally:
+        store.close()
 
 
 def test_write_through_keeps_the_host_copy_on_promotion():
