@@ -439,7 +439,7 @@ def test_stalled_server_answers_misses_without_waiting(redis_server: RedisServer
 
 
 def test_large_gets_wait_for_the_values_queued_ahead_of_them(redis_server: RedisServer):
-    # Eight 4 MiB blocks; a 50 ms timeout a wait; the server stalls ~0.25 s while the
+    # Eight 4 MiB blocks; a 50 ms timeout a wait; the server stalls ~0.2 s while the
     # batch waits. A wait that allows only timeout_s gives up (misses); one that allows
     # for the bytes requested from the node (32 MiB at SLOW_SERVER_BYTES_PER_S: 0.34 s
     # more, plus the bytes other threads asked for first) rides it out. An idle tier's
@@ -452,10 +452,12 @@ def test_large_gets_wait_for_the_values_queued_ahead_of_them(redis_server: Redis
     with RedisTier(redis_server.url, **STEADY) as writer:
         writer.put(items)
     tier = RedisTier(redis_server.url, timeout_s=0.05, **FAST_BREAKER)
-    assert wait_until(lambda: tier.get(keys) == [v for _, v in items])  # learns the size
+    # learns the value size from one value (eight at a 50 ms timeout can miss on a
+    # loaded machine: no size learned yet, no allowance)
+    assert wait_until(lambda: tier.get(keys[:1]) == [items[0][1]])
     value_bytes = len(items[0][1])
     allowance = 0.05 + 8 * value_bytes / SLOW_SERVER_BYTES_PER_S
-    stall_s = min(0.25, allowance - 0.04)
+    stall_s = min(0.2, allowance / 2)  # half the allowance: room for a loaded machine
     assert stall_s > 0.1  # the stall outlasts timeout_s by far
     sleeper = start_stall(redis_server, stall_s, probe_timeout_s=0.02, step_s=0.001)
     got = tier.get(keys)
