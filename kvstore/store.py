@@ -233,8 +233,8 @@ class KVStore:
                               observer=events.observer(index_names))
         self._index_names = index_names
         self._t = {name: i for i, name in enumerate(index_names)}
-        # Write-back moves blocks between tiers (the index records one tier per block);
-        # write-through keeps the lower copies it made at commit.
+        # Write-back moves blocks between tiers (one copy per block, but for the host
+        # duplicates below); write-through keeps the lower copies it made at commit.
         self._exclusive = config.policy == "write-back"
         # Write-back keeps the host copy of a block promoted to the GPU while the host has
         # room (the bytes are immutable): when the GPU lets the block go again it only
@@ -438,10 +438,9 @@ class KVStore:
                 self._drop_private(slots[i])
                 slots[i] = existing
             if self._exclusive:
-                # Write-back moves a block up (one copy, more distinct blocks cached);
-                # a shared tier's bytes stay where they are, findable past the index.
-                # Another lease promoting the same block may have moved it up first.
-                # A host copy stays as a duplicate the host reclaims first.
+                # Write-back moves a block up: a shared tier's copy leaves the index (its
+                # bytes stay, findable past it); a host copy stays as a duplicate the
+                # host reclaims first. Another lease may have moved it up first.
                 src = m.sources[i]
                 if src == "host":
                     if node.locs[self._t["host"]] is not None:
@@ -760,10 +759,12 @@ class KVStore:
         self._retained.pop(node, None)
         self._retained[node] = None
         if len(self._retained) > 2 * self.host.num_slots + 64:
-            gpu_t, host_t = self._t["gpu"], self._t["host"]
-            self._retained = {n: None for n in self._retained
-                              if n.attached and n.locs[gpu_t] is not None
-                              and n.locs[host_t] is not None}
+            self._retained = {n: None for n in self._retained if self._duplicated(n)}
+
+    def _duplicated(self, node: Node) -> bool:
+        """Whether ``node`` is in the index with both a GPU and a host copy."""
+        return (node.attached and node.locs[self._t["gpu"]] is not None
+                and node.locs[self._t["host"]] is not None)
 
     def _reclaim_retained(self, need: int) -> int:
         """Free up to ``need`` host locations held by duplicates of GPU blocks (write-back
@@ -771,15 +772,13 @@ class KVStore:
         Entries whose block is no longer on both tiers just leave the list. A duplicate
         of a locked block may go: the lease reads the GPU copy. (A load still reading the
         freed host slot runs before any later copy into it: one side stream, in order.)"""
-        gpu_t, host_t = self._t["gpu"], self._t["host"]
         host = self._level["host"]
         freed: list[Any] = []
         while len(freed) < need and self._retained:
             node = next(iter(self._retained))
             del self._retained[node]
-            if node.attached and node.locs[gpu_t] is not None \
-                    and node.locs[host_t] is not None:
-                freed.append(self.tree.clear_location(node, host_t))
+            if self._duplicated(node):
+                freed.append(self.tree.clear_location(node, host.index))
         host.room.give(freed)
         self._reclaimed += len(freed)
         return len(freed)
