@@ -527,6 +527,26 @@ def test_auto_strategy_choice(kind: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_auto_copies_megabyte_blocks_by_dma_and_smaller_ones_by_the_kernel() -> None:
+    """Scattered host <-> GPU copies: blocks of AUTO_MIN_RUN_BYTES or more go one DMA a
+    run (the block-copy kernel would occupy SMs that compute needs), smaller ones by
+    the kernel; the bytes arrive either way."""
+    for layout, expected in ((KVLayout(num_layers=32, num_kv_heads=8, head_dim=128), "runs"),
+                             (KVLayout(num_layers=4, num_kv_heads=2, head_dim=64), "index")):
+        assert (layout.block_bytes >= pool_mod.AUTO_MIN_RUN_BYTES) == (expected == "runs")
+        host, gpu = HostPool(layout, 8), GPUPool(layout, 8)
+        alloc_all(host)
+        alloc_all(gpu)
+        fill_random(host, 3)
+        for src, s, dst, d in ((host, [0, 5, 2], gpu, [7, 1, 4]), (gpu, [7, 1], host, [3, 6])):
+            transfer = copy_slots(src, s, dst, d)
+            transfer.wait()
+            assert transfer.strategy == expected
+            assert torch.equal(pool_bytes(dst)[d].cpu(), pool_bytes(src)[s].cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_wait_on_stream_orders_compute_after_the_copy() -> None:
     big = KVLayout(num_layers=8, num_kv_heads=8, head_dim=128, block_size=16)
     host, gpu = HostPool(big, 64), GPUPool(big, 64)

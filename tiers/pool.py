@@ -72,13 +72,16 @@ Strategy = Literal["auto", "runs", "index", "staged"]
 
 STRATEGIES: tuple[str, ...] = ("auto", "runs", "index", "staged")
 
-AUTO_MIN_RUN_BYTES = 8 << 20
+AUTO_MIN_RUN_BYTES = 1 << 20
 """Average bytes per run from which ``"auto"`` issues one DMA per run between host and
-device rather than the zero-copy block-copy kernel. Measured on an H200 with 64-256
-scattered slots, device time against one raw pinned copy of the same bytes: the Triton
-kernel 0.87-0.95 for 360 KiB and 2 MiB blocks, one DMA per run 0.36-0.47 and 0.82-0.83
-(issuing a copy costs microseconds of CPU). DMA wins only for runs long enough to hide
-that cost; it then leaves the SMs to compute, while the kernel occupies them."""
+device rather than the zero-copy block-copy kernel. The kernel moves scattered blocks at
+the link's rate (45-50 GB/s on an H200) but occupies SMs while it waits on PCIe; DMA
+leaves them to compute. Measured on an H200 (``python -m bench.tiers_bench_pools
+--blocks 256``: 256 scattered blocks copied on a side stream during a burst of bf16
+matmuls): 2 MiB blocks, DMA 42 GB/s with the matmuls 1.02x slower, the kernel 50 GB/s
+with them 2.41x slower; 360 KiB blocks, DMA 21.5 GB/s (1.00x), the kernel 45.6 GB/s
+(1.19x). A serving engine copies beside its compute, so runs of a MiB or more go by
+DMA; smaller ones by the kernel, whose GB/s then doubles DMA's for a slight slowdown."""
 
 INDEX_CHUNK_BYTES = 64 << 20
 """Most bytes one gather/scatter step moves: bounds the temporary buffer (bytes)."""
@@ -122,21 +125,43 @@ def _unregister_host(buffer: torch.Tensor) -> None:
         torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
 
 
+_HUGE_PAGE_BYTES = 2 << 20
+_MADV_HUGEPAGE = 14
+"""``madvise`` advice (Linux) asking for transparent huge pages on a range."""
+
+
+def _prefault(buffer: torch.Tensor) -> None:
+    """Back ``buffer`` with memory before it is page-locked: ask Linux for transparent
+    huge pages (512x fewer faults, and pages, to pin), then touch every byte with
+    torch's intra-op threads. ``cudaHostRegister`` of untouched memory faults it in one
+    4 KiB page at a time on one thread: 64 GiB took 88 s on an H200 host. The buffer
+    must be 2 MiB-aligned for the advice to take (it is ignored elsewhere)."""
+    with contextlib.suppress(Exception):  # no libc madvise: small pages, still touched
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        length = buffer.numel() // _HUGE_PAGE_BYTES * _HUGE_PAGE_BYTES
+        if length:
+            libc.madvise(buffer.data_ptr(), length, _MADV_HUGEPAGE)
+    buffer.fill_(0)
+
+
 def _alloc_pinned(nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``nbytes`` of page-locked host memory as a uint8 tensor.
 
-    Registers an exact-size, page-aligned allocation with ``cudaHostRegister`` (the
-    caching pinned allocator would round a pool of tens of GiB up to a power of two).
-    Falls back to the caching pinned allocator if registration fails. Returns the tensor
-    and, when registered, the buffer to unregister when the pool dies.
+    Registers an exact-size, 2 MiB-aligned allocation with ``cudaHostRegister`` (the
+    caching pinned allocator would round a pool of tens of GiB up to a power of two),
+    after faulting it in on huge pages (:func:`_prefault`). Falls back to the caching
+    pinned allocator if registration fails. Returns the tensor and, when registered, the
+    buffer to unregister when the pool dies.
     """
     reg_bytes = _round_up(nbytes, _PAGE_BYTES)
-    owner = torch.empty(reg_bytes + _PAGE_BYTES, dtype=torch.uint8)
-    offset = (-owner.data_ptr()) % _PAGE_BYTES
+    owner = torch.empty(reg_bytes + _HUGE_PAGE_BYTES, dtype=torch.uint8)
+    offset = (-owner.data_ptr()) % _HUGE_PAGE_BYTES
     # A tensor whose storage starts at the aligned address, so is_pinned() (which asks
     # about the storage base) sees the registered range; it keeps `owner` alive.
     buffer = torch.frombuffer(owner.numpy().data[offset:offset + reg_bytes],
                               dtype=torch.uint8)
+    _prefault(buffer)
     try:
         rc = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), reg_bytes, 0)
         ok = int(rc) == 0
