@@ -14,24 +14,31 @@
   over :data:`MoverConfig.load_workers` threads. Each worker takes a batch of about
   ``load_batch_bytes``: ``get`` (the tier verifies every checksum, per the
   ``tiers.base`` contract), header check against the request (key, parent, tokens,
-  layout; no second checksum), payload copy into the worker's pinned staging lane
-  (numpy copy: releases the GIL), then one batched host -> GPU copy into the
-  destination slots (``get_into``: LMDB lends views into its storage, so the payload
-  is copied once). Workers overlap: one reads its batch from the tier while another's
-  copy runs on the GPU. The first block that is missing or corrupt ends the hit:
-  blocks after it are not used (the engine recomputes them); batches wholly after a
-  known failure are skipped.
+  layout; no second checksum; our own headers by two byte comparisons,
+  ``tiers.codec.ExpectedBlocks``, any other through the full decode), payload copy
+  into the worker's pinned staging lane (numpy copy: releases the GIL), then one
+  batched host -> GPU copy into the destination slots (``get_into``: LMDB lends views
+  into its storage, so the payload is copied once). Workers overlap: one reads its
+  batch from the tier while another's copy runs on the GPU. The first block that is
+  missing or corrupt ends the hit: blocks after it are not used (the engine recomputes
+  them); batches wholly after a known failure are skipped. Only calls that release
+  the GIL run in parallel, and with eight workers every release is a hand-over that
+  waits to take the GIL back: per block the path releases it for the tier's two
+  lookups, its checksum and one payload copy, and per batch for a constant number of
+  device calls.
 - KV format (:data:`MoverConfig.kv_format`): with ``int8``/``fp8`` the shared tiers
   hold compressed blocks (``tiers.quant``). A block is quantized on its way down:
   publication and write-through quantize the GPU slots on the device (the Triton kernel
   on CUDA, on the side stream) and copy the half-size payloads into the pinned
   publication queue; demotion from the host pool quantizes the host copy with the torch
   reference. It is dequantized on its way up: a load worker stages the
-  compressed payloads of its batch in its pinned lane (all codes, then all scales),
-  copies those half-size bytes to the device in one host -> device copy and
-  dequantizes them straight into the destination GPU slots (``quant.dequantize_into``:
-  the Triton kernel on CUDA, the torch reference on CPU). The GPU and host pools always
-  hold exact KV; shared -> shared copies move blobs unchanged.
+  compressed payloads of its batch in its pinned lane (destination slots, scales and
+  codes each at a fixed place, :class:`_CompressedStaging`), copies the good run's
+  span (half-size bytes and the slot index) to the device in one host -> device copy
+  and dequantizes it straight into the destination GPU slots in one call
+  (``quant.dequantize_into``: one Triton launch on CUDA; on the CPU two torch passes
+  over each run of consecutive slots). The GPU and host pools always hold exact KV;
+  shared -> shared copies move blobs unchanged.
 - Publication (:meth:`BlockMover.publish`): committed blocks are snapshotted on the
   GPU side stream into a bounded pinned queue (:data:`MoverConfig.publish_queue_bytes`)
   and written to the shared tiers by one background thread (``kvstore.writer``:
@@ -57,7 +64,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -67,7 +74,7 @@ from kvstore.writer import PUBLICATION, WRITE_BACK, Writer
 from radix import Moved, Node
 from tiers import quant
 from tiers.base import HashTier
-from tiers.codec import Corrupt, decode_block, encode_block, payload_bytes
+from tiers.codec import Corrupt, ExpectedBlocks, decode_block, encode_block, payload_bytes
 from tiers.layout import KVLayout
 from tiers.pool import GPUPool, HostPool, SlotPool, Transfer, copy_slots, side_stream
 
@@ -219,31 +226,66 @@ def load_batch_blocks(n: int, lane: int, workers: int) -> int:
     return max(1, -(-n // batches))
 
 
+_LANE_ALIGN = 256
+"""Bytes each region of a compressed staging lane starts on (a multiple of any dtype's
+size and of the 16 bytes a vectorized device load wants)."""
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class _StagedBatch(NamedTuple):
+    """Views of a lane's first ``n`` staged blocks (made once per lane and ``n``):
+    ``host``, the span to copy (slots, scales, codes); ``device``, where it is copied
+    (``None`` without a mirror); ``blocks`` and ``slots``, the blocks and their
+    destination slots (int64), on the mirror if any, else on the host."""
+
+    host: torch.Tensor
+    device: torch.Tensor | None
+    blocks: quant.QuantizedBlocks
+    slots: torch.Tensor
+
+
 class _CompressedStaging:
-    """Staging lanes of compressed blocks: per lane, pinned (with CUDA) bytes for
-    ``lane_blocks`` compressed payloads packed as all codes then all scales
-    (:func:`tiers.quant.packed_view`), a scratch row of scales per block (packed after
-    the codes once the batch's good run is known) and, on CUDA, the device bytes the
-    lane is copied to."""
+    """Staging lanes of compressed blocks, pinned (with CUDA), and their mirror on the
+    device.
+
+    A lane is one row of bytes with three regions at fixed places: the destination slots
+    of its blocks (int64), then ``lane_blocks`` blocks' scales, then their codes. Block
+    ``i``'s scales and codes land at their places whatever the batch's good run turns
+    out to be, so nothing is repacked, and the first ``n`` blocks (slots, every scale
+    row, ``n`` blocks' codes) are one contiguous span: one host -> device copy moves a
+    batch, slot index included.
+
+    Per block, :meth:`put` makes one copy that releases the GIL (the codes, numpy) and
+    one small one that keeps it (the scales, a ``memoryview`` copy of a few KiB).
+    Per batch, :meth:`batch` hands out views made once per lane and run length. Both
+    for the same reason: a torch or numpy call that releases the GIL hands it to another
+    loader and waits to get it back, which with eight loaders costs more than a small
+    copy or a view (torch's bindings release it around every op, views included).
+    """
 
     def __init__(self, layout: KVLayout, kv_format: str, lanes: int, lane_blocks: int,
-                 device: torch.device) -> None:
+                 device: torch.device, mirror: bool | None = None) -> None:
         layers, two, bs, heads, dim = layout.block_shape
+        self.layout = layout
+        self.kv_format = kv_format
+        self.lane_blocks = lane_blocks
         self.code_bytes = layers * two * bs * heads * dim
         self.block_bytes = payload_bytes(layout, kv_format)
         self.scale_bytes = self.block_bytes - self.code_bytes
-        pin = device.type == "cuda"
-        self.host = torch.empty((lanes, lane_blocks * self.block_bytes), dtype=torch.uint8,
-                                pin_memory=pin)
-        self.host_np = self.host.numpy()
-        self.scales = np.empty((lanes, lane_blocks, self.scale_bytes), dtype=np.uint8)
-        self.device = (torch.empty((lanes, lane_blocks * self.block_bytes), dtype=torch.uint8,
-                                   device=device) if pin else None)
-        # Destination slots of each lane's blocks, staged like the bytes (a pageable
-        # copy or a read-back would synchronize the side stream every worker shares).
-        self.index_host = torch.empty((lanes, lane_blocks), dtype=torch.int64, pin_memory=pin)
-        self.index_device = (torch.empty((lanes, lane_blocks), dtype=torch.int64,
-                                         device=device) if pin else None)
+        self.scales_at = _round_up(8 * lane_blocks, _LANE_ALIGN)
+        self.codes_at = self.scales_at + _round_up(lane_blocks * self.scale_bytes, _LANE_ALIGN)
+        self.lane_bytes = _round_up(self.codes_at + lane_blocks * self.code_bytes, _LANE_ALIGN)
+        cuda = device.type == "cuda"
+        self.host = torch.empty((lanes, self.lane_bytes), dtype=torch.uint8, pin_memory=cuda)
+        self._rows = [self.host[i] for i in range(lanes)]
+        self._rows_np = [row.numpy() for row in self._rows]
+        self._rows_mv = [row.data for row in self._rows_np]
+        self.device = (torch.empty((lanes, self.lane_bytes), dtype=torch.uint8, device=device)
+                       if (cuda if mirror is None else mirror) else None)
+        self._batches: dict[tuple[int, int], _StagedBatch] = {}
         self._free: SimpleQueue[int] = SimpleQueue()
         for i in range(lanes):
             self._free.put(i)
@@ -255,17 +297,30 @@ class _CompressedStaging:
         self._free.put(lane)
 
     def put(self, lane: int, i: int, payload: memoryview | bytes) -> None:
-        """Stage block ``i`` of ``lane`` (numpy copies: they release the GIL)."""
-        src = np.frombuffer(payload, dtype=np.uint8)
-        c = self.code_bytes
-        self.host_np[lane, i * c:(i + 1) * c] = src[:c]
-        self.scales[lane, i] = src[c:]
+        """Stage block ``i`` of ``lane`` (a compressed payload: codes, then scales)."""
+        c, s = self.code_bytes, self.scale_bytes
+        at = self.codes_at + i * c
+        self._rows_np[lane][at:at + c] = np.frombuffer(payload, dtype=np.uint8, count=c)
+        at = self.scales_at + i * s
+        self._rows_mv[lane][at:at + s] = memoryview(payload)[c:c + s]
 
-    def pack(self, lane: int, n: int) -> torch.Tensor:
-        """The first ``n`` blocks of ``lane`` packed (codes, then scales): host bytes."""
-        c = n * self.code_bytes
-        self.host_np[lane, c:c + n * self.scale_bytes] = self.scales[lane, :n].reshape(-1)
-        return self.host[lane, :n * self.block_bytes]
+    def put_slots(self, lane: int, slots: Sequence[int]) -> None:
+        """Write the destination slots of the lane's first ``len(slots)`` blocks."""
+        self._rows_np[lane][:8 * len(slots)].view(np.int64)[:] = slots
+
+    def batch(self, lane: int, n: int) -> _StagedBatch:
+        """Views of ``lane``'s first ``n`` blocks (see :class:`_StagedBatch`)."""
+        views = self._batches.get((lane, n))
+        if views is None:
+            span = self.codes_at + n * self.code_bytes
+            host = self._rows[lane][:span]
+            device = self.device[lane, :span] if self.device is not None else None
+            row = host if device is None else device
+            blocks = quant.blocks_view(row[self.codes_at:], row[self.scales_at:self.codes_at],
+                                       self.layout, self.kv_format, n)
+            views = _StagedBatch(host, device, blocks, row[:8 * n].view(torch.int64))
+            self._batches[(lane, n)] = views
+        return views
 
 
 class BlockMover:
@@ -294,6 +349,7 @@ class BlockMover:
         self.kv_format = cfg.kv_format
         self._compressed = cfg.kv_format != "exact"
         self._lane_blocks = max(1, cfg.load_batch_bytes // payload_bytes(layout, cfg.kv_format))
+        self._expected = ExpectedBlocks(layout, cfg.kv_format)
         # Made up front (pinned allocation is slow): a first load pays no set-up.
         self._staging = _Staging(layout, cfg.load_workers, self._lane_blocks) \
             if shared and not self._compressed else None
@@ -569,7 +625,10 @@ class BlockMover:
                     stage: Callable[[int, memoryview | bytes], None]) -> int:
         """Read one batch from its tier, check each block against its request (key,
         parent, tokens, layout, format; the tier verified the checksum, per the
-        ``tiers.base`` contract) and hand each good payload to ``stage(i, payload)``.
+        ``tiers.base`` contract: our own encoding of the block asked for is recognized by
+        :class:`tiers.codec.ExpectedBlocks`, anything else goes through the full decode,
+        which accepts and refuses what it always did) and hand each good payload to
+        ``stage(i, payload)``.
         Corrupt blocks are counted and deleted. Returns the length of the good run from
         the batch's first block (what may be copied to the GPU)."""
         name = reqs[0].tier
@@ -577,14 +636,20 @@ class BlockMover:
         good = [False] * len(reqs)
         bad: list[int] = []
 
+        expected = self._expected
+
         def take(i: int, blob: bytes | memoryview) -> None:
             r = reqs[i]
-            blk = decode_block(blob, expected_key=r.key, layout=self.layout,
-                               verify_checksum=False, kv_format=self.kv_format)
-            if isinstance(blk, Corrupt) or blk.tokens != r.tokens or blk.parent != r.parent:
-                bad.append(i)
-                return
-            stage(i, blk.payload)
+            payload: memoryview | bytes | None = expected.payload(blob, r.key, r.parent,
+                                                                   r.tokens)
+            if payload is None:  # not our canonical encoding of this block: parse it
+                blk = decode_block(blob, expected_key=r.key, layout=self.layout,
+                                   verify_checksum=False, kv_format=self.kv_format)
+                if isinstance(blk, Corrupt) or blk.tokens != r.tokens or blk.parent != r.parent:
+                    bad.append(i)
+                    return
+                payload = blk.payload
+            stage(i, payload)
             good[i] = True
 
         try:
@@ -608,35 +673,28 @@ class BlockMover:
 
     def _load_compressed(self, reqs: list[LoadRequest], state: _LoadState) -> _BatchResult:
         """:meth:`_load_batch` for compressed blocks: stage the payloads in the worker's
-        lane, one host -> device copy of the good run's packed bytes, then dequantize
-        them into the destination GPU slots."""
+        lane (:class:`_CompressedStaging`), then per batch a fixed number of calls: on
+        CUDA one host -> device copy of the good run's span (destination slots, scales,
+        codes), one dequantization into the destination GPU slots (one Triton launch),
+        one event to wait on; on the CPU the dequantization straight from the lane."""
         staging = self._cstaging
         assert staging is not None
         lane = staging.take()
         try:
             ok = self._read_batch(reqs, lambda i, payload: staging.put(lane, i, payload))
             if ok:
-                packed = staging.pack(lane, ok)
                 slots = [r.slot for r in reqs[:ok]]
-                if staging.device is None:
-                    quant.dequantize_into(
-                        quant.packed_view(packed, self.layout, self.kv_format, ok),
-                        self.gpu.tensor, slots)
+                staging.put_slots(lane, slots)  # GPU slots this store allocated
+                b = staging.batch(lane, ok)
+                if b.device is None:
+                    quant.dequantize_into(b.blocks, self.gpu.tensor, b.slots)
                 else:
-                    assert staging.index_device is not None
-                    index_host = staging.index_host[lane, :ok]
-                    index_host.numpy()[:] = slots  # GPU slots this store allocated
                     stream = side_stream(self.gpu.device)
                     with torch.cuda.stream(stream):
                         if state.ready is not None:
                             stream.wait_event(state.ready)
-                        dev = staging.device[lane, :packed.numel()]
-                        dev.copy_(packed, non_blocking=True)
-                        index = staging.index_device[lane, :ok]
-                        index.copy_(index_host, non_blocking=True)
-                        quant.dequantize_into(
-                            quant.packed_view(dev, self.layout, self.kv_format, ok),
-                            self.gpu.tensor, index)
+                        b.device.copy_(b.host, non_blocking=True)
+                        quant.dequantize_into(b.blocks, self.gpu.tensor, b.slots)
                         done = torch.cuda.Event()
                         done.record(stream)
                     done.synchronize()  # the lane's bytes may be reused after this

@@ -25,6 +25,7 @@ from tiers.codec import (
     MAX_HEADER_BYTES,
     Block,
     Corrupt,
+    ExpectedBlocks,
     decode_block,
     encode_block,
     payload_bytes,
@@ -324,6 +325,52 @@ def test_every_truncation_is_corrupt() -> None:
     _, _, _, _, blob = make_block()
     for length in range(len(blob)):
         assert isinstance(decode_block(blob[:length]), Corrupt), length
+
+
+@pytest.mark.parametrize("kv_format", ["exact", "int8", "fp8"])
+def test_expected_blocks_accepts_only_what_decode_block_accepts(kv_format: str) -> None:
+    """The load path's fast check (:class:`ExpectedBlocks`) against the full decode, over
+    every single-byte change of a blob and every truncation and extension: whenever it
+    returns a payload, ``decode_block`` (checksum aside, as for a blob its tier verified)
+    accepts the blob as the block asked for, with the same payload bytes. It recognizes
+    the intact blob, and returns ``None`` for another block's blob or another format's."""
+    key, parent, tokens, _, _ = make_block()
+    payload = os.urandom(payload_bytes(SMALL, kv_format))
+    blob = encode_block(key, parent, tokens, SMALL, payload, kv_format=kv_format)
+    expected = ExpectedBlocks(SMALL, kv_format)
+    assert expected.blob_bytes == len(blob)
+
+    def agrees(data: bytes) -> bool:
+        got = expected.payload(data, key, parent, tokens)
+        if got is None:
+            return False
+        blk = decode_block(data, expected_key=key, layout=SMALL, verify_checksum=False,
+                           kv_format=kv_format)
+        assert isinstance(blk, Block), blk
+        assert (blk.tokens, blk.parent, bytes(blk.payload)) == (tokens, parent, bytes(got))
+        return True
+
+    assert agrees(blob) and bytes(expected.payload(blob, key, parent, tokens) or b"") == payload
+    damaged = bytearray(blob)
+    header_end = len(blob) - len(payload)
+    for offset in range(len(blob)):
+        original = blob[offset]
+        for value in (original ^ 1, original ^ 0x80, (original + 77) % 256):
+            damaged[offset] = value
+            accepted = agrees(bytes(damaged))
+            # only the checksum (verified by the tier) and the payload are not compared
+            assert accepted == (offset >= header_end - 8), offset
+        damaged[offset] = original
+    for length in range(len(blob)):
+        assert not agrees(blob[:length])
+    assert not agrees(blob + b"\0")
+    other_key, other_parent, other_tokens, _, other = make_block(seed=1)
+    assert expected.payload(blob, other_key, other_parent, other_tokens) is None
+    assert expected.payload(blob, key, other_parent, tokens) is None
+    assert expected.payload(blob, key, parent, other_tokens) is None
+    for fmt in {"exact", "int8", "fp8"} - {kv_format}:
+        assert ExpectedBlocks(SMALL, fmt).payload(blob, key, parent, tokens) is None
+    assert expected.payload(blob, key, parent, "not bytes") is None  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- hypothesis fuzz

@@ -19,7 +19,7 @@ from kvstore.config import StoreConfig
 from kvstore.store import Allocated, KVStore
 from radix import Namespace, hash_blocks
 from tiers import quant
-from tiers.codec import encode_block
+from tiers.codec import ExpectedBlocks, encode_block
 from tiers.layout import KVLayout
 
 BS = 4
@@ -197,6 +197,88 @@ def test_header_of_another_format_is_a_counted_miss(tmp_path):
     assert fresh.stats().corrupt_blocks == 1
     assert serve(fresh, toks, "int8") == {"gpu": 3 * BS}
     fresh.close()
+
+
+@pytest.mark.parametrize("kv_format", FORMATS + ("exact",))
+def test_a_valid_header_in_another_field_order_still_loads(kv_format, tmp_path):
+    """The load path recognizes our own headers by comparing bytes; a valid header that
+    is not byte for byte ours (fields in another order: another writer's msgpack) is
+    parsed instead and loads as before, neither a miss nor a corrupt block."""
+    import msgpack  # the blob is rebuilt by hand, as another writer would write it
+
+    toks = tokens(11, 3 * BS)
+    chain = hash_blocks(ns(kv_format).root(), toks, BS)
+    store = make_store(kv_format, gpu_blocks=8, **disk(tmp_path))
+    serve(store, toks, kv_format)
+    store.flush()
+    blob = store.shared_tiers["disk"].get([chain.keys[1]])[0]
+    store.close()
+    assert blob is not None
+    header_len = int.from_bytes(blob[4:8], "little")
+    header = msgpack.unpackb(blob[8:8 + header_len], raw=False)
+    reordered = msgpack.packb(dict(reversed(list(header.items()))), use_bin_type=True)
+    assert reordered != blob[8:8 + header_len]
+    other = blob[:4] + len(reordered).to_bytes(4, "little") + reordered + blob[8 + header_len:]
+    expected = ExpectedBlocks(LAYOUT, kv_format)
+    asked = (chain.keys[1], chain.keys[0], chain.blocks[1])
+    assert expected.payload(blob, *asked) is not None and expected.payload(other, *asked) is None
+    env = lmdb.open(str(tmp_path / "disk"), max_dbs=16)
+    with env.begin(write=True, db=env.open_db(b"blocks")) as txn:
+        txn.put(chain.keys[1], other)
+    env.close()
+    fresh = make_store(kv_format, gpu_blocks=8, **disk(tmp_path))
+    assert serve(fresh, toks, kv_format) == {"disk": 3 * BS}  # serve checks the values
+    assert fresh.stats().corrupt_blocks == 0
+    fresh.close()
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("kv_format", FORMATS)
+def test_a_staging_lane_moves_a_batch_in_one_span(kv_format, dtype, mirror):
+    """The load path's compressed staging (kvstore.mover._CompressedStaging): blocks
+    staged in any order, then (with a mirror, as on CUDA) only the batch's span copied
+    to the mirror, whose other bytes are garbage, and the host lane overwritten: the
+    destination slots get the reference's bits, for a full lane and for a short good run
+    (the scale rows past it are stale and unused), and no other slot is written."""
+    from kvstore.mover import _CompressedStaging
+
+    lay = KVLayout(num_layers=3, num_kv_heads=2, head_dim=64, dtype=dtype)
+    tdtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn((6, *lay.block_shape), generator=g).to(tdtype)
+    q = quant.quantize(x, kv_format)
+    stale = quant.quantize(x.flip(0) * 3, kv_format)
+    staging = _CompressedStaging(lay, kv_format, lanes=2, lane_blocks=6,
+                                 device=torch.device("cpu"), mirror=mirror)
+    assert (staging.device is not None) == mirror
+    lane = staging.take()
+    for i in range(6):  # an earlier batch's bytes in the lane
+        staging.put(lane, i, quant.encode_payload(stale, i))
+    for order in ((3, 0, 5, 1, 4, 2), (2, 0, 3, 1), (2, 0, 3, 1)):
+        n = len(order)
+        for i in order:
+            staging.put(lane, i, quant.encode_payload(q, i))
+        slots = [9, 10, 11, 2, 3, 7][:n]
+        staging.put_slots(lane, slots)
+        b = staging.batch(lane, n)  # the second batch of 4 reuses the first one's views
+        if mirror:
+            assert b.device is not None and staging.device is not None
+            staging.device.fill_(0xA5)
+            b.device.copy_(b.host)
+            for i in range(6):
+                staging.put(lane, i, quant.encode_payload(stale, i))
+            staging.put_slots(lane, [0] * 6)
+        assert b.slots.tolist() == slots
+        pool = torch.zeros((12, *lay.block_shape), dtype=tdtype)
+        quant.dequantize_into(b.blocks, pool, b.slots)
+        ref = quant.dequantize_reference(
+            quant.QuantizedBlocks(kv_format, q.codes[:n], q.scales[:n]), tdtype)
+        bits = torch.int32 if dtype == "float32" else torch.int16
+        assert torch.equal(pool[slots].view(bits), ref.view(bits))
+        assert int(pool[[s for s in range(12) if s not in slots]].count_nonzero()) == 0
+    assert staging.batch(lane, 4) is staging.batch(lane, 4)
+    staging.give(lane)
 
 
 def test_format_is_validated_and_must_match_the_namespace():

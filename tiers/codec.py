@@ -419,6 +419,56 @@ def decode_block(blob: bytes | memoryview, expected_key: bytes | None = None,
                  kv_format=facts.kv_format)
 
 
+class ExpectedBlocks:
+    """Recognizes :func:`encode_block`'s own encoding of a block the reader asked for, in
+    one layout and format, with two byte comparisons instead of a header parse.
+
+    For a reader that knows each block's key, parent and tokens (the load path): the
+    canonical header of that block is known up to its checksum, so a blob whose bytes
+    up to the checksum equal it, whose length is the header's plus the payload's and
+    whose key is ``chain_key(parent, tokens)`` is one :func:`decode_block` accepts with
+    that key, parent, tokens, layout and format. :meth:`payload` returns its payload (a
+    view into the blob, no copy) or ``None``, which means only "not recognized here":
+    the caller then asks :func:`decode_block`, which decides (a header in another field
+    order, another format or layout, a corrupt blob). The payload checksum is not
+    verified here (the tier that returned the blob verified it).
+    """
+
+    def __init__(self, layout: KVLayout, kv_format: str = "exact") -> None:
+        check_kv_format(kv_format)
+        facts = _facts_of(layout, kv_format)
+        t = _template(facts)
+        self._head = MAGIC + t.header_len_bytes + t.head
+        self._seg1, self._seg2, self._seg3 = t.seg1, t.seg2, t.seg3
+        self._checksum_at = PREFIX_BYTES + t.sum_at
+        self._payload_at = PREFIX_BYTES + t.header_len
+        self._total = self._payload_at + facts.payload_bytes
+
+    @property
+    def blob_bytes(self) -> int:
+        """Length of every blob of this layout and format (header and payload)."""
+        return self._total
+
+    def payload(self, blob: bytes | memoryview, key: bytes, parent: bytes, tokens: bytes
+                ) -> memoryview | None:
+        """The payload of ``blob`` when it is the canonical encoding of the block
+        ``(key, parent, tokens)`` (checksum aside), else ``None``; never raises."""
+        try:
+            view = memoryview(blob)
+        except TypeError:
+            return None
+        if view.nbytes != self._total or view.ndim != 1 or view.format != "B":
+            return None
+        try:
+            expected = b"".join((self._head, tokens, self._seg1, parent, self._seg2, key,
+                                 self._seg3))
+        except TypeError:
+            return None
+        if bytes(view[:self._checksum_at]) != expected or chain_key(parent, tokens) != key:
+            return None
+        return view[self._payload_at:].toreadonly()
+
+
 def verify_block(blob: bytes | memoryview, key: bytes) -> bool:
     """True when ``blob`` decodes to a verified block whose key is ``key``; never raises.
 

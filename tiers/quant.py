@@ -127,6 +127,8 @@ def _slot_index(slots: Tensor | list[int] | None, n: int, device: torch.device) 
     if isinstance(slots, Tensor) and slots.is_cuda:
         if slots.dim() != 1:
             raise ValueError("slots must be a 1-d list of slot numbers")
+        if slots.dtype == torch.int64 and slots.device == device:
+            return slots  # the load path's index: no call (each one hands the GIL away)
         return slots.to(device=device, dtype=torch.int64)
     idx = torch.as_tensor(slots, dtype=torch.int64)
     if idx.dim() != 1:
@@ -316,16 +318,50 @@ def dequantize_into(q: QuantizedBlocks, out: Tensor,
         # The same values as the reference in two passes instead of four: codes (int8,
         # e4m3) and bf16 scales are exact in bf16 and fp32, their product is exact in
         # fp32, and a bf16 multiply rounds that product once, as the reference does.
-        if q.kv_format == "fp8" and out.device.type == "cpu":
-            # a 256-entry table gather is twice as fast as torch's e4m3 cast on the CPU
-            flat = q.codes.view(torch.uint8).reshape(-1).to(torch.int32)
-            x = _fp8_values(out.dtype).index_select(0, flat).view(q.codes.shape)
-        else:
-            x = q.codes.to(out.dtype)
-        torch.mul(x, q.scales.to(out.dtype)[..., None], out=x)
+        scales = q.scales.to(out.dtype)[..., None]
+        runs = _runs(idx)
+        if runs and (len(runs) == 1 or 2 * len(runs) <= q.num_blocks):
+            # Consecutive destination slots (a load's fresh slots): both passes write the
+            # slots themselves, no temporary and no scatter (3.3x the three-pass path
+            # on a 2 MiB block).
+            for at, slot, n in runs:
+                dst = out[slot:slot + n]
+                _codes_into(q, at, n, dst)
+                dst.mul_(scales[at:at + n])
+            return
+        x = torch.empty(q.codes.shape, dtype=out.dtype, device=out.device)
+        _codes_into(q, 0, q.num_blocks, x)
+        x.mul_(scales)
         out.index_copy_(0, idx, x)
         return
     out.index_copy_(0, idx, dequantize_reference(q, out.dtype).to(out.device))
+
+
+def _runs(idx: Tensor) -> list[tuple[int, int, int]]:
+    """``(first block, first slot, blocks)`` of each run of consecutive slots in
+    ``idx`` (a CPU index; a device index is one scatter: ``[]``)."""
+    if idx.device.type != "cpu" or not idx.numel():
+        return []
+    slots = idx.tolist()
+    runs = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((start, slots[start], i - start))
+            start = i
+    return runs
+
+
+def _codes_into(q: QuantizedBlocks, at: int, n: int, dst: Tensor) -> None:
+    """Blocks ``at .. at + n`` of ``q``'s codes, as values of ``dst``'s dtype, into
+    ``dst`` (contiguous, ``[n, *block_shape]``)."""
+    codes = q.codes[at:at + n]
+    if q.kv_format == "fp8" and dst.device.type == "cpu":
+        # a 256-entry table gather is twice as fast as torch's e4m3 cast on the CPU
+        flat = codes.view(torch.uint8).reshape(-1).to(torch.int32)
+        torch.index_select(_fp8_values(dst.dtype), 0, flat, out=dst.view(-1))
+    else:
+        dst.copy_(codes)
 
 
 def dequantize(q: QuantizedBlocks, dtype: torch.dtype) -> Tensor:
@@ -357,8 +393,8 @@ def encode_payload(q: QuantizedBlocks, i: int = 0) -> bytes:
 def packed_view(data: Tensor, layout: KVLayout, kv_format: str, n: int) -> QuantizedBlocks:
     """``n`` blocks packed in one uint8 tensor as all their codes (``[n, *block_shape]``)
     then all their scales (``[n, layers, 2, block_size, kv_heads]`` bf16, little-endian),
-    as views (no copy) on ``data``'s device: how the load path stages a batch, so that one
-    host -> device copy moves it. ``data`` holds at least ``n x compressed_block_bytes``."""
+    as views (no copy) on ``data``'s device. ``data`` holds at least ``n x
+    compressed_block_bytes``."""
     check_format(kv_format)
     layers, two, bs, heads, dim = layout.block_shape
     n_codes = n * layers * two * bs * heads * dim
@@ -366,10 +402,27 @@ def packed_view(data: Tensor, layout: KVLayout, kv_format: str, n: int) -> Quant
     if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() < n_codes + n_scales:
         raise ValueError(f"packed blocks need a 1-d uint8 tensor of {n_codes + n_scales} "
                          f"bytes, got {data.dtype} {tuple(data.shape)}")
-    codes = data[:n_codes].view(_CODE_DTYPE[kv_format]).view(n, *layout.block_shape)
-    scales = data[n_codes:n_codes + n_scales].view(torch.bfloat16).view(n, layers, two, bs,
-                                                                         heads)
-    return QuantizedBlocks(kv_format, codes, scales)
+    return blocks_view(data[:n_codes], data[n_codes:n_codes + n_scales], layout, kv_format, n)
+
+
+def blocks_view(codes: Tensor, scales: Tensor, layout: KVLayout, kv_format: str, n: int
+                ) -> QuantizedBlocks:
+    """``n`` blocks from two uint8 tensors, as views (no copy): ``codes`` holds their
+    codes (``[n, *block_shape]``, one byte a value) and ``scales`` their scales (``[n,
+    layers, 2, block_size, kv_heads]`` bf16, little-endian), each from its first byte.
+    How the load path stages a batch: the two regions of a staging lane, wherever its
+    good run ends, moved to the device in one copy."""
+    check_format(kv_format)
+    layers, two, bs, heads, dim = layout.block_shape
+    n_codes = n * layers * two * bs * heads * dim
+    n_scales = n * layers * two * bs * heads * SCALE_BYTES
+    for what, t, need in (("codes", codes, n_codes), ("scales", scales, n_scales)):
+        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() < need:
+            raise ValueError(f"{n} blocks' {what} need a 1-d uint8 tensor of {need} bytes, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    return QuantizedBlocks(
+        kv_format, codes[:n_codes].view(_CODE_DTYPE[kv_format]).view(n, *layout.block_shape),
+        scales[:n_scales].view(torch.bfloat16).view(n, layers, two, bs, heads))
 
 
 def decode_payload(data: bytes | bytearray | memoryview, layout: KVLayout, kv_format: str,
