@@ -14,6 +14,7 @@ them. ``enable_cache=False`` turns prefix reuse off (for comparisons).
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,7 @@ class LLM:
     def __init__(self, model: str = "smollm2", **kwargs: Any) -> None:
         cfg = EngineConfig(model=model, **kwargs)
         self.config = cfg
+        t0 = time.perf_counter()
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype_name = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         loaded = resolve_model(cfg.model, cache_dir=cfg.model_cache_dir or env.home() / "models",
@@ -134,6 +136,7 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.model = CausalLM.from_loaded(loaded, device=device, backend=cfg.attention)
         mc = loaded.config
+        t1 = time.perf_counter()
         layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size,
                           _DTYPE_NAMES[self.model.dtype])
         disk = None if cfg.disk_path is None else str(Path(cfg.disk_path).expanduser())
@@ -151,6 +154,7 @@ class LLM:
         self.replica_id = cfg.replica_id or _default_replica_id()
         events = open_events(cfg.kv_events_url, self.replica_id, self.namespace.root())
         self.store = KVStore(store_cfg, events=events)
+        t2 = time.perf_counter()
         self.engine = Engine(self.model, self.tokenizer, self.store, self.namespace,
                              loaded.stop_token_ids,
                              SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
@@ -159,6 +163,10 @@ class LLM:
         self.warmup_report: WarmupReport | None = None
         if warmup.enabled(device, cfg.warmup):
             self.warm_up()
+        # Seconds each part of the start took: the model (weights on the device), the
+        # store (pools allocated and pinned, tiers opened), the warm-up (0 without).
+        self.startup_s = {"model": t1 - t0, "store": t2 - t1,
+                          "warm-up": time.perf_counter() - t2}
 
     def warm_up(self) -> WarmupReport:
         """Run every kernel variant a request can hit and capture the decode CUDA graphs
@@ -277,6 +285,10 @@ class LLM:
             lines.append(f"tier {text}")
         reuse = "on" if cfg.enable_cache else "off"
         lines.append(f"policy {store.policy}; prefix reuse {reuse}")
+        lines.append(f"started in {sum(self.startup_s.values()):.1f} s: " + ", ".join(
+            f"{part} {s:.1f} s" for part, s in self.startup_s.items()))
+        if self.warmup_report is not None:
+            lines.append(self.warmup_report.describe())
         return lines
 
     def close(self) -> None:

@@ -150,3 +150,14 @@ def test_write_queue_holds_two_steps_of_committed_blocks(tiny_config: Path,
     with LLM(str(tiny_config), load_format="dummy", device="cpu", gpu_blocks=64,
              max_num_batched_tokens=64) as llm:
         assert llm.store.config.publish_queue_bytes == StoreConfig.publish_queue_bytes
+
+
+def test_describe_says_how_long_each_part_of_the_start_took(tiny_config: Path) -> None:
+    """The server logs these lines at start: a slow start (a large pinned host tier, a
+    long warm-up) shows which part it was."""
+    with LLM(str(tiny_config), load_format="dummy", device="cpu", gpu_blocks=64) as llm:
+        assert set(llm.startup_s) == {"model", "store", "warm-up"}
+        assert all(s >= 0 for s in llm.startup_s.values())
+        line = next(x for x in llm.describe() if x.startswith("started in "))
+        for part in ("model", "store", "warm-up"):
+            assert f"{part} " in line
