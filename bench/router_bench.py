@@ -332,7 +332,7 @@ def report(rows: Sequence[Any], results: dict[str, list[Any]]) -> list[str]:
     and tier, then each policy against round-robin next to the targets."""
     lines = ["hit rate by replica (cached / prompt tokens, requests):"]
     for name, res in results.items():
-        ok = [r for r in res if r.error is None]
+        ok = [r for r in res if r.error is None and not r.cut]
         prompt: Counter[str] = Counter()
         cached: Counter[str] = Counter()
         tiers: dict[str, Counter[str]] = {}

@@ -55,7 +55,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -206,6 +206,9 @@ class Result:
     cached_by_tier: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     replica: str = ""  # X-Kvstore-Replica: who served it behind a router
+    cut: bool = False
+    """Still running at ``--max-duration``: cancelled. Counts in TTFT only: its first
+    token's time, or (none yet) its wait until the cut, a lower bound."""
 
 
 @dataclass
@@ -229,6 +232,7 @@ class Summary:
     ttft_p50_by_round: dict[int, float]
     sim_hit: float | None = None
     first_error: str | None = None
+    cut: int = 0  # requests cancelled at --max-duration plus turns never sent
 
     @property
     def cached_frac(self) -> float:
@@ -243,15 +247,19 @@ def _pct(values: Sequence[float], qs: Sequence[int]) -> dict[str, float]:
 
 
 def summarize(config: str, results: Sequence[Result], skipped: int,
-              duration_s: float) -> Summary:
-    """Aggregate a run's results (failed requests count as errors, not in latencies)."""
-    ok = [r for r in results if r.error is None]
-    errs = [r for r in results if r.error is not None]
+              duration_s: float, unsent: int = 0) -> Summary:
+    """Aggregate a run's results (failed requests count as errors, not in latencies).
+    Requests cut at ``--max-duration`` count only in TTFT (their waits are lower bounds:
+    leaving them out would keep the slowest first tokens out of a server that fell
+    behind); ``unsent``: turns the cut kept from being sent."""
+    cut = [r for r in results if r.cut]
+    ok = [r for r in results if r.error is None and not r.cut]
+    errs = [r for r in results if r.error is not None and not r.cut]
     by_tier: Counter[str] = Counter()
     for r in ok:
         by_tier.update(r.cached_by_tier)
     rounds: dict[int, list[float]] = {}
-    for r in ok:
+    for r in ok + cut:
         if r.ttft_s is not None:
             rounds.setdefault(r.round, []).append(r.ttft_s)
     dur = max(duration_s, 1e-9)
@@ -260,14 +268,14 @@ def summarize(config: str, results: Sequence[Result], skipped: int,
         duration_s=duration_s, req_per_s=len(ok) / dur,
         output_tok_per_s=sum(r.completion_tokens for r in ok) / dur,
         prompt_tok_per_s=sum(r.prompt_tokens for r in ok) / dur,
-        ttft_ms=_pct([r.ttft_s for r in ok if r.ttft_s is not None], (50, 90, 99)),
+        ttft_ms=_pct([r.ttft_s for r in ok + cut if r.ttft_s is not None], (50, 90, 99)),
         itl_ms=_pct([g for r in ok for g in r.itl_s], (50, 99)),
         e2e_ms=_pct([r.e2e_s for r in ok if r.e2e_s is not None], (50, 90, 99)),
         prompt_tokens=sum(r.prompt_tokens for r in ok),
         cached_tokens=sum(r.cached_tokens for r in ok),
         cached_by_tier=dict(by_tier),
         ttft_p50_by_round={k: float(np.median(v)) * 1e3 for k, v in sorted(rounds.items())},
-        first_error=errs[0].error if errs else None)
+        first_error=errs[0].error if errs else None, cut=len(cut) + unsent)
 
 
 # ---------------------------------------------------------------------------- client
@@ -278,12 +286,14 @@ class RunError(Exception):
 
 
 async def _one(session: Any, url: str, model: str, turn: Turn, prompt: list[int],
-               t0: float, headers: dict[str, str]) -> Result:
-    """Send one streamed completion and time it."""
+               t0: float, headers: dict[str, str], res: Result | None = None) -> Result:
+    """Send one streamed completion and time it, into ``res`` when given (what it holds
+    so far is there if the request is cancelled)."""
     import aiohttp
 
-    res = Result(turn.conv, turn.round, time.perf_counter() - t0, np.asarray(prompt, np.int32),
-                 turn.max_tokens)
+    if res is None:
+        res = Result(turn.conv, turn.round, time.perf_counter() - t0,
+                     np.asarray(prompt, np.int32), turn.max_tokens)
     body = {"model": model, "prompt": prompt, "max_tokens": turn.max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True,
             "stream_options": {"include_usage": True}}
@@ -338,12 +348,23 @@ async def _one(session: Any, url: str, model: str, turn: Turn, prompt: list[int]
     return res
 
 
+class Load(NamedTuple):
+    """What :func:`run_load` sent and got: ``results`` (one per request sent),
+    ``skipped`` (turns whose history outgrew the server's context), ``unsent`` (turns
+    ``--max-duration`` kept from being sent) and ``duration_s`` (first request to last
+    answer, or to the cut)."""
+
+    results: list[Result]
+    skipped: int
+    unsent: int
+    duration_s: float
+
+
 async def run_load(url: str, model: str, convs: list[Conversation], args: argparse.Namespace,
-                   max_context: int, headers: dict[str, str], desc: str
-                   ) -> tuple[list[Result], int, float]:
+                   max_context: int, headers: dict[str, str], desc: str) -> Load:
     """Send every conversation's turns (see the module docstring for the arrival
-    modes). Returns ``(results, turns skipped because the history outgrew the server's
-    context, seconds from the first request to the last answer)``."""
+    modes) until they are done or ``args.max_duration`` seconds have passed; then the
+    requests still running are cancelled (``Result.cut``) and no more are sent."""
     import aiohttp
     from tqdm import tqdm
 
@@ -355,6 +376,8 @@ async def run_load(url: str, model: str, convs: list[Conversation], args: argpar
     bar = tqdm(total=total, desc=desc, unit="req", leave=True, disable=args.no_progress)
     t0 = time.perf_counter()
     mode = arrival_mode(args)
+    limit: float | None = getattr(args, "max_duration", None)
+    stopped = False
 
     def finish_conversation(conv: Conversation, from_round: int) -> None:
         nonlocal alive, skipped
@@ -379,12 +402,21 @@ async def run_load(url: str, model: str, convs: list[Conversation], args: argpar
     async def run_turn(session: Any, turn: Turn) -> None:
         conv = convs[turn.conv]
         prompt = conv.history + turn.delta.tolist()
+        res = Result(turn.conv, turn.round, time.perf_counter() - t0,
+                     np.asarray(prompt, np.int32), turn.max_tokens)
         try:
-            res = await _one(session, url, model, turn, prompt, t0, headers)
+            await _one(session, url, model, turn, prompt, t0, headers, res)
+        except asyncio.CancelledError:
+            if not stopped:
+                raise
+            res.cut = True  # cancelled at the limit: its wait so far is a lower bound
+            if res.ttft_s is None:
+                assert limit is not None
+                res.ttft_s = max(0.0, limit - res.start_s)
+            results.append(res)
+            return
         except Exception as exc:  # never leave a conversation hanging
-            res = Result(turn.conv, turn.round, time.perf_counter() - t0,
-                         np.asarray(prompt, np.int32), turn.max_tokens,
-                         error=f"{type(exc).__name__}: {exc}"[:300])
+            res.error = f"{type(exc).__name__}: {exc}"[:300]
         results.append(res)
         bar.update(1)
         if res.error is None:
@@ -395,36 +427,61 @@ async def run_load(url: str, model: str, convs: list[Conversation], args: argpar
 
     timeout = aiohttp.ClientTimeout(total=None, sock_read=args.request_timeout)
     connector = aiohttp.TCPConnector(limit=0)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def cut_at_limit() -> None:
+        """At the limit: stop sending, cancel what runs (workers or requests)."""
+        nonlocal stopped
+        assert limit is not None
+        await asyncio.sleep(limit)
+        stopped = True
+        for t in tasks:
+            t.cancel()
+        for _ in range(max(1, args.max_parallel or 1)):
+            queue.put_nowait(None)
+
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         for conv in convs:
             ready(conv, 0)
-        tasks: list[asyncio.Task[None]] = []
+        watchdog = asyncio.create_task(cut_at_limit()) if limit is not None else None
         if mode == "closed":
             async def worker() -> None:
-                while (turn := await queue.get()) is not None:
+                while not stopped and (turn := await queue.get()) is not None:
                     await run_turn(session, turn)
 
-            tasks = [asyncio.create_task(worker()) for _ in range(args.max_parallel)]
+            tasks += [asyncio.create_task(worker()) for _ in range(args.max_parallel)]
         else:
             rng = np.random.default_rng(args.seed + 1)
             clock = 0.0
-            while (turn := await queue.get()) is not None:
+            while not stopped and (turn := await queue.get()) is not None:
                 if mode == "trace":
                     clock = turn.at or 0.0
                 else:
                     clock += float(rng.exponential(1.0 / args.request_rate))
+                if limit is not None and clock >= limit:
+                    break  # arrives after the cut: never sent
                 delay = clock - (time.perf_counter() - t0)
                 if delay > 0:
                     await asyncio.sleep(delay)
                 else:
                     clock = time.perf_counter() - t0  # behind: the next gap starts now
+                if stopped:
+                    break
                 tasks.append(asyncio.create_task(run_turn(session, turn)))
-                tasks = [t for t in tasks if not t.done()]
-        await asyncio.gather(*tasks)
+                tasks[:] = [t for t in tasks if not t.done()]
+        # A worker cancelled while it waited for a turn ends cancelled: not an error.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if watchdog is not None:
+            watchdog.cancel()
     bar.close()
-    duration = max((r.start_s + (r.e2e_s or 0.0) for r in results), default=0.0) - min(
-        (r.start_s for r in results), default=0.0)
-    return results, skipped, duration
+    total = sum(len(c.turns) for c in convs)
+    unsent = total - len(results) - skipped  # sent or skipped, unless the limit came
+    first = min((r.start_s for r in results), default=0.0)
+    last = max((r.start_s + (r.e2e_s or 0.0) for r in results), default=0.0)
+    if stopped:
+        assert limit is not None
+        last = limit
+    return Load(results, skipped, unsent, max(0.0, last - first))
 
 
 KEEP_UP_SLACK = 1.5
@@ -519,7 +576,7 @@ def simulated_hit_rate(results: Sequence[Result], *, gpu_blocks: int, host_block
     root = Namespace("serve-bench-sim", block_size=BLOCK_SIZE).root()
     hits = prompt = 0
     try:
-        for r in sorted((r for r in results if r.error is None), key=lambda r: r.start_s):
+        for r in sorted((r for r in results if r.error is None and not r.cut), key=lambda r: r.start_s):
             tokens = np.concatenate([r.prompt, np.asarray(r.output_ids[:-1], np.int32)])
             chain = hash_blocks(root, tokens.astype("<i4").tobytes(), BLOCK_SIZE)
             rep = store.replay(chain.keys, chain.blocks, len(r.prompt))
@@ -677,10 +734,13 @@ def compare(rows: Sequence[Summary]) -> list[str]:
         for s in rows:
             if s.config in ("off", base_name) or not s.requests:
                 continue
+            cut = [c.config for c in (s, base) if c.cut]
             out.append(f"{s.config} vs {base_name}: throughput "
                        f"{s.output_tok_per_s / max(base.output_tok_per_s, 1e-9):.2f}x, "
                        f"TTFT p50 {s.ttft_ms['p50'] / max(base.ttft_ms['p50'], 1e-9):.2f}x, "
-                       f"p90 {s.ttft_ms['p90'] / max(base.ttft_ms['p90'], 1e-9):.2f}x")
+                       f"p90 {s.ttft_ms['p90'] / max(base.ttft_ms['p90'], 1e-9):.2f}x"
+                       + (f" ({' and '.join(cut)} cut at --max-duration: TTFT a lower "
+                          "bound there)" if cut else ""))
     return out
 
 
@@ -692,7 +752,7 @@ def write_csv(rows: Sequence[Summary], results: dict[str, list[Result]], out: Pa
                     "output_tok_per_s", "prompt_tok_per_s", "ttft_p50_ms", "ttft_p90_ms",
                     "ttft_p99_ms", "ttft_mean_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms",
                     "e2e_p90_ms", "e2e_p99_ms", "prompt_tokens", "cached_tokens",
-                    *[f"cached_{t}" for t in TIERS], "sim_hit_rate", "first_error"])
+                    *[f"cached_{t}" for t in TIERS], "sim_hit_rate", "cut", "first_error"])
         for s in rows:
             w.writerow([s.config, s.requests, s.errors, s.skipped, f"{s.duration_s:.3f}",
                         f"{s.req_per_s:.4f}", f"{s.output_tok_per_s:.2f}",
@@ -702,19 +762,21 @@ def write_csv(rows: Sequence[Summary], results: dict[str, list[Result]], out: Pa
                         *(f"{s.e2e_ms[k]:.1f}" for k in ("p50", "p90", "p99")),
                         s.prompt_tokens, s.cached_tokens,
                         *[s.cached_by_tier.get(t, 0) for t in TIERS],
-                        "" if s.sim_hit is None else f"{s.sim_hit:.4f}", s.first_error or ""])
+                        "" if s.sim_hit is None else f"{s.sim_hit:.4f}", s.cut,
+                        s.first_error or ""])
     with open(out / "requests.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["config", "conv", "round", "start_s", "ttft_ms", "e2e_ms", "prompt_tokens",
                     "completion_tokens", "cached_tokens",
-                    *[f"cached_{t}" for t in TIERS], "error"])
+                    *[f"cached_{t}" for t in TIERS], "cut", "error"])
         for config, rs in results.items():
             for r in sorted(rs, key=lambda r: r.start_s):
                 w.writerow([config, r.conv, r.round, f"{r.start_s:.4f}",
                             "" if r.ttft_s is None else f"{r.ttft_s * 1e3:.2f}",
                             "" if r.e2e_s is None else f"{r.e2e_s * 1e3:.2f}",
                             r.prompt_tokens, r.completion_tokens, r.cached_tokens,
-                            *[r.cached_by_tier.get(t, 0) for t in TIERS], r.error or ""])
+                            *[r.cached_by_tier.get(t, 0) for t in TIERS], int(r.cut),
+                            r.error or ""])
 
 
 def plot(rows: Sequence[Summary], path: Path, title: str) -> None:
@@ -901,6 +963,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="open loop: Poisson arrivals at this many requests a second "
                           "(a conversation's next round still waits for its previous one; "
                           "default: none, closed loop)")
+    arr.add_argument("--max-duration", type=float, default=None, metavar="SECONDS",
+                     help="stop each configuration this many seconds after its first "
+                          "request: requests still running are cancelled and their TTFT "
+                          "counted as their wait so far (a lower bound), turns not yet sent "
+                          "are dropped (reported as cut). For a comparison that must fit a "
+                          "time budget, where a configuration that falls behind would "
+                          "otherwise run on (default: none, every turn is run)")
     arr.add_argument("--request-timeout", type=float, default=1800.0, metavar="SECONDS",
                      help="give up on a request silent this long (default: %(default)s)")
     arr.add_argument("--warmup", type=int, default=4,
@@ -927,6 +996,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.system_tokens < 0 or args.warmup < 0:
         p.error("--system-tokens and --warmup must be >= 0")
+    if args.max_duration is not None and not args.max_duration > 0:
+        p.error(f"--max-duration must be > 0 seconds, got {args.max_duration:g}")
     if args.request_rate is not None and not args.request_rate > 0:
         p.error("--request-rate must be > 0 requests a second")
     if args.request_rate is not None and args.max_parallel is not None:
@@ -1016,17 +1087,17 @@ def _run(args: argparse.Namespace, names: list[str], out: Path,
         convs = build_workload(args, vocab, args.seed)  # fresh histories
         try:
             if args.url:
-                res, skipped, dur = asyncio.run(_measure(args.url, args, convs, vocab,
-                                                         headers, name))
+                load = asyncio.run(_measure(args.url, args, convs, vocab, headers, name))
             else:
                 assert sizes is not None
-                res, skipped, dur = _run_config(name, args, sizes, convs, vocab, out, headers)
+                load = _run_config(name, args, sizes, convs, vocab, out, headers)
+            res, skipped, dur = load.results, load.skipped, load.duration_s
         except RunError as exc:
             print(f"[{name}] failed: {exc}", file=sys.stderr)
             rows.append(summarize(name, [], 0, 0.0))
             rows[-1].first_error = str(exc).splitlines()[0][:200]
             continue
-        summary = summarize(name, res, skipped, dur)
+        summary = summarize(name, res, skipped, dur, load.unsent)
         if not args.no_sim and sizes is not None and name != "off":
             summary.sim_hit = simulated_hit_rate(
                 res, gpu_blocks=sizes.gpu or _server_gpu_blocks(out, name),
@@ -1039,6 +1110,11 @@ def _run(args: argparse.Namespace, names: list[str], out: Path,
         print(f"[{name}] {summary.requests} ok, {summary.errors} errors, {skipped} skipped "
               f"(context), {summary.duration_s:.1f} s"
               + (f"; first error: {summary.first_error}" if summary.first_error else ""))
+        if summary.cut:
+            print(f"[{name}] cut at --max-duration {args.max_duration:g} s: "
+                  f"{summary.cut - load.unsent} requests cancelled in flight, {load.unsent} "
+                  f"never sent; its TTFT counts the cancelled ones' waits so far (lower "
+                  f"bounds), its other figures only the {summary.requests} that finished")
         behind = keep_up_note(args, res, dur)
         if behind:
             print(f"[{name}] {behind}")
@@ -1087,7 +1163,7 @@ def _server_gpu_blocks(out: Path, name: str) -> int:
 
 def _run_config(name: str, args: argparse.Namespace, sizes: ServerSizes,
                 convs: list[Conversation], vocab: int, out: Path,
-                headers: dict[str, str]) -> tuple[list[Result], int, float]:
+                headers: dict[str, str]) -> Load:
     """Start the server of configuration ``name``, measure, stop it."""
     base = Path(args.disk) if args.disk else None
     if base is not None:
@@ -1107,7 +1183,7 @@ def _run_config(name: str, args: argparse.Namespace, sizes: ServerSizes,
 
 
 async def _measure(url: str, args: argparse.Namespace, convs: list[Conversation], vocab: int,
-                   headers: dict[str, str], name: str) -> tuple[list[Result], int, float]:
+                   headers: dict[str, str], name: str) -> Load:
     model, max_context = await server_info(url, headers)
     await _warmup(url, model, vocab, args, headers, max_context)
     out = await run_load(url, model, convs, args, max_context, headers, name)

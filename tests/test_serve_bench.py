@@ -55,12 +55,43 @@ def test_every_configuration_serves_and_reuses_the_history(
     assert (out / "stats-gpu-host-disk-redis.json").is_file()
 
 
+def test_max_duration_cuts_a_configuration_and_reports_what_it_cut(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """200 turns that cannot all run in 3 s: the run stops at 3 s, the requests in flight
+    are cancelled and counted in TTFT with their wait so far, the rest never sent."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    rc = serve_bench.main([
+        "--device", "cpu", "--configs", "gpu", "--clients", "2", "--rounds", "100",
+        "--new-tokens", "40", "--output-tokens", "8", "--max-parallel", "2",
+        "--max-duration", "3", "--gpu-kv-bytes", "64MiB", "--warmup", "1",
+        "--out", str(out), "--no-progress", "--no-plot", "--no-sim"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "cut at --max-duration 3 s" in printed
+    [row] = _rows(out / "summary.csv")
+    finished, cut = int(row["requests"]), int(row["cut"])
+    assert finished >= 1 and cut >= 1 and int(row["errors"]) == 0
+    assert finished + cut + int(row["skipped"]) == 200
+    assert float(row["duration_s"]) <= 3.0
+    requests = _rows(out / "requests.csv")
+    cancelled = [r for r in requests if r["cut"] == "1"]
+    assert 1 <= len(cancelled) <= 2  # the two in flight at the limit
+    for r in cancelled:
+        assert not r["error"] and float(r["start_s"]) < 3.0 and float(r["ttft_ms"]) > 0
+    for r in requests:
+        if r["cut"] == "0":
+            assert int(r["completion_tokens"]) == 8 and not r["error"]
+
+
 def test_bad_arguments_are_refused_with_the_flag_named(
         capsys: pytest.CaptureFixture[str]) -> None:
     for argv, needle in ((["--configs", "gpu,tpu"], "--configs"),
                          (["--configs", "gpu+host+disk+redis"], "--redis"),
                          (["--request-rate", "2", "--max-parallel", "3"], "not both"),
-                         (["--clients", "0"], "--clients")):
+                         (["--clients", "0"], "--clients"),
+                         (["--max-duration", "0"], "--max-duration")):
         with pytest.raises(SystemExit) as exc:
             serve_bench.main(argv)
         assert exc.value.code == 2
