@@ -77,6 +77,9 @@ BLOCK_SIZE = 16
 """KV block size of the server (tokens)."""
 LISTENING = re.compile(r"listening on (http://\S+?:[0-9]+)")
 
+STARTED = re.compile(r"started in [^\n]*")
+"""The server's start-up line: how long its model, store and warm-up took."""
+
 
 # ---------------------------------------------------------------------------- workload
 
@@ -1174,10 +1177,15 @@ def _run_config(name: str, args: argparse.Namespace, sizes: ServerSizes,
                              disk_dir / "lmdb")
         t = time.perf_counter()
         print(f"[{name}] starting kvstore serve {' '.join(flags)}")
+        log = out / f"server-{_file_name(name)}.log"
         with (router_bench.routed(name, args, flags, out) if args.replicas else
-              started(flags, out / f"server-{_file_name(name)}.log", args.startup_timeout)) as url:
+              started(flags, log, args.startup_timeout)) as url:
             print(f"[{name}] up in {time.perf_counter() - t:.1f} s at {url}")
-            return asyncio.run(_measure(url, args, convs, vocab, headers, name))
+            load = asyncio.run(_measure(url, args, convs, vocab, headers, name))
+        start_line = STARTED.search(log.read_text(errors="replace")) if log.is_file() else None
+        if start_line:
+            print(f"[{name}] the server {start_line.group(0)}")
+        return load
     finally:
         shutil.rmtree(disk_dir, ignore_errors=True)
 

@@ -70,6 +70,7 @@ def test_max_duration_cuts_a_configuration_and_reports_what_it_cut(
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "cut at --max-duration 3 s" in printed
+    assert "[gpu] the server started in " in printed  # model, store, warm-up seconds
     [row] = _rows(out / "summary.csv")
     finished, cut = int(row["requests"]), int(row["cut"])
     assert finished >= 1 and cut >= 1 and int(row["errors"]) == 0
