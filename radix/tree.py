@@ -324,6 +324,7 @@ class RadixTree:
         stamp = self._clock()
         nodes: list[Node] = []
         placed: list[bool] = []
+        pending: list[tuple[Node, Any]] = []  # nodes to place in `tier`, top-down
         for key, toks, loc in zip(keys, blocks, locations):
             if loc is None:
                 raise ValueError("insert location must not be None")
@@ -336,6 +337,7 @@ class RadixTree:
                 node.children[key] = child
                 self._nodes += 1
             elif child.tokens != toks:
+                self._place_path(pending, tier)
                 return Inserted(nodes, placed, True)
             else:
                 child.stamp = stamp
@@ -343,12 +345,13 @@ class RadixTree:
                 if self._aged_tiers:
                     self._rescore(child)
             if child.locs[tier] is None:
-                self._set(child, tier, loc)
+                pending.append((child, loc))
                 placed.append(True)
             else:
                 placed.append(False)
             nodes.append(child)
             node = child
+        self._place_path(pending, tier)
         return Inserted(nodes, placed, False)
 
     def set_location(self, node: Node, tier: int, location: Any) -> None:
@@ -502,7 +505,17 @@ class RadixTree:
         for t in self._aged_tiers:
             score[t] = age + self.eviction[t].value(node.uses, node.depth - 1)
 
-    def _set(self, node: Node, tier: int, loc: Any) -> None:
+    def _place_path(self, path: Sequence[tuple[Node, Any]], tier: int) -> None:
+        """:meth:`_set` for nodes of one root-to-leaf path (given top-down), deepest
+        first: a node whose child is placed in the same call is then never made
+        evictable (a heap entry) only to stop being so at the next block. The observer
+        still hears them top-down (a parent before its child)."""
+        for node, loc in reversed(path):
+            self._set(node, tier, loc, notify=False)
+        for node, _ in path:
+            self._observer.placed(node, tier)
+
+    def _set(self, node: Node, tier: int, loc: Any, notify: bool = True) -> None:
         node.locs[tier] = loc
         node.nloc += 1
         self._blocks[tier] += 1
@@ -512,7 +525,8 @@ class RadixTree:
         self._refresh(node)
         if parent is not self.root and parent.nchild[tier] == 1:
             self._refresh(parent)
-        self._observer.placed(node, tier)
+        if notify:
+            self._observer.placed(node, tier)
 
     def _clear(self, node: Node, tier: int) -> None:
         self._observer.cleared(node, tier)
