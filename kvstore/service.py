@@ -204,9 +204,10 @@ async def run_until_signal(app: web.Application, host: str, port: int, *,
         installed = True
         # Everything built so far (modules, a model, pools, the index) lives as long as
         # the process: freeze it out of the cyclic collector, whose full collections
-        # otherwise scan it all on the serving thread (a wave of 8,400 cached blocks
-        # took 193 ms longest with a 300k-object heap unfrozen, 14 ms frozen). Garbage
-        # is collected first, so none of it is frozen in.
+        # otherwise scan it all on the serving thread (`python -m bench.gc_bench`: a
+        # wave of 8,400 new blocks through the index collected for up to 156 ms with the
+        # start-up heap tracked, 15 ms frozen). Garbage is collected first, so none of
+        # it is frozen in.
         gc.collect()
         gc.freeze()
         on_listening([address_url(a) for a in runner.addresses])
