@@ -114,7 +114,12 @@ def test_shared_tier_hits_equal_cache_off(smollm2, model, reference, shared, tmp
     kw.pop("policy")
     second = make_engine(smollm2, model, **kw)  # a restarted process: empty index
     outs = run(second, ps[:2], tag="second")
-    assert all(o.cached_tokens.get(shared, 0) >= 16 * (len(ps[0]) // 32) for o in outs)
+    # The restarted engine's GPU starts empty, so the shared prefix comes from the shared
+    # tier; a request matched after another's load finished finds it on the GPU instead.
+    need = 16 * (len(ps[0]) // 32)
+    by_tier = [o.cached_tokens for o in outs]
+    assert all(sum(c.values()) >= need for c in by_tier), by_tier
+    assert max(c.get(shared, 0) for c in by_tier) >= need, by_tier
     assert tokens_of(outs) == reference[:2]
     second.store.close()
 
