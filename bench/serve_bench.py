@@ -379,7 +379,7 @@ async def run_load(url: str, model: str, convs: list[Conversation], args: argpar
     bar = tqdm(total=total, desc=desc, unit="req", leave=True, disable=args.no_progress)
     t0 = time.perf_counter()
     mode = arrival_mode(args)
-    limit: float | None = getattr(args, "max_duration", None)
+    limit: float | None = args.max_duration
     stopped = False
 
     def finish_conversation(conv: Conversation, from_round: int) -> None:

@@ -287,8 +287,6 @@ class LLM:
         lines.append(f"policy {store.policy}; prefix reuse {reuse}")
         lines.append(f"started in {sum(self.startup_s.values()):.1f} s: " + ", ".join(
             f"{part} {s:.1f} s" for part, s in self.startup_s.items()))
-        if self.warmup_report is not None:
-            lines.append(self.warmup_report.describe())
         return lines
 
     def close(self) -> None:
