@@ -497,6 +497,21 @@ def _capture(engine) -> float:
     return time.perf_counter() - t0
 
 
+MODEL_NAMES = ("smollm2", "llama3-8b")
+
+
+def model_list(text: str) -> list[str]:
+    """``--models``: a comma-separated list of :data:`MODEL_NAMES` (the CLI's list
+    vocabulary, as ``--configs`` and ``--prefixes``)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in MODEL_NAMES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown model {', '.join(bad) or text!r}: give a comma-separated list of "
+            f"{', '.join(MODEL_NAMES)}")
+    return names
+
+
 def _params(max_tokens: int):
     from engine.sampling import SamplingParams
 
@@ -715,9 +730,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-requests", default=None, metavar="FILE",
                    help="write the ShareGPT-like requests to FILE (for a machine without "
                         "the dataset) and exit (default: none)")
-    p.add_argument("--models", nargs="+", default=["smollm2", "llama3-8b"],
-                   choices=["smollm2", "llama3-8b"],
-                   help="throughput: models (default: smollm2 llama3-8b)")
+    p.add_argument("--models", type=model_list, default=["smollm2", "llama3-8b"],
+                   metavar="M1,M2",
+                   help="--throughput and --profile: models, comma-separated, of "
+                        f"{', '.join(MODEL_NAMES)} (default: smollm2,llama3-8b)")
     p.add_argument("--hf-batch", type=int, default=64,
                    help="transformers static batch size (default: %(default)s)")
     p.add_argument("--no-hf", action="store_true",

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.device import bench_device
-from bench.engine_bench import _random_model
+from bench.engine_bench import _random_model, model_list
 from kvstore import plan as kp
 from kvstore.args import SIZE_HELP, add_device_argument, size_arg
 
@@ -262,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="kvstore plan's predictions (KV pool, largest batch, TTFT, decode step) "
                     "next to the engine's measurements on this device, for random-weight "
                     "models of real shapes.")
-    p.add_argument("--models", nargs="+", default=None, choices=["smollm2", "llama3-8b"],
-                   help="model shapes (default: smollm2 and llama3-8b on CUDA, smollm2 on "
-                        "CPU)")
+    p.add_argument("--models", type=model_list, default=None, metavar="M1,M2",
+                   help="model shapes, comma-separated (default: smollm2,llama3-8b on "
+                        "CUDA, smollm2 on CPU)")
     add_device_argument(p)
     p.add_argument("--context", type=int, default=None,
                    help="tokens per sequence (default: 2048 on CUDA, 64 on CPU)")

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,7 +240,10 @@ class KVStore:
         # room (the bytes are immutable): when the GPU lets the block go again it only
         # drops its copy, with no GPU -> host copy. The host reclaims these duplicates
         # first, oldest first, before it demotes or evicts a block it alone holds.
-        self._retained: dict[Node, None] = {}  # insertion order = reclaim order
+        # Insertion order = reclaim order. An OrderedDict: taking the oldest entry of a
+        # plain dict walks past every entry deleted before it (O(n) each, so reclaiming
+        # 130k duplicates took seconds on the engine's thread); popitem(last=False) is O(1).
+        self._retained: OrderedDict[Node, None] = OrderedDict()
         self._refs: dict[int, int] = {}  # private GPU slot -> leases referencing it
         self._hit_tokens: Counter[str] = Counter()
         self._miss_tokens = 0
@@ -756,10 +759,11 @@ class KVStore:
         """Record ``node``'s host copy as a duplicate (newest last). Entries whose block
         left either tier are dropped when they outnumber the host's slots twice over
         (live duplicates never do), so the list stays bounded (amortized O(1))."""
-        self._retained.pop(node, None)
         self._retained[node] = None
+        self._retained.move_to_end(node)
         if len(self._retained) > 2 * self.host.num_slots + 64:
-            self._retained = {n: None for n in self._retained if self._duplicated(n)}
+            self._retained = OrderedDict((n, None) for n in self._retained
+                                         if self._duplicated(n))
 
     def _duplicated(self, node: Node) -> bool:
         """Whether ``node`` is in the index with both a GPU and a host copy."""
@@ -775,8 +779,7 @@ class KVStore:
         host = self._level["host"]
         freed: list[Any] = []
         while len(freed) < need and self._retained:
-            node = next(iter(self._retained))
-            del self._retained[node]
+            node, _ = self._retained.popitem(last=False)
             if self._duplicated(node):
                 freed.append(self.tree.clear_location(node, host.index))
         host.room.give(freed)

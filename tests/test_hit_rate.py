@@ -443,7 +443,7 @@ def test_writeback_bench_counts_the_copies_host_duplicates_spare() -> None:
     from bench.writeback_bench import replay
 
     roomy = replay(6, 4, 64, 8, gpu_blocks=40, host_blocks=100, disk_blocks=0)
-    rate, by_tier, evictions, demotions, reclaimed = roomy
+    rate, by_tier, evictions, demotions, reclaimed, _ = roomy
     assert by_tier.get("host", 0) > 0 and reclaimed == 0
     assert demotions["gpu"] < evictions["gpu"] / 2  # about half the blocks copied once
     tight = replay(6, 4, 64, 8, gpu_blocks=40, host_blocks=60, disk_blocks=0)
