@@ -23,6 +23,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,12 +34,20 @@ from radix.hashing import Namespace, hash_blocks
 BLOCK_SIZE = 16
 
 
+class Replayed(NamedTuple):
+    """What one replay of the workload counted."""
+
+    hit_rate: float  # prompt tokens hit / prompt tokens
+    by_tier: dict[str, int]  # hit tokens by tier
+    evictions: dict[str, int]  # blocks that left each tier
+    demotions: dict[str, int]  # blocks copied one tier down (GPU -> host copies)
+    reclaimed: int  # host duplicates freed for room
+    store_s: float  # seconds inside the store's calls
+
+
 def replay(clients: int, rounds: int, new_tokens: int, output_tokens: int, *,
-           gpu_blocks: int, host_blocks: int, disk_blocks: int, seed: int = 0
-           ) -> tuple[float, dict[str, int], dict[str, int], dict[str, int], int, float]:
-    """``(hit rate, hit tokens by tier, GPU and host evictions, demotions (copies),
-    host duplicates reclaimed, seconds inside the store)`` of the workload (module
-    docstring)."""
+           gpu_blocks: int, host_blocks: int, disk_blocks: int, seed: int = 0) -> Replayed:
+    """Replay the workload (module docstring) through the store's simulation."""
     rng = np.random.default_rng(seed)
     store = KVStore(StoreConfig.simulation(block_size=BLOCK_SIZE, gpu_blocks=gpu_blocks,
                                            host_blocks=host_blocks, disk_blocks=disk_blocks))
@@ -66,8 +75,8 @@ def replay(clients: int, rounds: int, new_tokens: int, output_tokens: int, *,
     finally:
         store.close()
     hits = sum(by_tier.values())
-    return (hits / prompt_tokens if prompt_tokens else 0.0, dict(by_tier), dict(s.evictions),
-            dict(s.demotions), s.host_reclaimed, store_s)
+    return Replayed(hits / prompt_tokens if prompt_tokens else 0.0, dict(by_tier),
+                    dict(s.evictions), dict(s.demotions), s.host_reclaimed, store_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

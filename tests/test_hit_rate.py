@@ -443,8 +443,8 @@ def test_writeback_bench_counts_the_copies_host_duplicates_spare() -> None:
     from bench.writeback_bench import replay
 
     roomy = replay(6, 4, 64, 8, gpu_blocks=40, host_blocks=100, disk_blocks=0)
-    rate, by_tier, evictions, demotions, reclaimed, _ = roomy
-    assert by_tier.get("host", 0) > 0 and reclaimed == 0
-    assert demotions["gpu"] < evictions["gpu"] / 2  # about half the blocks copied once
+    assert roomy.by_tier.get("host", 0) > 0 and roomy.reclaimed == 0
+    # about half the blocks copied once
+    assert roomy.demotions["gpu"] < roomy.evictions["gpu"] / 2
     tight = replay(6, 4, 64, 8, gpu_blocks=40, host_blocks=60, disk_blocks=0)
-    assert tight[4] > 0 and tight[0] > 0.5
+    assert tight.reclaimed > 0 and tight.hit_rate > 0.5

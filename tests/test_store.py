@@ -164,6 +164,30 @@ def test_host_reclaims_duplicates_of_gpu_blocks_before_its_own_blocks():
     store.close()
 
 
+def test_host_reclaims_the_oldest_duplicates_first():
+    """Two promoted prefixes keep host duplicates; a full host frees the older one's and
+    keeps the newer one's (the reclaim order is the order of promotion)."""
+    store = make_store(gpu_blocks=12, host_blocks=16)
+    a, b, c, d, e, f = (tokens(i, 4 * BS) for i in range(1, 7))
+    for toks in (a, b, c, d, e):  # a and b end on the host; c, d and e on the GPU
+        serve(store, toks)
+    assert serve(store, a) == {"host": 4 * BS}  # c -> host; a keeps a host duplicate
+    assert serve(store, b) == {"host": 4 * BS}  # d -> host (now full); so does b
+    serve(store, f)  # e -> host: the host frees a's duplicates, the older
+    s = store.stats()
+    assert s.host_reclaimed == 4 and "host" not in s.evictions
+    host = store.tree.tier("host")
+
+    def on_host(toks: list[int]) -> list[bool]:
+        m = store.match(hash_blocks(NS.root(), toks, BS))
+        return [node.location(host) is not None for node in m.nodes]
+
+    assert on_host(a) == [False] * 4 and on_host(b) == [True] * 4
+    assert on_host(e) == [True] * 4
+    store.check_integrity()
+    store.close()
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 5), st.booleans(),
                           st.sampled_from(["serve", "hold", "drop-gpu", "drop-host"])),
