@@ -233,6 +233,10 @@ class Summary:
     cached_tokens: int
     cached_by_tier: dict[str, int]
     ttft_p50_by_round: dict[int, float]
+    round_s: dict[int, float] = field(default_factory=dict)
+    """Seconds from the first request of round r to the first of round r + 1 (rounds
+    whose successor started): in a closed loop, how long the server took for a round,
+    comparable between configurations even when one was cut early."""
     sim_hit: float | None = None
     first_error: str | None = None
     cut: int = 0  # requests cancelled at --max-duration plus turns never sent
@@ -262,9 +266,11 @@ def summarize(config: str, results: Sequence[Result], skipped: int,
     for r in ok:
         by_tier.update(r.cached_by_tier)
     rounds: dict[int, list[float]] = {}
+    first: dict[int, float] = {}
     for r in ok + cut:
         if r.ttft_s is not None:
             rounds.setdefault(r.round, []).append(r.ttft_s)
+        first[r.round] = min(first.get(r.round, math.inf), r.start_s)
     dur = max(duration_s, 1e-9)
     return Summary(
         config=config, requests=len(ok), errors=len(errs), skipped=skipped,
@@ -278,6 +284,7 @@ def summarize(config: str, results: Sequence[Result], skipped: int,
         cached_tokens=sum(r.cached_tokens for r in ok),
         cached_by_tier=dict(by_tier),
         ttft_p50_by_round={k: float(np.median(v)) * 1e3 for k, v in sorted(rounds.items())},
+        round_s={k: first[k + 1] - first[k] for k in sorted(first) if k + 1 in first},
         first_error=errs[0].error if errs else None, cut=len(cut) + unsent)
 
 
@@ -711,23 +718,42 @@ def format_table(rows: Sequence[Summary]) -> str:
     return "\n".join(lines)
 
 
-def format_rounds(rows: Sequence[Summary]) -> str:
-    """TTFT p50 (ms) per round (multi-turn) or per position in the group (shared prefix)."""
+def format_rounds(rows: Sequence[Summary], closed: bool = False) -> str:
+    """TTFT p50 (ms) per round (multi-turn) or per position in the group (shared prefix);
+    with ``closed`` (a closed loop) also each round's seconds (:attr:`Summary.round_s`)."""
     rounds = sorted({k for s in rows for k in s.ttft_p50_by_round})
     if len(rounds) <= 1:
         return ""
     shown = rounds if len(rounds) <= 16 else rounds[:8] + rounds[-8:]
-    head = f"{'TTFT p50 ms / round':<20} " + " ".join(f"{k:>7d}" for k in shown)
-    lines = [head, "-" * len(head)]
-    for s in rows:
-        lines.append(f"{s.config:<20} " + " ".join(
-            f"{s.ttft_p50_by_round[k]:7.0f}" if k in s.ttft_p50_by_round else f"{'-':>7}"
-            for k in shown))
+    blocks = [("TTFT p50 ms / round", "ttft_p50_by_round", "7.0f")]
+    if closed and any(s.round_s for s in rows):
+        blocks.append(("seconds / round", "round_s", "7.1f"))
+    lines: list[str] = []
+    for title, attr, fmt in blocks:
+        head = f"{title:<20} " + " ".join(f"{k:>7d}" for k in shown)
+        lines += ([""] if lines else []) + [head, "-" * len(head)]
+        for s in rows:
+            values: dict[int, float] = getattr(s, attr)
+            lines.append(f"{s.config:<20} " + " ".join(
+                format(values[k], fmt) if k in values else f"{'-':>7}" for k in shown))
     return "\n".join(lines)
 
 
-def compare(rows: Sequence[Summary]) -> list[str]:
-    """Each cached configuration against GPU only and cache off (ratios)."""
+def round_speed(s: Summary, base: Summary) -> str:
+    """``s``'s speed against ``base``'s round by round (base's seconds / s's), over the
+    rounds both finished: the first, the last and the range; "" when none."""
+    common = sorted(set(s.round_s) & set(base.round_s))
+    ratios = {k: base.round_s[k] / max(s.round_s[k], 1e-9) for k in common}
+    if not ratios:
+        return ""
+    first, last = common[0], common[-1]
+    return (f"per round {ratios[first]:.2f}x (round {first}) to {ratios[last]:.2f}x "
+            f"(round {last}), range {min(ratios.values()):.2f}-{max(ratios.values()):.2f}x")
+
+
+def compare(rows: Sequence[Summary], closed: bool = False) -> list[str]:
+    """Each cached configuration against GPU only and cache off (ratios); with
+    ``closed`` (a closed loop) also the speed round by round (:func:`round_speed`)."""
     by = {s.config: s for s in rows}
     out = []
     for base_name in ("gpu", "off"):
@@ -738,12 +764,14 @@ def compare(rows: Sequence[Summary]) -> list[str]:
             if s.config in ("off", base_name) or not s.requests:
                 continue
             cut = [c.config for c in (s, base) if c.cut]
+            per_round = round_speed(s, base) if closed else ""
             out.append(f"{s.config} vs {base_name}: throughput "
                        f"{s.output_tok_per_s / max(base.output_tok_per_s, 1e-9):.2f}x, "
                        f"TTFT p50 {s.ttft_ms['p50'] / max(base.ttft_ms['p50'], 1e-9):.2f}x, "
                        f"p90 {s.ttft_ms['p90'] / max(base.ttft_ms['p90'], 1e-9):.2f}x"
                        + (f" ({' and '.join(cut)} cut at --max-duration: TTFT a lower "
-                          "bound there)" if cut else ""))
+                          "bound there)" if cut else "")
+                       + (f"; {per_round}" if per_round else ""))
     return out
 
 
@@ -1123,11 +1151,13 @@ def _run(args: argparse.Namespace, names: list[str], out: Path,
             print(f"[{name}] {behind}")
     print()
     print(format_table(rows))
-    rounds = format_rounds(rows)
+    closed = arrival_mode(args) == "closed"
+    rounds = format_rounds(rows, closed)
     if rounds:
         print()
         print(rounds)
-    for line in compare(rows) + (router_bench.report(rows, results) if args.replicas else []):
+    for line in (compare(rows, closed)
+                 + (router_bench.report(rows, results) if args.replicas else [])):
         print(line)
     write_csv(rows, results, out)
     if not args.no_plot:

@@ -135,3 +135,33 @@ def test_an_open_loop_run_that_fell_behind_says_what_rate_would_keep_up() -> Non
     closed = argparse.Namespace(workload="multiturn", request_rate=None, max_parallel=4,
                                 time_scale=1.0)
     assert serve_bench.keep_up_note(closed, spread, 40.0) is None
+
+
+def test_round_spans_compare_configurations_round_by_round() -> None:
+    """Each round's seconds run from its first request to the next round's first; a
+    cached configuration's speed against the baseline is compared over the rounds both
+    finished, so a baseline cut early still compares fairly."""
+    import numpy as np
+
+    def results(starts: list[list[float]]) -> list[serve_bench.Result]:
+        out = []
+        for rnd, times in enumerate(starts):
+            for conv, t in enumerate(times):
+                r = serve_bench.Result(conv, rnd, t, np.zeros(1, np.int32), 1)
+                r.ttft_s, r.e2e_s = 0.1, 0.5
+                out.append(r)
+        return out
+
+    tiered = serve_bench.summarize("gpu+host+disk", results(
+        [[0.0, 0.2], [1.0, 1.1], [2.0, 2.3], [3.0, 3.5]]), 0, 4.0)
+    gpu = serve_bench.summarize("gpu", results([[0.0, 0.1], [1.0, 1.2], [3.0, 3.1]]), 0, 4.0)
+    assert tiered.round_s == {0: 1.0, 1: 1.0, 2: 1.0}
+    assert gpu.round_s == {0: 1.0, 1: 2.0}  # its last round has no successor
+    assert serve_bench.round_speed(tiered, gpu) == \
+        "per round 1.00x (round 0) to 2.00x (round 1), range 1.00-2.00x"
+    line = serve_bench.compare([tiered, gpu], closed=True)[0]
+    assert line.startswith("gpu+host+disk vs gpu: throughput") and "per round 1.00x" in line
+    assert "per round" not in serve_bench.compare([tiered, gpu])[0]  # open loop: none
+    table = serve_bench.format_rounds([tiered, gpu], closed=True)
+    assert "seconds / round" in table and "TTFT p50 ms / round" in table
+    assert "seconds / round" not in serve_bench.format_rounds([tiered, gpu])
