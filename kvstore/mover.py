@@ -345,6 +345,10 @@ class BlockMover:
         self._lock = threading.Lock()
         # GPU->host copies in flight, with the host slots each writes
         self._host_pending: list[tuple[Transfer, frozenset[int]]] = []
+        # Publication copies in flight, with the GPU slots each reads: a slot of a cached
+        # block is rewritten only once the block left the GPU and the slot is handed out
+        # again, so later compute waits for them only then (before_gpu_reuse).
+        self._gpu_reads: list[tuple[Transfer, frozenset[int]]] = []
         self._cuda = gpu.device.type == "cuda"
         self.kv_format = cfg.kv_format
         self._compressed = cfg.kv_format != "exact"
@@ -397,6 +401,26 @@ class BlockMover:
             t.wait_on_stream(torch.cuda.current_stream(self.gpu.device))
         self._host_pending.append((t, frozenset(host_slots)))
         self._count("gpu->host", len(gpu_slots))
+
+    def before_gpu_reuse(self, gpu_slots: Sequence[int]) -> None:
+        """Order the compute enqueued from now on after the publication copies still
+        reading any of ``gpu_slots`` (about to be handed out again, so about to be
+        written); store's thread, before the compute that writes them is enqueued.
+        Copies on the side stream are ordered after the current stream, so they follow
+        too. Cheap when nothing is in flight (the common case: publications finish long
+        before their blocks are evicted)."""
+        if not self._gpu_reads:
+            return
+        wanted = set(gpu_slots)
+        keep: list[tuple[Transfer, frozenset[int]]] = []
+        for t, src in self._gpu_reads:
+            if t.device_done():
+                continue
+            if wanted.isdisjoint(src):
+                keep.append((t, src))
+            else:
+                t.wait_on_stream(torch.cuda.current_stream(self.gpu.device))
+        self._gpu_reads = keep
 
     def copy_gpu(self, src: int, dst: int) -> None:
         """Copy one GPU slot to another (copy-on-write), ordered before later compute."""
@@ -707,8 +731,10 @@ class BlockMover:
     def publish(self, nodes: Sequence[Node], gpu_slots: Sequence[int]) -> int:
         """Queue committed blocks for every shared tier; returns how many were queued.
 
-        Snapshots the GPU slots now (on the side stream, after the compute that wrote
-        them), so the slots may be reused at once. When the queue is full the rest are
+        Snapshots the GPU slots on the side stream, after the compute that wrote them;
+        later compute does not wait for the copy (the blocks stay cached on the GPU), only
+        compute after the store hands one of those slots out again
+        (:meth:`before_gpu_reuse`). When the queue is full the rest are
         dropped (counted in :attr:`publish_dropped`); this never blocks. With a host
         tier, publications leave half the queue to write-back (a host victim's write is
         its only copy's way down; a publication copies a block still cached above) and
@@ -730,8 +756,9 @@ class BlockMover:
             self._publisher.submit(partial(self._publish_job, batch, slots, ready), PUBLICATION)
             return n
         t = copy_slots(self.gpu, gpu_slots[:n], pool, slots)
-        if self._cuda:
-            t.wait_on_stream(torch.cuda.current_stream(self.gpu.device))
+        if self._cuda:  # compute waits for it only if it reuses a slot it reads
+            self._gpu_reads = [(r, g) for r, g in self._gpu_reads if not r.device_done()]
+            self._gpu_reads.append((t, frozenset(gpu_slots[:n])))
         self._publisher.submit(partial(self._publish_job, batch, slots, t), PUBLICATION)
         return n
 

@@ -53,6 +53,9 @@ class NullMover:
     def copy_gpu(self, src: int, dst: int) -> None:
         return None
 
+    def before_gpu_reuse(self, gpu_slots: Sequence[int]) -> None:
+        return None
+
     def demote(self, src: str, dst: str, moved: Sequence[Moved]) -> list[Node]:
         return []
 

@@ -708,7 +708,9 @@ class KVStore:
             return []
         gpu = self._levels[0]
         self._ensure_free(gpu, n)
-        return gpu.room.take(n)
+        slots: list[int] = gpu.room.take(n)
+        self.mover.before_gpu_reuse(slots)  # a publication may still be reading them
+        return slots
 
     def _ensure_free(self, level: Level, need: int) -> None:
         """Make ``need`` locations free in ``level`` (demoting or evicting its blocks)."""

@@ -590,6 +590,13 @@ class Transfer:
         self._run_finalize()
         return True
 
+    def device_done(self) -> bool:
+        """True when the device side of the copy is complete (its sources may be
+        overwritten, its device destinations read), without blocking and without the
+        host-side work :meth:`done` may run (a staged copy's last leg). True for copies
+        between CPU pools, which are complete on return."""
+        return self._event is None or bool(self._event.query())
+
     def wait(self) -> None:
         """Block the calling thread until the copy is complete."""
         if self._event is not None:
