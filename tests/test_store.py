@@ -284,6 +284,50 @@ def test_two_leases_promote_the_same_host_blocks_at_once(device):
     store.check_integrity()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_slot_reused_while_its_publication_copy_waits_is_written_after_it(tmp_path):
+    """A publication copies its blocks on the side stream while compute goes on; when
+    the GPU lets those blocks go and hands their slots to the next request before the
+    copy ran, the next request's writes wait for it: the disk gets the published bytes,
+    never the next request's. The side stream is kept busy so that without that wait
+    the writes land first. (The write kernel is run once beforehand: its first launch
+    would load it, which waits for the whole device and hides the race.)"""
+    from tiers.codec import Corrupt, decode_block
+    from tiers.pool import side_stream
+
+    store = make_store(tmp_path, gpu_blocks=16, device="cuda", disk=True)
+    first = tokens(11, 16 * BS)
+    chain = hash_blocks(NS.root(), first, BS)
+    lease = store.acquire(store.match(chain))
+    assert isinstance(store.allocate(lease, len(first)), Allocated)
+    store.gpu.block(lease.slots[0]).fill_(-1.0)  # loads the write kernel now
+    fill(store, lease, 0)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side_stream(store.gpu.device)):
+        torch.cuda._sleep(200_000_000)  # the publication copy waits behind this
+    store.commit(lease, len(first))  # queues the publication (copy on the side stream)
+    published = set(lease.slots)
+    store.release(lease)
+    second = hash_blocks(NS.root(), tokens(12, 16 * BS), BS)
+    lease2 = store.acquire(store.match(second))
+    assert isinstance(store.allocate(lease2, 16 * BS), Allocated)  # evicts the first
+    assert set(lease2.slots) == published
+    for slot in lease2.slots:  # the next request's writes, on the current stream
+        store.gpu.block(slot).fill_(-1.0)
+    store.commit(lease2, 16 * BS)
+    store.release(lease2)
+    store.flush()
+    blobs = store.shared_tiers["disk"].get(chain.keys)
+    for i, blob in enumerate(blobs):
+        assert blob is not None, i
+        blk = decode_block(blob, expected_key=chain.keys[i], layout=LAYOUT)
+        assert not isinstance(blk, Corrupt), i
+        got = torch.frombuffer(bytearray(blk.payload), dtype=torch.float32)
+        assert torch.equal(got.view(LAYOUT.block_shape), expected(chain.keys[i])), i
+    store.check_integrity()
+    store.close()
+
+
 def test_pinned_prefix_is_evicted_last():
     store = make_store(gpu_blocks=6)
     system = tokens(9, 2 * BS)
