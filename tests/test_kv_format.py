@@ -326,8 +326,12 @@ def test_smollm2_greedy_from_an_int8_disk(tmp_path, capsys):
     assert isinstance(outs, list)
     second.close()
     agree = 0
+    # The shared system prompt comes from the int8 disk: once at least (a request
+    # matched after another's load finished finds those blocks on the GPU), and every
+    # request hits it somewhere.
+    assert sum(out.cached_tokens.get("disk", 0) for out in outs) >= 16 * 4
     for out, ref in zip(outs, reference):
-        assert out.cached_tokens.get("disk", 0) >= 16 * 4
+        assert sum(out.cached_tokens.values()) >= 16 * 4
         assert 0 < len(out.token_ids) <= params.max_tokens
         assert out.outputs[0].finish_reason in ("stop", "length")
         assert isinstance(out.text, str) and out.text.strip()
