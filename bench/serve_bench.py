@@ -1064,13 +1064,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     headers = {"Authorization": f"Bearer {k}"} if (k := os.environ.get("KVSTORE_API_KEY")) \
         else {}
     try:
-        return _run(args, names, out, headers)
+        with _sigterm_interrupts():
+            return _run(args, names, out, headers)
     except (RunError, FileNotFoundError, ValueError) as exc:
         print(f"kvstore bench serve: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("kvstore bench serve: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a job's time limit, ``timeout``) interrupts like Ctrl-C for the ``with``
+    body, so the servers are stopped and the finished configurations reported."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _run(args: argparse.Namespace, names: list[str], out: Path,
@@ -1114,41 +1135,21 @@ def _run(args: argparse.Namespace, names: list[str], out: Path,
                   f"scheduler is measured rather than the tiers; {fix}")
     rows: list[Summary] = []
     results: dict[str, list[Result]] = {}
-    for name in names:
-        convs = build_workload(args, vocab, args.seed)  # fresh histories
+    interrupted: list[str] = []  # configurations not measured: Ctrl-C or SIGTERM
+    for i, name in enumerate(names):
         try:
-            if args.url:
-                load = asyncio.run(_measure(args.url, args, convs, vocab, headers, name))
-            else:
-                assert sizes is not None
-                load = _run_config(name, args, sizes, convs, vocab, out, headers)
-            res, skipped, dur = load.results, load.skipped, load.duration_s
-        except RunError as exc:
-            print(f"[{name}] failed: {exc}", file=sys.stderr)
-            rows.append(summarize(name, [], 0, 0.0))
-            rows[-1].first_error = str(exc).splitlines()[0][:200]
-            continue
-        summary = summarize(name, res, skipped, dur, load.unsent)
-        if not args.no_sim and sizes is not None and name != "off":
-            summary.sim_hit = simulated_hit_rate(
-                res, gpu_blocks=sizes.gpu or _server_gpu_blocks(out, name),
-                host_blocks=sizes.host if "host" in name else 0,
-                disk_blocks=sizes.disk if "disk" in name else 0,
-                redis_blocks=(1 << 20) if "redis" in name else 0)
-        rows.append(summary)
-        results[name] = res
-        write_csv(rows, results, out)  # after each configuration: a cut-short run keeps them
-        print(f"[{name}] {summary.requests} ok, {summary.errors} errors, {skipped} skipped "
-              f"(context), {summary.duration_s:.1f} s"
-              + (f"; first error: {summary.first_error}" if summary.first_error else ""))
-        if summary.cut:
-            print(f"[{name}] cut at --max-duration {args.max_duration:g} s: "
-                  f"{summary.cut - load.unsent} requests cancelled in flight, {load.unsent} "
-                  f"never sent; its TTFT counts the cancelled ones' waits so far (lower "
-                  f"bounds), its other figures only the {summary.requests} that finished")
-        behind = keep_up_note(args, res, dur)
-        if behind:
-            print(f"[{name}] {behind}")
+            _measure_config(name, args, sizes, vocab, out, headers, rows, results)
+        except KeyboardInterrupt:
+            interrupted = names[i:]
+            print(f"\n[{name}] interrupted; not measured: {', '.join(interrupted)}",
+                  file=sys.stderr)
+            break
+    if not rows:
+        if interrupted:
+            print("kvstore bench serve: interrupted before any configuration finished",
+                  file=sys.stderr)
+            return 130
+        return 1
     print()
     print(format_table(rows))
     closed = arrival_mode(args) == "closed"
@@ -1166,7 +1167,52 @@ def _run(args: argparse.Namespace, names: list[str], out: Path,
         plot(rows, out / "serve_bench.png", title)
     print(f"\nwrote {out / 'summary.csv'}, {out / 'requests.csv'}"
           + ("" if args.no_plot else f", {out / 'serve_bench.png'}"))
+    if interrupted:
+        print(f"interrupted: {', '.join(interrupted)} not measured", file=sys.stderr)
+        return 130
     return 1 if any(s.requests == 0 for s in rows) else 0
+
+
+def _measure_config(name: str, args: argparse.Namespace, sizes: ServerSizes | None,
+                    vocab: int, out: Path, headers: dict[str, str], rows: list[Summary],
+                    results: dict[str, list[Result]]) -> None:
+    """Run configuration ``name`` (its own server, or ``--url``), append its summary to
+    ``rows`` and its requests to ``results`` (a failed start appends an empty summary
+    naming the error) and rewrite the CSVs."""
+    convs = build_workload(args, vocab, args.seed)  # fresh histories
+    try:
+        if args.url:
+            load = asyncio.run(_measure(args.url, args, convs, vocab, headers, name))
+        else:
+            assert sizes is not None
+            load = _run_config(name, args, sizes, convs, vocab, out, headers)
+        res, skipped, dur = load.results, load.skipped, load.duration_s
+    except RunError as exc:
+        print(f"[{name}] failed: {exc}", file=sys.stderr)
+        rows.append(summarize(name, [], 0, 0.0))
+        rows[-1].first_error = str(exc).splitlines()[0][:200]
+        return
+    summary = summarize(name, res, skipped, dur, load.unsent)
+    if not args.no_sim and sizes is not None and name != "off":
+        summary.sim_hit = simulated_hit_rate(
+            res, gpu_blocks=sizes.gpu or _server_gpu_blocks(out, name),
+            host_blocks=sizes.host if "host" in name else 0,
+            disk_blocks=sizes.disk if "disk" in name else 0,
+            redis_blocks=(1 << 20) if "redis" in name else 0)
+    rows.append(summary)
+    results[name] = res
+    write_csv(rows, results, out)  # after each configuration: a cut-short run keeps them
+    print(f"[{name}] {summary.requests} ok, {summary.errors} errors, {skipped} skipped "
+          f"(context), {summary.duration_s:.1f} s"
+          + (f"; first error: {summary.first_error}" if summary.first_error else ""))
+    if summary.cut:
+        print(f"[{name}] cut at --max-duration {args.max_duration:g} s: "
+              f"{summary.cut - load.unsent} requests cancelled in flight, {load.unsent} "
+              f"never sent; its TTFT counts the cancelled ones' waits so far (lower "
+              f"bounds), its other figures only the {summary.requests} that finished")
+    behind = keep_up_note(args, res, dur)
+    if behind:
+        print(f"[{name}] {behind}")
 
 
 def _sizes(args: argparse.Namespace) -> tuple[ServerSizes, int, int]:

@@ -86,6 +86,55 @@ def test_max_duration_cuts_a_configuration_and_reports_what_it_cut(
             assert int(r["completion_tokens"]) == 8 and not r["error"]
 
 
+def test_sigterm_stops_the_run_and_reports_the_configurations_that_finished(
+        tmp_path: Path) -> None:
+    """A time limit's SIGTERM while the second configuration's server starts: the server
+    is stopped, the first configuration is reported (table, CSV), the exit code is 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvstore", "bench", "serve", "--device", "cpu",
+         "--configs", "gpu,off", "--clients", "2", "--rounds", "2", "--new-tokens", "40",
+         "--output-tokens", "4", "--gpu-kv-bytes", "16MiB", "--warmup", "1",
+         "--max-num-seqs", "4", "--out", str(out), "--no-progress", "--no-plot", "--no-sim"],
+        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("[off] starting"):
+            break
+        assert time.monotonic() < deadline, "".join(seen)
+    log = out / "server-off.log"
+    while not log.is_file() or not log.stat().st_size:  # the server runs, and logs
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=180)
+    printed = "".join(seen) + rest
+    assert proc.returncode == 130, printed + err
+    assert "[gpu] 4 ok" in printed and "interrupted; not measured: off" in err
+    assert "config" in printed and "\ngpu " in printed  # the table, with the gpu row
+    [row] = _rows(out / "summary.csv")
+    assert row["config"] == "gpu" and int(row["requests"]) == 4
+    holders = []  # processes still writing the interrupted server's log: none
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            holders += [fd_dir.parent.name for fd in fd_dir.iterdir()
+                        if os.readlink(fd) == str(log)]
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    assert not holders, holders
+
+
 def test_bad_arguments_are_refused_with_the_flag_named(
         capsys: pytest.CaptureFixture[str]) -> None:
     for argv, needle in ((["--configs", "gpu,tpu"], "--configs"),
