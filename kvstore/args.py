@@ -148,7 +148,8 @@ def add_listen_arguments(p: argparse.ArgumentParser, *, host: str, port: int,
     net.add_argument("--port", type=port_arg, default=port,
                      help="TCP port (default: %(default)s; 0 = any free port, logged)")
     net.add_argument(credential, default=None, metavar=credential.upper().lstrip("-"),
-                     help=f"{credential_help} (default: ${env}; none)")
+                     help=f"{credential_help}; write {credential}=VALUE when it starts with '-' "
+                          f"(default: ${env}; none)")
     net.add_argument("--shutdown-timeout", type=seconds_arg(allow_zero=True),
                      default=shutdown_timeout_s, metavar="SECONDS",
                      help="on SIGTERM/SIGINT, time requests in flight get to finish "

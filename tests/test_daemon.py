@@ -47,7 +47,8 @@ from tiers.wire import encode_get_reply, encode_put_body
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float16")
-TOKEN = secrets.token_urlsafe(24)
+TOKEN = secrets.token_hex(24)
+"""Hex, so never read by argparse as an option when passed as ``--token TOKEN``."""
 Items = list[tuple[bytes, bytes]]
 
 
@@ -355,6 +356,11 @@ def test_non_loopback_bind_needs_a_token() -> None:
     with DaemonProcess(["--host", "0.0.0.0", "--token", TOKEN]) as flagged:
         assert request(flagged.port, "GET", "/v1/stats").status == 200
         assert request(flagged.port, "GET", "/v1/stats", token=None).status == 401
+    # a token that starts with '-' (secrets.token_urlsafe makes one in 64) goes as --token=
+    dashed = "-" + TOKEN
+    with DaemonProcess(["--host", "0.0.0.0", f"--token={dashed}"]) as flagged:
+        assert request(flagged.port, "GET", "/v1/stats", token=dashed).status == 200
+        assert request(flagged.port, "GET", "/v1/stats").status == 401
 
 
 # ============================================================ malformed requests

@@ -87,7 +87,7 @@ class DaemonConfig:
                  and len(self.token) >= MIN_TOKEN_CHARS,
                  f"token must be {MIN_TOKEN_CHARS} to 4096 visible ASCII characters without "
                  "spaces (generate one: python3 -c 'import secrets; "
-                 "print(secrets.token_urlsafe(32))')")
+                 "print(secrets.token_hex(32))')")
         check_exposure(self.host, self.token, "read and overwrite the cache",
                        f"{TOKEN_ENV} (or --token)")
         if self.namespaces is not None:
