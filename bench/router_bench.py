@@ -234,7 +234,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--devices", default=None, metavar="D0,D1",
                    help="devices given to the replicas in turn, e.g. cuda:0,cuda:1 (default: "
                         "--device for all: cap each pool with --gpu-kv-bytes to share one GPU)")
-    g.add_argument("--router-arg", action="append", default=None, metavar="ARG",
+    _add_router_arg(g)
+
+
+def _add_router_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--router-arg``: both benches' flags for the routers they start."""
+    p.add_argument("--router-arg", action="append", default=None, metavar="ARG",
                    help="extra argument for every kvstore router (repeatable; use "
                         "--router-arg=--flag, e.g. --router-arg=--load-weight=16; "
                         "default: none)")
@@ -391,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-arg", action="append", default=None, metavar="ARG",
                    help="flag passed to the replica verbatim, e.g. --replica-arg=--model=smollm2 "
                         "(repeatable; default: none)")
+    _add_router_arg(p)
     p.add_argument("--startup-timeout", type=float, default=900.0, metavar="SECONDS",
                    help="replica start (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,

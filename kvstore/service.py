@@ -158,6 +158,21 @@ def check_exposure(host: str, credential: str | None, what: str, how: str) -> No
                          "bind 127.0.0.1")
 
 
+def check_api_key(key: str | None, how: str) -> None:
+    """A bearer key as a client can send it: not blank, no surrounding whitespace (a
+    trailing newline read from a file), printable. ``ValueError`` naming ``how`` it was
+    given otherwise; ``None`` (no key) passes."""
+    if key is None:
+        return
+    if not key.strip():
+        raise ValueError(f"{how} must not be blank")
+    if key != key.strip():
+        raise ValueError(f"{how} starts or ends with whitespace (a newline from a file?): "
+                         "clients could never send it; strip it")
+    if not key.isprintable():
+        raise ValueError(f"{how} holds control characters: use printable text")
+
+
 def address_url(address: object) -> str:
     """``http://host:port`` of an address aiohttp listens on (IPv6 in brackets)."""
     host, port = address[0], address[1]  # type: ignore[index]

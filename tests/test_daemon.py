@@ -890,24 +890,29 @@ def _put(port: int, items: Items, namespace: str = "kv") -> Reply:
 
 def test_put_counts_only_what_a_durable_tier_holds(tmp_path: Path) -> None:
     """``stored`` counts the blocks the disk tier holds after the put: a disk too small
-    for any block stores nothing (507, even though the memory tier kept a copy), one
-    that holds two of five blocks answers 2, and the client counts the shortfall."""
+    for any block stores nothing (507, and the memory tier in front of it takes nothing
+    either: a refused put changes nothing), one that holds two of five blocks answers 2
+    (and the memory tier caches those two), and the client counts the shortfall."""
     items = make_blocks(5, seed=42)
+    keys = pack({"keys": keys_of(items)})
     with DaemonProcess(["--host-bytes", "1MiB", "--disk", str(tmp_path / "tiny"),
                         "--disk-bytes", str(BLOCK_BYTES // 2)], token=TOKEN) as d:
         reply = _put(d.port, items)
         assert reply.status == 507, reply.body
         assert "nothing was stored" in reply.json()["error"]
+        assert request(d.port, "POST", "/v1/kv/exists", keys).msgpack() == {"count": 0}
+        assert stats(d.port)["tiers"]["memory"]["blocks"] == 0
         tier = tier_for(d)
         tier.put(items)
         s = tier.stats()
         assert (s.puts, s.errors, s.extra["down"]) == (0, 1, 0.0)  # not an outage
         tier.close()
-    with DaemonProcess(["--host-bytes", "0", "--disk", str(tmp_path / "two"),
+    with DaemonProcess(["--host-bytes", "1MiB", "--disk", str(tmp_path / "two"),
                         "--disk-bytes", str(2 * BLOCK_BYTES + BLOCK_BYTES // 2)],
                        token=TOKEN) as d:
         reply = _put(d.port, items)
         assert reply.status == 200 and reply.msgpack() == {"stored": 2}
+        assert stats(d.port)["tiers"]["memory"]["blocks"] == 2
         tier = tier_for(d)
         tier.put(items)
         assert (tier.stats().puts, tier.stats().errors) == (2, 1)

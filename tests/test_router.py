@@ -294,6 +294,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         replicas["a"].start(env).wait_listening()
         replicas["b"].start(env).wait_listening()
         router = Proc(["router", "--port", "0", "--kv-events", redis.url,
+                       "--replica-timeout", "2",
                        "--replica", replicas["a"].url, "--replica", replicas["b"].url],
                       tmp / "router.log").start(env).wait_listening()
         _wait_for(lambda: _get(router.url + "/healthz")["replicas_in_rotation"] == 2,
@@ -380,6 +381,52 @@ def test_a_replica_that_stops_answering_leaves_the_rotation_and_comes_back(
                        "the replica to come back", timeout_s=10)
     print(f"hung replica out of rotation after {out_s:.2f} s, back {back_s:.2f} s after "
           "it answered again")
+
+
+def test_a_request_on_a_replica_that_hangs_moves_to_another(fleet: Fleet) -> None:
+    """SIGSTOP while a request is in flight on the replica: the router gives up on it
+    once the replica has failed its health checks for --replica-timeout (2 s here) and
+    sends the request to the other one; nothing waits for the hung process."""
+    url = fleet.router.url
+    proc = fleet.replicas["b"].proc
+    assert proc is not None
+    results: dict[int, tuple[str, dict[str, Any]] | BaseException] = {}
+
+    def ask(i: int) -> None:
+        try:
+            results[i] = _chat(url, [{"role": "user", "content": f"List ten fruits, {i}."}],
+                               max_tokens=48)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            results[i] = exc
+
+    def b_busy() -> bool:
+        status = _get(url + "/v1/router")
+        return any(r["replica_id"] == "b" and r["in_flight"] > 0 for r in status["replicas"])
+
+    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    _wait_for(b_busy, "a request in flight on replica b")
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        for t in threads:  # answered while b is still stopped
+            t.join(120)
+        failed = {i: r for i, r in results.items() if isinstance(r, BaseException)}
+        assert len(results) == 4 and not failed, (results, fleet.router.text()[-2000:])
+        assert "failed its health checks for 2 s" in fleet.router.text()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    _wait_for(lambda: _get(url + "/healthz")["replicas_in_rotation"] == 2,
+              "the replica to come back", timeout_s=10)
+
+
+def test_models_by_name_through_the_router(fleet: Fleet) -> None:
+    """A name is forwarded as one name: ``../`` in it reaches no other path."""
+    url = fleet.router.url
+    assert _get(url + "/v1/models/smollm2")["id"] == "smollm2"
+    for path in ("/v1/models/x%2F..%2F..%2Fv1%2Fstats", "/v1/models/org/model"):
+        err = _get(url + path)["error"]
+        assert err["code"] == "model_not_found", (path, err)
 
 
 def test_killing_a_replica_loses_no_request(fleet: Fleet) -> None:

@@ -485,6 +485,18 @@ BAD_REQUESTS: list[tuple[str, str, str, Any, int, str | None]] = [
      400, "echo"),
     ("completion logprobs", "POST", "/v1/completions",
      {"model": "smollm2", "prompt": "a", "logprobs": 2}, 400, "logprobs"),
+    ("nested too deeply", "POST", "/v1/chat/completions", "[" * 100_000 + "]" * 100_000, 400,
+     None),
+    ("lone surrogate in a prompt", "POST", "/v1/completions",
+     '{"model": "smollm2", "prompt": "a\\ud800", "max_tokens": 2}', 400, "prompt"),
+    ("lone surrogate in a message", "POST", "/v1/chat/completions",
+     '{"model": "smollm2", "messages": [{"role": "user", "content": "\\udfff"}]}', 400,
+     "messages[0].content"),
+    ("negative stop token id", "POST", "/v1/chat/completions",
+     {**GOOD_CHAT, "stop_token_ids": [-5]}, 400, "stop_token_ids"),
+    ("too many prompts", "POST", "/v1/completions",
+     {"model": "smollm2", "prompt": ["ab"] * 200, "max_tokens": 1}, 400, "prompt"),
+    ("model name with a slash", "GET", "/v1/models/org/model", None, 404, "model"),
     ("wrong method", "GET", "/v1/chat/completions", None, 405, None),
     ("unknown route", "POST", "/v1/embeddings", {"model": "smollm2", "input": "a"}, 404, None),
 ]
@@ -750,6 +762,17 @@ def test_listening_beyond_loopback_needs_an_api_key() -> None:
                          capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert out.returncode == 2 and "refusing to listen on 0.0.0.0" in out.stderr
     assert "KVSTORE_API_KEY" in out.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "router"])
+def test_an_api_key_no_client_could_send_is_refused(command: str) -> None:
+    """A key read from a file with its newline would make every request a 401."""
+    env = dict(os.environ, KVSTORE_API_KEY="secretkey123\n")
+    out = subprocess.run([sys.executable, "-m", "kvstore", command,
+                          *(["--replica", "http://127.0.0.1:9"] if command == "router" else [])],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert out.returncode == 2 and "whitespace" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_model_conversions_go_under_kvstore_home(tmp_path: Path) -> None:

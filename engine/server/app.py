@@ -212,6 +212,9 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
         raise APIError(400, f"We could not parse the JSON body of your request ({exc}); send "
                             "a JSON object with Content-Type: application/json",
                        code="invalid_json") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise APIError(400, "the JSON body of your request is nested too deeply to parse",
+                       code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {json_kind(body)}",
                        code="invalid_json")
@@ -374,7 +377,8 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions, name="chat_completions")
     app.router.add_post("/v1/completions", completions, name="completions")
     app.router.add_get("/v1/models", list_models, name="models", allow_head=False)
-    app.router.add_get("/v1/models/{model}", get_model, name="model", allow_head=False)
+    # a name may hold '/' (org/model, a checkpoint path)
+    app.router.add_get("/v1/models/{model:.+}", get_model, name="model", allow_head=False)
     app.router.add_get("/v1/stats", stats, name="stats", allow_head=False)
     app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
     app.router.add_get("/healthz", healthz, name="healthz", allow_head=False)

@@ -40,10 +40,9 @@ class ServeConfig:
     shutdown_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        from kvstore.service import check_exposure
+        from kvstore.service import check_api_key, check_exposure
 
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("--api-key must not be blank")
+        check_api_key(self.api_key, f"the API key (${API_KEY_ENV} or --api-key)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if not self.shutdown_timeout_s >= 0:

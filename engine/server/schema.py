@@ -8,6 +8,8 @@ implement (log probabilities, penalties, tools, structured output).
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -252,7 +254,7 @@ def _stop_strings(value: object) -> tuple[str, ...]:
         raise bad(f"'stop' may hold at most {MAX_STOP} strings, got {len(items)}", "stop")
     if any(not s for s in items):
         raise bad("'stop' strings must not be empty", "stop")
-    return tuple(items)
+    return tuple(_text(s, "stop") for s in items)
 
 
 def _token_list(value: object, name: str, *, allow_empty: bool = False) -> tuple[int, ...]:
@@ -263,6 +265,8 @@ def _token_list(value: object, name: str, *, allow_empty: bool = False) -> tuple
         raise bad(f"'{name}' must be an array of integer token ids", name)
     if not value and not allow_empty:
         raise bad(f"'{name}' must not be empty", name)
+    if any(t < 0 for t in value):
+        raise bad(f"'{name}' must hold token ids >= 0, got {min(value)}", name)
     return tuple(value)
 
 
@@ -293,9 +297,21 @@ def parse_messages(value: object) -> list[dict[str, str]]:
     return out
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(value: str, param: str) -> str:
+    """``value`` unless it holds a lone UTF-16 surrogate (JSON's ``"\\ud800"``), which no
+    tokenizer can encode: ``APIError`` 400 naming ``param``."""
+    if not value.isascii() and _SURROGATE.search(value):
+        raise bad(f"'{param}' contains an unpaired UTF-16 surrogate (\\ud800-\\udfff "
+                  "without its pair): send valid Unicode text", param)
+    return value
+
+
 def _content(content: object, role: str, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _text(content, f"{where}.content")
     if content is None and role == "assistant":
         return ""
     if isinstance(content, list) and content:
@@ -305,7 +321,7 @@ def _content(content: object, role: str, where: str) -> str:
                     or not isinstance(part.get("text"), str):
                 raise bad(f"{where}.content[{j}] must be {{\"type\": \"text\", \"text\": "
                            "string}} (only text is supported)", f"{where}.content")
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{where}.content[{j}].text"))
         return "\n".join(texts)
     raise bad(f"{where}.content must be a string or an array of text parts", f"{where}.content")
 
@@ -321,11 +337,12 @@ def parse_prompts(value: object) -> list[str | list[int]]:
             isinstance(t, int) and not isinstance(t, bool) for t in v)
 
     if isinstance(value, str):
-        return [value]
+        return [_text(value, "prompt")]
     if is_ids(value):
         return [list(value)]
     if isinstance(value, list) and value and all(isinstance(p, str) or is_ids(p) for p in value):
-        return [p if isinstance(p, str) else list(p) for p in value]
+        return [_text(p, f"prompt[{i}]") if isinstance(p, str) else list(p)
+                for i, p in enumerate(value)]
     raise bad(message, "prompt")
 
 
@@ -351,7 +368,8 @@ def sampling_params(opts: Options, prompt_lens: Sequence[int], max_context: int,
                        "prompt or the completion length.", "max_tokens")
     if len(prompt_lens) * opts.n > MAX_CHOICES:
         raise bad(f"at most {MAX_CHOICES} sequences per request (prompts x n), got "
-                   f"{len(prompt_lens) * opts.n}", "n")
+                   f"{len(prompt_lens) * opts.n}",
+                  "n" if opts.n > 1 else prompt_param)
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=opts.temperature,
                               top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed, n=opts.n,

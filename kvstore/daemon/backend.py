@@ -221,16 +221,22 @@ class Backend:
         return values, corrupt
 
     def put(self, ns: NamespaceTiers, items: list[tuple[bytes, bytes]]) -> int:
-        """Write verified pairs to every tier; returns how many of them the durable
-        tiers now hold (a block counts once, held by any durable tier). A tier that
-        refused or failed a write (full, down) holds nothing it was not given before."""
-        for tier in ns.tiers:
+        """Write verified pairs to the durable tiers, then to the memory tier in front
+        of them only the pairs a durable tier now holds (so a put that stored nothing
+        changes nothing); returns how many of them the durable tiers hold (a block
+        counts once, held by any durable tier). A tier that refused or failed a write
+        (full, down) holds nothing it was not given before."""
+        for tier in ns.durable:
             tier.put(items)
         keys = [key for key, _ in items]
         stored = [False] * len(keys)
         for tier in ns.durable:
             stored = [a or b for a, b in zip(stored, held(tier, keys))]
-        return sum(stored)
+        kept = [item for item, ok in zip(items, stored, strict=True) if ok]
+        for tier in ns.tiers:
+            if kept and tier not in ns.durable:
+                tier.put(kept)
+        return len(kept)
 
     def delete(self, ns: NamespaceTiers, keys: list[bytes]) -> int:
         """Remove keys from every tier; returns how many distinct keys were named."""

@@ -14,7 +14,9 @@ the router answers 503.
 Retries: a request whose replica cannot be reached, answers 503 (shutting down) or
 fails before the router sent the client any byte is sent to the next best replica; a
 non-streamed answer is read whole first, a stream once its first chunk arrived. A
-replica dying in the middle of a stream ends that stream (no ``[DONE]``).
+replica dying in the middle of a stream ends that stream (no ``[DONE]``). A hung replica
+(connections open, no answers) is given up the same way once it has failed its health
+checks for ``replica_timeout_s``: the request moves on, or its stream ends.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -63,6 +66,7 @@ class RouterSettings:
     kv_events: str | None = None
     health_interval_s: float = 0.25
     health_timeout_s: float = 0.5
+    replica_timeout_s: float = 30.0
 
 
 @dataclass
@@ -94,6 +98,47 @@ STATE = web.AppKey("kvstore_router_state", RouterState)
 
 class _Unreachable(Exception):
     """The replica failed before the client was sent anything: try another one."""
+
+
+class _HungWatch:
+    """Cancels the task that waits on ``replica`` once the replica has been out of
+    rotation (failing its health checks) for ``after_s`` seconds; checked every
+    ``every_s`` by a loop timer (no task). ``fired`` says whether it cancelled. Use as a
+    context manager around the waits; it stops its timer on exit."""
+
+    def __init__(self, replica: Replica, after_s: float, every_s: float) -> None:
+        self.replica = replica
+        self.after_s = after_s
+        self.every_s = every_s
+        self.fired = False
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> _HungWatch:
+        self._timer = self._loop.call_later(self.every_s, self._check)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _check(self) -> None:
+        r = self.replica
+        if not r.healthy and time.monotonic() - r.since >= self.after_s:
+            self.fired = True
+            self._timer = None
+            if self._task is not None:
+                self._task.cancel()
+        else:
+            self._timer = self._loop.call_later(self.every_s, self._check)
+
+    def absorb(self) -> str:
+        """After the ``CancelledError`` this watch caused: clear the task's cancellation
+        and return why (for a log or :class:`_Unreachable`)."""
+        if self._task is not None:
+            self._task.uncancel()
+        return f"failed its health checks for {self.after_s:g} s while this request waited"
 
 
 # ------------------------------------------------------------------------ namespaces
@@ -182,7 +227,33 @@ async def _forward(request: web.Request, state: RouterState, replica: Replica, m
     was sent anything. ``first_byte()`` is called once the replica's answer (or the
     first event of a stream) is in. A non-streamed answer carries ``X-Kvstore-Route-Ms``:
     the time from ``arrived`` (``perf_counter``) to sending it to this replica (reading,
-    parsing, tokenizing, hashing, choosing; earlier tries included)."""
+    parsing, tokenizing, hashing, choosing; earlier tries included). A replica out of
+    rotation for ``replica_timeout_s`` while this waits on it counts as unreachable
+    before the client got a byte, and ends the stream after."""
+    s = state.settings
+    with _HungWatch(replica, s.replica_timeout_s, s.health_interval_s) as watch:
+        try:
+            return await _relay(request, state, replica, method, path, body, arrived,
+                                first_byte)
+        except asyncio.CancelledError:
+            if not watch.fired:
+                raise
+            why = watch.absorb()
+            started = request.get(_STARTED)
+            if not isinstance(started, web.StreamResponse):
+                raise _Unreachable(why) from None
+            logger.warning("replica %s %s; the stream ends there", replica.name, why)
+            return started
+
+
+_STARTED = "kvstore_router_started"
+"""Request key: the response the router started streaming to the client, once it did."""
+
+
+async def _relay(request: web.Request, state: RouterState, replica: Replica, method: str,
+                 path: str, body: bytes | None, arrived: float | None,
+                 first_byte: Callable[[], None]) -> web.StreamResponse:
+    """:func:`_forward`'s work, without the watch."""
     assert state.session is not None
     sent = time.perf_counter()
     try:
@@ -212,6 +283,7 @@ async def _forward(request: web.Request, state: RouterState, replica: Replica, m
         first_byte()
         response = web.StreamResponse(status=upstream.status, headers=headers)
         await response.prepare(request)
+        request[_STARTED] = response
         await response.write(first)
         try:
             async for chunk in upstream.content.iter_any():
@@ -240,8 +312,8 @@ async def _keys(ks: KeySpace, kind: str, raw: bytes) -> list[bytes]:
     def compute() -> list[bytes]:
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return []
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            return []  # the replica answers the client's mistake
         ids = ks.token_ids(kind, body)
         return ks.keys(ids) if ids else []
 
@@ -315,8 +387,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def models(request: web.Request) -> web.StreamResponse:
-    """``GET /v1/models`` and ``GET /v1/models/{model}`` from a replica in rotation."""
-    return await _dispatch(request, request.app[STATE], request.path, None, [], None)
+    """``GET /v1/models`` and ``GET /v1/models/{model}`` from a replica in rotation. The
+    name is forwarded quoted whole (``org/m`` as ``org%2Fm``): a name holding ``../``
+    stays a name and cannot reach another path of the replica."""
+    name = request.match_info.get("model")
+    path = "/v1/models" if name is None else "/v1/models/" + quote(name, safe="")
+    return await _dispatch(request, request.app[STATE], path, None, [], None)
 
 
 async def router_status(request: web.Request) -> web.Response:
@@ -399,7 +475,7 @@ def build_app(settings: RouterSettings) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions, name="chat_completions")
     app.router.add_post("/v1/completions", completions, name="completions")
     app.router.add_get("/v1/models", models, name="models", allow_head=False)
-    app.router.add_get("/v1/models/{model}", models, name="model", allow_head=False)
+    app.router.add_get("/v1/models/{model:.+}", models, name="model", allow_head=False)
     app.router.add_get("/v1/router", router_status, name="router", allow_head=False)
     app.router.add_get("/metrics", metrics, name="metrics", allow_head=False)
     app.router.add_get("/healthz", healthz, name="healthz", allow_head=False)

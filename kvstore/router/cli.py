@@ -38,10 +38,11 @@ class RouterConfig:
     kv_events: str | None = None
     health_interval_s: float = 0.25
     health_timeout_s: float = 0.5
+    replica_timeout_s: float = 30.0
     shutdown_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        from kvstore.service import check_exposure
+        from kvstore.service import check_api_key, check_exposure
 
         if not self.replicas:
             raise ValueError("give at least one --replica URL (a `kvstore serve`)")
@@ -50,8 +51,7 @@ class RouterConfig:
                 raise ValueError(f"--replica must be an http:// or https:// URL, got {url!r}")
         if len(set(self.replicas)) != len(self.replicas):
             raise ValueError("a --replica URL is given twice")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("--api-key must not be blank")
+        check_api_key(self.api_key, f"the API key (${API_KEY_ENV} or --api-key)")
         if self.kv_events is not None and not self.kv_events.startswith(
                 ("redis://", "rediss://", "unix://")):
             raise ValueError("--kv-events must be a redis://, rediss:// or unix:// URL")
@@ -92,7 +92,9 @@ tier, minus --load-weight blocks per request in flight. Start each replica with
 
 health: each replica's /healthz is polled every --health-interval seconds; one that
 does not answer within --health-timeout leaves the rotation until it answers again.
-A request whose replica fails before the client got a byte goes to another replica.
+A request whose replica fails before the client got a byte goes to another replica;
+so does one waiting on a replica out of rotation for --replica-timeout seconds (a hung
+process), or its stream ends there if it had begun.
 
 security: the key (${API_KEY_ENV} or --api-key) is required from clients and sent to
 the replicas for the router's own calls; give the replicas the same key. Listening
@@ -144,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                      default=d.health_timeout_s, metavar="SECONDS",
                      help="a replica slower than this to answer leaves the rotation "
                           "(default: %(default)s)")
+    net.add_argument("--replica-timeout", type=seconds_arg(allow_zero=False),
+                     default=d.replica_timeout_s, metavar="SECONDS",
+                     help="a request waiting on a replica that has been out of rotation "
+                          "this long (hung: connections open, no answers) is sent to "
+                          "another replica, or its stream ends if it had begun "
+                          "(default: %(default)s)")
     add_log_level(p)
     return p
 
@@ -155,7 +163,7 @@ async def run(config: RouterConfig) -> None:
 
     app = build_app(RouterSettings(config.replicas, config.policy, config.api_key,
                                    config.kv_events, config.health_interval_s,
-                                   config.health_timeout_s))
+                                   config.health_timeout_s, config.replica_timeout_s))
 
     def listening(urls: list[str]) -> None:
         logger.info("kvstore router %s listening on %s (pid %d)", __version__, ", ".join(urls),
@@ -193,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             policy=PolicyConfig(args.policy, args.tier_weights, args.load_weight,
                                 args.max_imbalance),
             kv_events=args.kv_events, health_interval_s=args.health_interval,
-            health_timeout_s=args.health_timeout, shutdown_timeout_s=args.shutdown_timeout)
+            health_timeout_s=args.health_timeout, replica_timeout_s=args.replica_timeout,
+            shutdown_timeout_s=args.shutdown_timeout)
     except ValueError as exc:
         parser.error(str(exc))
     try:

@@ -38,6 +38,7 @@ class Replica:
     namespace: dict[str, Any] | None = None
     refused: str | None = None  # why it is kept out (namespace mismatch), if it is
     since: float = field(default_factory=time.monotonic)
+    failure: str | None = None  # why its last check failed (logged when it changes)
 
     @property
     def routable(self) -> bool:
@@ -78,6 +79,10 @@ class HealthChecker:
                 # restarted with another model or id)
                 async with self.session.get(replica.url + "/v1/kv/namespace",
                                             timeout=self.timeout, headers=self.headers) as resp:
+                    if resp.status in (401, 403):
+                        raise RuntimeError(
+                            f"GET /v1/kv/namespace answered {resp.status}: give the router "
+                            "the replicas' API key ($KVSTORE_API_KEY or --api-key)")
                     if resp.status != 200:
                         raise RuntimeError(f"GET /v1/kv/namespace answered {resp.status}")
                     namespace = await resp.json()
@@ -92,10 +97,17 @@ class HealthChecker:
                     raise
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError,
                 RuntimeError) as exc:
+            why = str(exc) or type(exc).__name__
             if replica.healthy:
                 logger.warning("replica %s (%s) stopped answering: %s", replica.name,
-                               redact_url(replica.url), exc or type(exc).__name__)
+                               redact_url(replica.url), why)
+            elif why != replica.failure:  # once per reason, not every check
+                logger.warning("replica %s (%s) not in rotation: %s", replica.name,
+                               redact_url(replica.url), why)
+            replica.failure = why
             ok = False
+        if ok:
+            replica.failure = None
         self.set_health(replica, ok)
         return ok
 
