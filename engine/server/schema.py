@@ -9,7 +9,6 @@ implement (log probabilities, penalties, tools, structured output).
 from __future__ import annotations
 
 import re
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard
