@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from engine.options import add_engine_arguments, engine_kwargs
+from engine.options import add_engine_arguments, check_engine_arguments, engine_kwargs
 from kvstore import env
 from kvstore.args import SIZE_HELP, add_log_level, configure_logging, count_arg
 from kvstore.units import format_size
@@ -228,7 +228,9 @@ def _lines(args: argparse.Namespace) -> Iterable[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """``kvstore chat``: 0 when the conversation ends, 2 for bad arguments or a model or
     tier that cannot be opened (one line, never a traceback)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_engine_arguments(parser, args)
     configure_logging(args.log_level)
     from engine.llm import LLM
     from engine.sampling import SamplingParams

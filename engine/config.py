@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -165,7 +166,14 @@ class ModelConfig:
         Raises ``ValueError`` naming the key to fix for anything unsupported.
         """
         model_type = hf.get("model_type")
-        archs = hf.get("architectures") or []
+        archs = hf.get("architectures")
+        archs = [] if archs is None else archs
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ValueError("config.json architectures must be a list of class names such "
+                             f"as [\"LlamaForCausalLM\"], got {archs!r}")
+        if model_type is not None and not isinstance(model_type, str):
+            raise ValueError("config.json model_type must be a string such as 'llama', got "
+                             f"{model_type!r}")
         if model_type is None and archs:
             model_type = _MODEL_TYPE_OF.get(archs[0])
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -193,60 +201,72 @@ class ModelConfig:
             raise ValueError("quantized checkpoints (quantization_config in config.json) are not "
                              "supported; use an unquantized bf16/fp16/fp32 checkpoint")
 
-        num_heads = int(need("num_attention_heads"))
-        hidden_size = int(need("hidden_size"))
+        num_heads = _hf_int(need("num_attention_heads"), "num_attention_heads")
+        hidden_size = _hf_int(need("hidden_size"), "hidden_size")
         num_kv_heads = hf.get("num_key_value_heads")
-        num_kv_heads = num_heads if num_kv_heads is None else int(num_kv_heads)
+        num_kv_heads = (num_heads if num_kv_heads is None
+                        else _hf_int(num_kv_heads, "num_key_value_heads"))
         head_dim = hf.get("head_dim")
         if head_dim is None:
             if hidden_size % num_heads:
                 raise ValueError(
-                    f"hidden_size ({hidden_size}) is not a multiple of num_attention_heads "
-                    f"({num_heads}); set head_dim in config.json")
+                    f"config.json hidden_size ({hidden_size}) is not a multiple of "
+                    f"num_attention_heads ({num_heads}); set head_dim in config.json")
             head_dim = hidden_size // num_heads
+        else:
+            head_dim = _hf_int(head_dim, "head_dim")
 
         rope_theta, rope_scaling = _parse_rope(hf)
 
         if model_type == "qwen2":
             attention_bias, attention_out_bias = True, False
         else:
-            attention_bias = attention_out_bias = bool(hf.get("attention_bias", False))
+            attention_bias = attention_out_bias = _hf_bool(hf, "attention_bias", False)
 
         sliding_window = None
         if model_type == "mistral":
             sliding_window = hf.get("sliding_window", 4096)
-        elif model_type == "qwen2" and hf.get("use_sliding_window"):
+        elif model_type == "qwen2" and _hf_bool(hf, "use_sliding_window", False):
             sliding_window = hf.get("sliding_window")
 
         eos = hf.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (
-            () if eos is None else (int(eos),))
+        eos_ids = tuple(_hf_int(e, "eos_token_id", minimum=0) for e in eos) if isinstance(
+            eos, list) else (() if eos is None else (_hf_int(eos, "eos_token_id", minimum=0),))
         bos = hf.get("bos_token_id")
         if isinstance(bos, list):
             bos = bos[0] if bos else None
+        max_pos = hf.get("max_position_embeddings")
         default_max_pos = {"llama": 2048, "mistral": 32768, "qwen2": 32768}[model_type]
+        rms_norm_eps = hf.get("rms_norm_eps")
+        torch_dtype = hf.get("torch_dtype") or hf.get("dtype")
+        if torch_dtype is not None and not isinstance(torch_dtype, str):
+            raise ValueError("config.json torch_dtype must be a dtype name such as "
+                             f"'bfloat16' (or null), got {torch_dtype!r}")
         return cls(
-            vocab_size=int(need("vocab_size")),
+            vocab_size=_hf_int(need("vocab_size"), "vocab_size"),
             hidden_size=hidden_size,
-            intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            intermediate_size=_hf_int(need("intermediate_size"), "intermediate_size"),
+            num_layers=_hf_int(need("num_hidden_layers"), "num_hidden_layers"),
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
-            head_dim=int(head_dim),
+            head_dim=head_dim,
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rms_norm_eps=1e-6 if rms_norm_eps is None else _hf_float(rms_norm_eps,
+                                                                     "rms_norm_eps"),
+            tie_word_embeddings=_hf_bool(hf, "tie_word_embeddings", False),
             attention_bias=attention_bias,
             attention_out_bias=attention_out_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            max_position_embeddings=int(hf.get("max_position_embeddings") or default_max_pos),
-            sliding_window=None if sliding_window is None else int(sliding_window),
-            bos_token_id=None if bos is None else int(bos),
+            mlp_bias=_hf_bool(hf, "mlp_bias", False),
+            max_position_embeddings=(default_max_pos if max_pos is None
+                                     else _hf_int(max_pos, "max_position_embeddings")),
+            sliding_window=(None if sliding_window is None
+                            else _hf_int(sliding_window, "sliding_window")),
+            bos_token_id=None if bos is None else _hf_int(bos, "bos_token_id", minimum=0),
             eos_token_ids=eos_ids,
             architecture=architecture,
             model_type=model_type,
-            torch_dtype=hf.get("torch_dtype") or hf.get("dtype"),
+            torch_dtype=torch_dtype,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -289,6 +309,10 @@ def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     transformers-5 (``rope_parameters``) keys."""
     params = hf.get("rope_parameters")
     scaling = hf.get("rope_scaling")
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"config.json {key} must be an object such as "
+                             f'{{"rope_type": "linear", "factor": 2.0}} or null, got {value!r}')
     if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
         raise ValueError("config.json rope_parameters per layer type is not supported; "
                          "use one rope_parameters dict for every layer")
@@ -297,7 +321,7 @@ def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         theta = params.get("rope_theta")
     if theta is None and isinstance(scaling, dict):
         theta = scaling.get("rope_theta")
-    theta = 10000.0 if theta is None else float(theta)
+    theta = 10000.0 if theta is None else _hf_float(theta, "rope_theta")
     spec = scaling if isinstance(scaling, dict) and scaling else params
     if not isinstance(spec, dict) or not spec:
         return theta, None
@@ -312,14 +336,62 @@ def _parse_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         return theta, None
     if "factor" not in spec:
         raise ValueError(f"config.json RoPE type {rope_type!r} needs a 'factor'")
+    key = "rope_scaling" if spec is scaling else "rope_parameters"
+    factor = _hf_float(spec["factor"], f"{key}.factor")
     if rope_type == "linear":
-        return theta, RopeScaling("linear", float(spec["factor"]))
-    for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-        if key not in spec:
-            raise ValueError(f"config.json llama3 RoPE scaling needs {key!r}")
+        return theta, RopeScaling("linear", factor)
+    for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if name not in spec:
+            raise ValueError(f"config.json llama3 RoPE scaling needs {name!r}")
     return theta, RopeScaling(
-        "llama3", float(spec["factor"]), float(spec["low_freq_factor"]),
-        float(spec["high_freq_factor"]), int(spec["original_max_position_embeddings"]))
+        "llama3", factor, _hf_float(spec["low_freq_factor"], f"{key}.low_freq_factor"),
+        _hf_float(spec["high_freq_factor"], f"{key}.high_freq_factor"),
+        _hf_int(spec["original_max_position_embeddings"],
+                f"{key}.original_max_position_embeddings"))
+
+
+HF_INT_MAX = 2**31 - 1
+"""Largest integer :meth:`ModelConfig.from_hf_dict` accepts for a size, a count or a token
+id (int32, the range the engine's indices and token ids use)."""
+
+
+def _hf_int(value: Any, key: str, minimum: int = 1) -> int:
+    """``value`` of config.json ``key`` as an int: a JSON integer (a float only when it has
+    no fraction), not a bool, in ``[minimum, HF_INT_MAX]``. ``ValueError`` naming the key
+    otherwise."""
+    kind = ("a positive integer" if minimum == 1 else
+            "a token id (an integer >= 0; eos_token_id may be a list of them)"
+            if key in ("eos_token_id", "bos_token_id") else f"an integer >= {minimum}")
+    what = f"config.json {key} must be {kind} (at most {HF_INT_MAX:,})"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what}, got {value!r}")
+    if not isinstance(value, numbers.Integral) and not (
+            math.isfinite(value) and float(value).is_integer()):
+        raise ValueError(f"{what}, got {value!r}")
+    number = int(value)
+    if not minimum <= number <= HF_INT_MAX:
+        raise ValueError(f"{what}, got {value!r}")
+    return number
+
+
+def _hf_float(value: Any, key: str) -> float:
+    """``value`` of config.json ``key`` as a finite float (a JSON number, not a bool).
+    ``ValueError`` naming the key otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
+            value):
+        raise ValueError(f"config.json {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _hf_bool(hf: dict[str, Any], key: str, default: bool) -> bool:
+    """``hf[key]`` as a bool (``default`` when absent or null); ``ValueError`` naming the key
+    for anything but true or false (the string "false" is not false)."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"config.json {key} must be true or false, got {value!r}")
+    return value
 
 
 # ------------------------------------------------------------------ named shapes

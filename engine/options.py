@@ -8,6 +8,7 @@ engine turns them into whole KV blocks once the model's block size is known.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from engine.config import NAMED_SHAPES
 from kvstore import env
 from kvstore.args import add_device_argument, add_dtype_argument, size_arg
 from kvstore.config import POLICIES
+from kvstore.units import format_size
 from radix.hashing import KV_FORMATS
 
 DEFAULT_HOST_BYTES = 1 << 30
@@ -55,10 +57,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                             "1GiB on CPU)")
     tiers.add_argument("--host-bytes", type=size_arg, default=DEFAULT_HOST_BYTES,
                        metavar="SIZE", help="host DRAM tier (default: 1GiB; 0 = none)")
-    tiers.add_argument("--disk", default=None, metavar="PATH",
-                       help="directory of the LMDB disk tier, kept across restarts "
-                            "(default: $KVSTORE_HOME/disk)")
-    tiers.add_argument("--no-disk", action="store_true", help="run without the disk tier")
+    disk = tiers.add_mutually_exclusive_group()
+    disk.add_argument("--disk", default=None, metavar="PATH",
+                      help="directory of the LMDB disk tier, kept across restarts "
+                           "(default: $KVSTORE_HOME/disk)")
+    disk.add_argument("--no-disk", action="store_true", help="run without the disk tier")
     tiers.add_argument("--disk-bytes", type=size_arg, default=DEFAULT_DISK_BYTES,
                        metavar="SIZE", help="disk tier capacity (default: 4GiB)")
     tiers.add_argument("--redis", default=None, metavar="URL",
@@ -92,6 +95,26 @@ def disk_path(args: argparse.Namespace) -> str | None:
     if args.no_disk:
         return None
     return str(Path(args.disk).expanduser() if args.disk else env.home() / "disk")
+
+
+def check_engine_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse tier flags that cannot work, before the model loads: ``parser.error`` (exit
+    2) naming the flag. A ``--disk`` that is a file, ``--disk-bytes 0`` with a disk tier,
+    ``--host-bytes`` beyond this machine's memory (the host tier is pinned DRAM)."""
+    path = disk_path(args)
+    if path is not None:
+        if Path(path).exists() and not Path(path).is_dir():
+            parser.error(f"--disk {path} is a file: give a directory (created if missing)")
+        if args.disk_bytes <= 0:
+            parser.error("--disk-bytes must be > 0 for the disk tier (or --no-disk)")
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return
+    if args.host_bytes > memory:
+        parser.error(f"--host-bytes {format_size(args.host_bytes)} is more than this "
+                     f"machine's memory ({format_size(memory)}): the host tier is pinned "
+                     "DRAM; give less (0 = no host tier)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -190,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments, 130 when interrupted while starting."""
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    from engine.options import check_engine_arguments
+
+    check_engine_arguments(parser, args)
     configure_logging(args.log_level)
     try:
         config = ServeConfig(host=args.host, port=args.port,
@@ -200,8 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              shutdown_timeout_s=args.shutdown_timeout)
     except ValueError as exc:
         parser.error(str(exc))
+    import torch
+
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     logger.info("loading %s and opening the cache tiers%s...", args.model,
-                "" if args.no_warmup else " (then the warm-up, on CUDA)")
+                " (then the warm-up)" if cuda and not args.no_warmup else "")
     try:
         from engine.llm import LLM
         from engine.options import engine_kwargs
