@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -368,7 +369,7 @@ def _hf_int(value: Any, key: str, minimum: int = 1) -> int:
     if not isinstance(value, numbers.Integral) and not (
             math.isfinite(value) and float(value).is_integer()):
         raise ValueError(f"{what}, got {value!r}")
-    number = int(value)
+    number = operator.index(value) if isinstance(value, numbers.Integral) else int(float(value))
     if not minimum <= number <= HF_INT_MAX:
         raise ValueError(f"{what}, got {value!r}")
     return number

@@ -103,6 +103,49 @@ def test_config_errors_say_what_to_change(change: dict, message: str) -> None:
         ModelConfig.from_hf_dict({**LLAMA31_8B, **change})
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+    ({"num_key_value_heads": -8}, "num_key_value_heads must be a positive integer"),
+    ({"hidden_size": [4096]}, "hidden_size must be a positive integer"),
+    ({"hidden_size": 4096.5}, "hidden_size must be a positive integer.*4096.5"),
+    ({"hidden_size": True}, "hidden_size must be a positive integer"),
+    ({"num_hidden_layers": "x"}, "num_hidden_layers must be a positive integer.*'x'"),
+    ({"vocab_size": float("inf")}, "vocab_size must be a positive integer.*inf"),
+    ({"vocab_size": 2**40}, "vocab_size must be a positive integer.*at most"),
+    ({"intermediate_size": float("nan")}, "intermediate_size must be a positive integer"),
+    ({"head_dim": 0}, "head_dim must be a positive integer"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer"),
+    ({"eos_token_id": {"a": 1}}, "eos_token_id must be a token id"),
+    ({"eos_token_id": [128001, 1.5]}, "eos_token_id must be a token id"),
+    ({"bos_token_id": "<s>"}, "bos_token_id must be a token id"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps must be a finite number"),
+    ({"rope_theta": [500000.0]}, "rope_theta must be a finite number"),
+    ({"rope_scaling": {**LLAMA31_8B["rope_scaling"], "factor": "8"}},
+     "rope_scaling.factor must be a finite number"),
+    ({"rope_scaling": {**LLAMA31_8B["rope_scaling"],
+                       "original_max_position_embeddings": 8192.5}},
+     "rope_scaling.original_max_position_embeddings must be a positive integer"),
+    ({"rope_scaling": "llama3"}, "rope_scaling must be an object"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    ({"attention_bias": 1}, "attention_bias must be true or false"),
+    ({"architectures": {"a": 1}}, "architectures must be a list"),
+    ({"model_type": ["llama"]}, "model_type must be a string"),
+    ({"torch_dtype": 16}, "torch_dtype must be a dtype name"),
+])
+def test_malformed_config_values_name_the_key(change: dict, message: str) -> None:
+    """Wrong types and ranges are a ValueError naming the key, never a ZeroDivisionError,
+    a TypeError, an OverflowError or a silently truncated float."""
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_dict({**LLAMA31_8B, **change})
+
+
+def test_integral_floats_and_numpy_ints_still_load() -> None:
+    """A size written 4096.0, or a numpy integer (GGUF metadata), is the same config."""
+    as_floats = {**LLAMA31_8B, "hidden_size": 4096.0, "num_hidden_layers": np.int64(32),
+                 "eos_token_id": [128001.0, 128008, 128009]}
+    assert ModelConfig.from_hf_dict(as_floats) == ModelConfig.from_hf_dict(LLAMA31_8B)
+
+
 def test_resolve_dtype() -> None:
     assert resolve_dtype("bf16") is torch.bfloat16
     assert resolve_dtype("torch.float16") is torch.float16

@@ -302,3 +302,23 @@ def test_a_table_gpu_plans_at_what_its_copy_and_matmul_reach():
     for x, y in ((a.prefill, b.prefill), (a.decode_one, b.decode_one),
                  (a.decode_batch, b.decode_batch)):
         assert x.seconds == pytest.approx(y.seconds, rel=0.05)
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    ({"num_attention_heads": 0}, "num_attention_heads"),
+    ({"hidden_size": [64]}, "hidden_size"),
+    ({"hidden_size": 64.5}, "hidden_size"),
+    ({"eos_token_id": {"a": 1}}, "eos_token_id"),
+    ({"vocab_size": float("inf")}, "vocab_size"),
+    ({"num_hidden_layers": "x"}, "num_hidden_layers"),
+])
+def test_a_malformed_config_json_is_one_line_naming_the_key(tmp_path, capsys, change, key):
+    path = tmp_path / "x.json"
+    # json.dumps writes inf as Infinity; a literal 1e400 reads back as inf too
+    path.write_text(json.dumps({**kp.named_model_configs()["tiny"], **change}))
+    assert kp.main(["--model", str(path), "--context", "10", "--gpu", "H100"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip()
+    assert "\n" not in err and err.startswith("kvstore plan: ")
+    assert f"config.json {key} must be" in err
