@@ -694,7 +694,15 @@ class TierPlan:
     bound; ``host`` the host DRAM needed with no disk (write-back: the GPU demotes to
     host); ``disk`` the disk needed behind a host tier of ``host_blocks`` (write-back
     cascade), or with no host tier (``host_blocks == 0``) under write-through, since
-    write-back demotes only through host DRAM. ``prompt_tokens`` of ``requests``."""
+    write-back demotes only through host DRAM.
+
+    The sizing replays ``requests`` of the workload's ``workload_requests``: a request
+    longer than ``max_request_tokens`` (the model's context or the GPU pool, whichever is
+    smaller: what a server admits) is left out, as a server refuses it;
+    ``over_context`` of them exceed the model's context, ``over_pool`` fit the context
+    but not the GPU pool, and ``longest_tokens`` is the longest request of the whole
+    workload. ``prompt_tokens`` and ``footprint_blocks`` are those of the replayed
+    requests."""
 
     workload: str
     requests: int
@@ -709,6 +717,17 @@ class TierPlan:
     disk: tuple[TierTarget, ...]
     replays: int
     seconds: float
+    workload_requests: int = 0
+    max_request_tokens: int = 0
+    over_context: int = 0
+    over_pool: int = 0
+    longest_tokens: int = 0
+
+
+def request_tokens(request: Any, block_size: int) -> int:
+    """Tokens a request holds on the GPU: its prompt, or its full blocks (prompt and
+    generated output) when they are more."""
+    return max(int(request.prompt_tokens), len(request.keys) * block_size)
 
 
 def infinite_hit_rate(workload: Any) -> float:
@@ -766,18 +785,46 @@ def size_tiers(workload: Any, gpu_blocks: int, kv_bytes_per_token: int,
                prefill_s_per_token: float, host_blocks: int = 0,
                int8_per_token: int | None = None,
                fractions: Sequence[float] = TARGET_FRACTIONS,
-               progress: Callable[[str], None] | None = None) -> TierPlan:
+               progress: Callable[[str], None] | None = None,
+               context_tokens: int | None = None) -> TierPlan:
     """Host and disk capacities reaching each fraction of the infinite hit rate.
 
-    The GPU tier has ``gpu_blocks`` blocks (never fewer than the largest request, as a
-    sequence must fit on the GPU). Each replay is memoised, so the bisections of the
-    three targets share their points. ``int8_per_token``: bytes a token in the int8
-    tier format (default half of ``kv_bytes_per_token``).
+    The GPU tier has exactly ``gpu_blocks`` blocks (of the workload's block size). A
+    request longer than the model's ``context_tokens`` (no limit when ``None``) or than
+    the GPU pool is left out of every replay and counted (:class:`TierPlan`): a server
+    refuses it. Each replay is memoised, so the bisections of the three targets share
+    their points. ``int8_per_token``: bytes a token in the int8 tier format (default
+    half of ``kv_bytes_per_token``).
+
+    Raises :class:`PlanError` when the GPU pool holds no block of the workload's size
+    or no request of the workload fits.
     """
     t0 = time.perf_counter()
     bs = workload.block_size
-    largest = max(len(r.keys) for r in workload.requests)
-    gpu = max(gpu_blocks, largest, 1)
+    if gpu_blocks < 1:
+        raise PlanError(f"the GPU KV pool holds no {bs}-token block of the workload: no "
+                        "tier sizing (give a GPU with more memory, or a smaller model)")
+    pool_tokens = gpu_blocks * bs
+    limit = pool_tokens if context_tokens is None else min(context_tokens, pool_tokens)
+    kept, over_context, over_pool, longest = [], 0, 0, 0
+    for r in workload.requests:
+        n = request_tokens(r, bs)
+        longest = max(longest, n)
+        if context_tokens is not None and n > context_tokens:
+            over_context += 1
+        elif n > pool_tokens:
+            over_pool += 1
+        else:
+            kept.append(r)
+    if not kept:
+        raise PlanError(
+            f"no request of the workload {workload.name} fits: all {len(workload.requests):,} "
+            f"are longer than {limit:,} tokens (the model's context or the GPU KV pool of "
+            f"{pool_tokens:,} tokens); give a model with a longer context or a larger GPU")
+    total = len(workload.requests)
+    if len(kept) < total:
+        workload = replace(workload, requests=kept)
+    gpu = gpu_blocks
     footprint = workload.distinct_blocks()
     inf = infinite_hit_rate(workload)
     cache: dict[tuple[int, int], float] = {}
@@ -807,7 +854,7 @@ def size_tiers(workload: Any, gpu_blocks: int, kv_bytes_per_token: int,
     disk = targets("disk", lambda n: rate(host_blocks, n))
     return TierPlan(workload.name, len(workload.requests), prompt, bs, footprint, gpu,
                     rate(0, 0), inf, host_blocks, host, disk, len(cache),
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0, total, limit, over_context, over_pool, longest)
 
 
 WORKLOADS = ("mooncake", "sharegpt", "generated")
@@ -964,8 +1011,23 @@ def format_plan(plan: Plan) -> str:
             "",
             f"workload   {t.workload}: {t.requests:,} requests, {t.prompt_tokens:,} prompt "
             f"tokens, footprint {t.footprint_blocks:,} blocks of {t.block_size} tokens",
+        ]
+        if t.requests < t.workload_requests:
+            left = []
+            if t.over_context:
+                left.append(f"{t.over_context:,} longer than the model's context of "
+                            f"{c.max_context_len:,} tokens")
+            if t.over_pool:
+                left.append(f"{t.over_pool:,} longer than the GPU KV pool "
+                            f"({t.gpu_blocks * t.block_size:,} tokens)")
+            lines.append(
+                f"           of {t.workload_requests:,}: left out {' and '.join(left)} "
+                f"(longest {t.longest_tokens:,} tokens), as a server refuses them; the "
+                "hit rates and capacities are of the requests it admits")
+        lines += [
             f"hit rate   infinite cache {t.infinite_hit_rate:.1%}; GPU pool alone "
-            f"({t.gpu_blocks:,} blocks) {t.gpu_hit_rate:.1%}",
+            f"({t.gpu_blocks:,} blocks of {t.block_size} = "
+            f"{t.gpu_blocks * t.block_size:,} tokens) {t.gpu_hit_rate:.1%}",
             f"{'tier':<26} {'target':>7} {'capacity':>12} {'int8 tier':>11} {'hit rate':>9} "
             f"{'prefill saved':>14}",
         ]
@@ -1075,10 +1137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             host_blocks = host_bytes // (wbs * plan.size.kv_bytes_per_token)
             say = None if args.json else (lambda m: print(f"  {m}", file=sys.stderr,
                                                           flush=True))
-            tiers = size_tiers(workload, gpu_blocks, plan.size.kv_bytes_per_token,
-                               per_token, host_blocks, int8_bytes_per_token(cfg),
-                               progress=say)
-            plan = replace(plan, tiers=tiers)
+            if gpu_blocks < 1:
+                plan = replace(plan, notes=plan.notes + (
+                    f"no tier sizing: the KV pool ({plan.memory.kv_pool_tokens:,} tokens) "
+                    f"holds no {wbs}-token block of the {args.workload} workload",))
+            else:
+                tiers = size_tiers(workload, gpu_blocks, plan.size.kv_bytes_per_token,
+                                   per_token, host_blocks, int8_bytes_per_token(cfg),
+                                   progress=say, context_tokens=cfg.max_context_len)
+                plan = replace(plan, tiers=tiers)
     except PlanError as exc:
         print(f"kvstore plan: {exc}", file=sys.stderr)
         return 2

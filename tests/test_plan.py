@@ -322,3 +322,54 @@ def test_a_malformed_config_json_is_one_line_naming_the_key(tmp_path, capsys, ch
     err = captured.err.strip()
     assert "\n" not in err and err.startswith("kvstore plan: ")
     assert f"config.json {key} must be" in err
+
+
+def _trace(path, lengths_and_ids):
+    """A Mooncake trace file: one record a (input_length, hash_ids), 1 s apart."""
+    path.write_text("".join(
+        json.dumps({"timestamp": 1000 * i, "input_length": n, "output_length": 16,
+                    "hash_ids": ids}) + "\n"
+        for i, (n, ids) in enumerate(lengths_and_ids)))
+    return path
+
+
+def test_tier_sizing_simulates_the_real_pool_and_leaves_out_what_a_server_refuses(tmp_path):
+    """The GPU tier is the pool the plan found, not inflated to the largest request; a
+    request beyond the model's context or the pool is left out and counted."""
+    trace = _trace(tmp_path / "t.jsonl", [
+        (1024, [1, 2]), (1024, [1, 3]), (1024, [1, 2]), (2048, [1, 2, 4, 5]),
+        (8192, list(range(1, 17))), (7000, list(range(1, 15)))])
+    work = wl.mooncake_workload(trace)
+    assert work.block_size == 512
+    tiers = kp.size_tiers(work, gpu_blocks=3, kv_bytes_per_token=1000,
+                          prefill_s_per_token=1e-4, context_tokens=4096)
+    assert tiers.gpu_blocks == 3  # was max(3, 16 blocks of the largest request)
+    assert (tiers.workload_requests, tiers.requests) == (6, 3)
+    assert (tiers.over_context, tiers.over_pool) == (2, 1)  # 8,192 and 7,000; 2,048 > 1,536
+    assert tiers.longest_tokens == 8192 and tiers.max_request_tokens == 3 * 512
+    assert tiers.prompt_tokens == 3 * 1024
+    admitted = wl.mooncake_workload(trace, limit=3)
+    assert tiers.gpu_hit_rate == kp.simulated_hit_rate(admitted, 3)
+    assert tiers.infinite_hit_rate == kp.infinite_hit_rate(admitted)
+    with pytest.raises(kp.PlanError, match="no request of the workload mooncake fits"):
+        kp.size_tiers(work, 1, 1000, 1e-4, context_tokens=4096)
+    with pytest.raises(kp.PlanError, match="holds no 512-token block"):
+        kp.size_tiers(work, 0, 1000, 1e-4)
+
+
+def test_cli_says_how_many_requests_exceed_the_context(tmp_path, capsys):
+    trace = _trace(tmp_path / "t.jsonl", [
+        (1024, [1, 2]), (1024, [1, 3]), (1024, [1, 2]), (4096, [1, 2, 4, 5, 6, 7, 8, 9])])
+    args = ["--model", "tiny", "--context", "1024", "--gpu", "L4", "--workload", "mooncake",
+            "--trace", str(trace)]
+    assert kp.main([*args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    t = data["tiers"]
+    assert (t["workload_requests"], t["requests"], t["over_context"]) == (4, 3, 1)
+    assert t["longest_tokens"] == 4096 and t["max_request_tokens"] == 2048
+    assert t["gpu_blocks"] == data["memory"]["kv_pool_tokens"] // 512
+    assert kp.main(args) == 0
+    text = capsys.readouterr().out
+    assert ("of 4: left out 1 longer than the model's context of 2,048 tokens (longest "
+            "4,096 tokens), as a server refuses them") in text
+    assert f"GPU pool alone ({t['gpu_blocks']:,} blocks of 512 = " in text
