@@ -4,8 +4,13 @@ Each turn re-sends the whole conversation; the store serves the part it has seen
 (the system prompt, earlier turns and their replies) from whichever tier holds it, and
 the demo prints after every reply: prompt tokens, cached tokens by tier, time to first
 token and decode speed. The default store is the embedded one: the device pool (GPU, or
-CPU when there is none) + host DRAM + an LMDB disk tier under ``$KVSTORE_HOME``, written
-through, so a restarted demo that resumes its session (``--resume``) hits the disk tier.
+CPU when there is none) + host DRAM + an LMDB disk tier under ``$KVSTORE_HOME``, to
+which every computed block is published, so a restarted demo that resumes its session
+(``--resume``) hits the disk tier.
+
+A turn that cannot run (longer than the context or the KV pool) is refused in one line
+and left out of the conversation; Ctrl-C during a reply stops that reply (it is left
+out too) and returns to the prompt.
 
 Commands inside the chat: ``/help``, ``/stats`` (store counters), ``/reset`` (new
 conversation), ``/quit``. The model and tier flags (and their defaults) are
@@ -19,6 +24,7 @@ import argparse
 import json
 import math
 import re
+import signal
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,6 +56,20 @@ def _session_arg(text: str) -> str:
             f"invalid session name {text!r}: use 1-64 of A-Z a-z 0-9 _ . - starting with a "
             "letter or digit (sessions are files in $KVSTORE_HOME/chat/)")
     return text
+
+
+SEED_LIMIT = 2**63
+"""Seeds are ``0 <= seed < SEED_LIMIT`` (a torch generator's range)."""
+
+
+def _seed_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be 0 <= seed < 2**63, got {text}")
+    return value
 
 
 def _temperature_arg(text: str) -> float:
@@ -84,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="reply length limit in tokens (default: %(default)s)")
     chat.add_argument("--temperature", type=_temperature_arg, default=0.0,
                       help="0 is greedy; > 0 samples (default: %(default)s)")
-    chat.add_argument("--seed", type=int, default=None, help="sampling seed (default: none)")
+    chat.add_argument("--seed", type=_seed_arg, default=None,
+                      help="sampling seed, 0 <= seed < 2**63 (default: none)")
     chat.add_argument("--session", type=_session_arg, default="default",
                       help="conversation name, saved as $KVSTORE_HOME/chat/NAME.json "
                            "(default: %(default)s)")
@@ -105,6 +126,14 @@ def tier_label(tier: str, device: str) -> str:
     return tier
 
 
+def _moves(moved: Mapping[str, int], device: str) -> str:
+    """``{"gpu->disk": bytes}`` in the demo's tier names."""
+    def label(edge: str) -> str:
+        src, _, dst = edge.partition("->")
+        return f"{tier_label(src, device)}->{tier_label(dst, device)}"
+    return ", ".join(f"{label(k)} {format_size(v)}" for k, v in sorted(moved.items()) if v)
+
+
 def _counts(counts: Mapping[str, int], device: str) -> str:
     return ", ".join(f"{tier_label(t, device)} {n}" for t, n in sorted(counts.items())
                      if n) or "none"
@@ -123,6 +152,7 @@ class ChatSession:
         self.out = out
         self.messages: list[dict[str, str]] = []
         self.turn = 0
+        self._unsaved = False  # a failed save was reported
         self.reset(save=False)
 
     def reset(self, save: bool = True) -> None:
@@ -132,6 +162,10 @@ class ChatSession:
             self.save()
 
     def load(self) -> bool:
+        """Read the saved conversation; False when there is none. ``SystemExit`` with one
+        line when the file cannot be read or is not a valid conversation."""
+        from engine.llm import check_messages
+
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -142,47 +176,89 @@ class ChatSession:
         if not isinstance(msgs, list) or not all(
                 isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs):
             raise SystemExit(f"kvstore chat: {self.path} is not a chat session file")
+        if msgs:
+            try:
+                check_messages(msgs)
+            except (TypeError, ValueError) as exc:
+                raise SystemExit(f"kvstore chat: {self.path} is not a valid conversation "
+                                 f"({exc}); start a new one without --resume") from None
         self.messages = msgs
         self.turn = sum(m["role"] == "user" for m in msgs)
         return True
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"messages": self.messages}, indent=1))
-        tmp.replace(self.path)
+        """Write the conversation (atomically). A directory that cannot be written is
+        reported once and the chat goes on unsaved."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"messages": self.messages}, indent=1))
+            tmp.replace(self.path)
+        except OSError as exc:
+            if not self._unsaved:
+                self._unsaved = True
+                print(f"kvstore chat: cannot save the session to {self.path} ({exc}); the "
+                      "conversation goes on unsaved (set KVSTORE_HOME to a writable "
+                      "directory)", file=sys.stderr)
 
-    def ask(self, text: str, echo: bool = True) -> dict[str, object]:
-        """Send one user turn, stream the reply, record it; returns the turn's figures."""
+    def ask(self, text: str, echo: bool = True) -> dict[str, object] | None:
+        """Send one user turn, stream the reply, record it; returns the turn's figures.
+
+        ``None`` when the turn did not happen: the engine refused it (one line printed:
+        too long for the context or the KV pool) or Ctrl-C stopped the reply; either
+        way the conversation is left as it was before the turn."""
+        before = len(self.messages)
         self.messages.append({"role": "user", "content": text})
         self.turn += 1
         shown = 0
         last = None
+        interrupted = _Interrupt()
         if echo:
             self.out.write("assistant> ")
-        for snap in self.llm.stream(self.messages, self.params):
-            last = snap
-            if echo:
-                text_now = snap.outputs[0].text
-                self.out.write(text_now[shown:])
-                self.out.flush()
-                shown = len(text_now)
-        assert last is not None
+        try:
+            with interrupted:
+                for snap in self.llm.stream(self.messages, self.params):
+                    last = snap
+                    if echo:
+                        text_now = snap.outputs[0].text
+                        self.out.write(text_now[shown:])
+                        self.out.flush()
+                        shown = len(text_now)
+                    if interrupted.pending:
+                        break  # between steps: the stream aborts the request
+        except ValueError as exc:  # refused before it ran (context, pool, text)
+            del self.messages[before:]
+            self.turn -= 1
+            self.out.write(f"\n[turn refused: {exc}; shorten it or /reset]\n")
+            self.out.flush()
+            return None
+        if interrupted.pending or last is None:
+            del self.messages[before:]
+            self.turn -= 1
+            self.out.write("\n[reply stopped; the turn is left out]\n")
+            self.out.flush()
+            return None
         reply = last.outputs[0].text
         if echo:
             self.out.write("\n")
         self.messages.append({"role": "assistant", "content": reply})
         self.save()
         n_out = len(last.outputs[0].token_ids)
-        rate = n_out / last.decode_s if last.decode_s else float("nan")
+        # decode_s runs from the first token to the last: n_out - 1 tokens
+        rate = (n_out - 1) / last.decode_s if n_out > 1 and last.decode_s else float("nan")
         figures = {"turn": self.turn, "prompt_tokens": last.prompt_tokens,
                    "cached_tokens": last.num_cached_tokens, "by_tier": last.cached_tokens,
                    "ttft_s": last.ttft_s, "output_tokens": n_out, "tokens_per_s": rate}
         tiers = _counts(last.cached_tokens, self.device)
+        speed = f"{rate:.1f} tok/s" if math.isfinite(rate) else "- tok/s"
         self.out.write(
             f"[turn {self.turn}] prompt {last.prompt_tokens} tok | cached "
             f"{last.num_cached_tokens} tok ({tiers}) | TTFT {(last.ttft_s or 0.0) * 1e3:.0f} ms | "
-            f"{n_out} tok at {rate:.1f} tok/s\n")
+            f"{n_out} tok at {speed}\n")
+        if last.outputs[0].finish_reason == "length" and n_out < self.params.max_tokens:
+            self.out.write(f"[reply cut at {n_out} tokens: the conversation reached the "
+                           f"longest sequence this engine runs ({self.llm.max_sequence_tokens} "
+                           "tokens); /reset, or give more --gpu-kv-bytes]\n")
         self.out.flush()
         return figures
 
@@ -190,8 +266,7 @@ class ChatSession:
         """One line of the store's counters, in words and numbers."""
         s = self.llm.store.stats()
         d = self.device
-        moved = ", ".join(f"{k} {format_size(v)}" for k, v in sorted(s.bytes_moved.items())
-                          if v)
+        moved = _moves(s.bytes_moved, d)
         pool = tier_label("gpu", d)
         self.out.write(
             f"[stats] hit tokens: {_counts(s.hit_tokens, d)} | missed tokens: "
@@ -204,6 +279,29 @@ class ChatSession:
     def help(self) -> None:
         for name, text in COMMANDS.items():
             self.out.write(f"  {name:<8} {text}\n")
+
+
+class _Interrupt:
+    """While entered, Ctrl-C (SIGINT) only sets ``pending``, so a reply stops between
+    engine steps, never inside one (main thread only; elsewhere it does nothing)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._old: object = None
+
+    def __enter__(self) -> _Interrupt:
+        try:
+            self._old = signal.signal(signal.SIGINT, self._on_signal)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)  # type: ignore[arg-type]
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.pending = True
 
 
 def _lines(args: argparse.Namespace) -> Iterable[str]:
@@ -231,16 +329,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_engine_arguments(parser, args)
+    if args.script is not None and not Path(args.script).is_file():
+        parser.error(f"--script {args.script}: no such file")
     configure_logging(args.log_level)
-    from engine.llm import LLM
-    from engine.sampling import SamplingParams
-
     t0 = time.perf_counter()
     print("loading model and cache tiers...", file=sys.stderr, flush=True)
     try:
+        from engine.llm import LLM
+        from engine.sampling import SamplingParams
+
         llm = LLM(args.model, **engine_kwargs(args))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"kvstore chat: {exc}", file=sys.stderr)
+        return 2
+    if llm.tokenizer is None:
+        llm.close()
+        print(f"kvstore chat: model {args.model!r} has no tokenizer or chat template: give "
+              "one with --tokenizer (e.g. --tokenizer smollm2)", file=sys.stderr)
         return 2
     warm = llm.warmup_report
     print(f"ready in {time.perf_counter() - t0:.1f} s"
@@ -254,7 +362,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume and session.load():
         print(f"resumed session '{args.session}' with {session.turn} earlier turns",
               file=sys.stderr)
-    elif not args.resume:
+        saved_system = next((m["content"] for m in session.messages if m["role"] == "system"),
+                            None)
+        if args.system != DEFAULT_SYSTEM and args.system != saved_system:
+            print("note: --system is ignored: the resumed session keeps its own system "
+                  "prompt (/reset starts one with --system)", file=sys.stderr)
+    elif args.resume:
+        print(f"no saved session '{args.session}': starting a new one", file=sys.stderr)
+        session.reset()
+    else:
         session.reset()
     try:
         for line in _lines(args):

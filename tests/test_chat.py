@@ -3,8 +3,10 @@ restarted demo resuming its conversation from the disk tier."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TURN = re.compile(r"\[turn (\d+)\] prompt (\d+) tok \| cached (\d+) tok \((.*?)\) \| "
-                  r"TTFT (\d+) ms \| (\d+) tok at ([0-9.]+|nan) tok/s")
+                  r"TTFT (\d+) ms \| (\d+) tok at ([0-9.]+|-) tok/s")
 
 
 def chat(tmp_path: Path, cache: Path, lines: list[str], *extra: str,
@@ -28,8 +30,10 @@ def chat(tmp_path: Path, cache: Path, lines: list[str], *extra: str,
          "--max-tokens", "12", "--gpu-kv-bytes", "90MiB", "--model-cache-dir", str(cache), *extra],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
     print(out.stdout)
     chat.stdout = out.stdout  # type: ignore[attr-defined]
+    chat.stderr = out.stderr  # type: ignore[attr-defined]
     return [m.groups() for m in TURN.finditer(out.stdout)]
 
 
@@ -64,8 +68,11 @@ def test_bad_flags_are_clear_errors(tmp_path, cache):
     out = subprocess.run([sys.executable, "-m", "kvstore", "chat", "--script", "/nonexistent",
                           "--model-cache-dir", str(cache), "--device", "cpu"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert out.returncode != 0 and "cannot read --script" in out.stderr
+    assert out.returncode == 2 and "--script /nonexistent: no such file" in out.stderr
     assert "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "kvstore", "chat", "--seed", str(2**70)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert out.returncode == 2 and "0 <= seed < 2**63" in out.stderr
     for name in ("../../etc/x", "a/b", ".hidden", ""):
         out = subprocess.run([sys.executable, "-m", "kvstore", "chat", "--session", name],
                              capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
@@ -105,3 +112,42 @@ def test_two_processes_share_a_conversation(tmp_path, cache, shared, redis_serve
     finally:
         if daemon is not None:
             daemon.close()
+
+
+def test_a_turn_that_cannot_run_is_refused_and_left_out(tmp_path, cache):
+    """A message longer than the context is one line, not a traceback; the chat goes on
+    and the refused message is not in the saved conversation. Resuming a session that
+    does not exist says so."""
+    turns = chat(tmp_path, cache, ["hello " * 9000, "What is the capital of France?"],
+                 "--session", "long", "--resume")
+    assert "no saved session 'long': starting a new one" in chat.stderr  # type: ignore[attr-defined]
+    assert "[turn refused:" in chat.stdout and "context" in chat.stdout  # type: ignore[attr-defined]
+    assert [t[0] for t in turns] == ["1"]
+    saved = json.loads((tmp_path / "home" / "chat" / "long.json").read_text())["messages"]
+    assert [m["role"] for m in saved] == ["system", "user", "assistant"]
+    assert "hello hello" not in saved[1]["content"]
+
+
+def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(tmp_path, cache):
+    script = tmp_path / "script.txt"
+    script.write_text("Write a very long story about a dragon and a knight.\nWhat is 2+2?\n")
+    env = dict(os.environ, KVSTORE_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvstore", "chat", "--script", str(script), "--device", "cpu",
+         "--max-tokens", "2000", "--gpu-kv-bytes", "90MiB", "--no-disk",
+         "--model-cache-dir", str(cache)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    assert proc.stdout is not None
+    seen = ""
+    while "assistant> " not in seen or len(seen.split("assistant> ", 1)[1]) < 20:
+        ch = proc.stdout.read(1)
+        assert ch, f"chat ended before replying: {proc.stderr.read() if proc.stderr else ''}"
+        seen += ch
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    out = seen + out
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert "[reply stopped; the turn is left out]" in out, out
+    turns = [m.groups() for m in TURN.finditer(out)]
+    assert [t[0] for t in turns] == ["1"], out  # the second line is the first turn kept
