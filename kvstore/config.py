@@ -129,6 +129,11 @@ class StoreConfig:
                  f"{self.layout.block_size}; set one value for both")
             need(self.disk_path is None or self.disk_bytes > 0,
                  "disk_path needs disk_bytes > 0 (the disk tier's capacity in bytes)")
+            if self.disk_path is not None and self.kv_format in KV_FORMATS:
+                one = payload_bytes(self.layout, self.kv_format)
+                need(self.disk_bytes >= one,
+                     f"disk_bytes {self.disk_bytes} holds no block of this model ({one} "
+                     "bytes a block): give more (--disk-bytes), or no disk tier")
         else:
             need(self.disk_path is None and self.redis_url is None and self.remote_url is None,
                  "simulation mode (layout=None) takes capacities in blocks "

@@ -488,6 +488,9 @@ def test_config_errors_say_what_to_change():
         StoreConfig(layout=LAYOUT, gpu_blocks=1, block_size=8)
     with pytest.raises(ValueError, match="disk_bytes"):
         StoreConfig(layout=LAYOUT, gpu_blocks=1, block_size=BS, disk_path="/tmp/x")
+    with pytest.raises(ValueError, match="holds no block of this model"):
+        StoreConfig(layout=LAYOUT, gpu_blocks=1, block_size=BS, disk_path="/tmp/x",
+                    disk_bytes=LAYOUT.block_bytes - 1)
     with pytest.raises(ValueError, match="simulation"):
         StoreConfig(layout=None, gpu_blocks=1, redis_url="redis://x")
 
