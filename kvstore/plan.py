@@ -372,9 +372,12 @@ class MemoryPlan:
 
     ``usable = memory x utilization``; ``activations`` is the peak of one step of
     ``max_num_batched_tokens`` tokens (largest live set: hidden states, fused QKV,
-    gate/up output, fp32 logits of the sampled rows); ``kv_pool = usable - weights -
-    activations``. ``max_batch``: sequences of ``context`` tokens whose blocks fit the
-    pool (each takes ``ceil(context / block_size)`` blocks).
+    gate/up output, fp32 logits of ``logits_rows`` rows, one a sequence of the step);
+    ``kv_pool = usable - weights - activations``. ``max_batch``: sequences of ``context``
+    tokens whose blocks fit the pool (each takes ``ceil(context / block_size)`` blocks)
+    while their step's logits fit beside it. ``logits_rows`` is the batch that can run:
+    ``concurrency``, or ``max_batch`` when fewer fit (1 when none does), never the rows
+    of sequences that cannot run. ``fits``: ``concurrency <= max_batch``.
     """
 
     gpu_memory: int
@@ -390,6 +393,7 @@ class MemoryPlan:
     max_batch: int
     concurrency: int
     fits: bool
+    logits_rows: int = 1
 
 
 def activation_bytes(cfg: ModelConfig, element_bytes: int, tokens: int, logits_rows: int
@@ -406,17 +410,45 @@ def plan_memory(cfg: ModelConfig, size: ModelSize, gpu: GPUSpec, context: int,
                 concurrency: int, utilization: float = MEMORY_UTILIZATION,
                 max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS) -> MemoryPlan:
     """Split ``gpu``'s memory into weights, activations and the KV pool (see
-    :class:`MemoryPlan`). The pool is 0 when the weights do not fit."""
+    :class:`MemoryPlan`). The pool is 0 when the weights and one step's activations do
+    not fit.
+
+    The activations hold logits for the batch that can run: ``concurrency`` rows when
+    that many sequences fit beside them, else the largest batch ``b`` whose ``b`` rows
+    of logits and ``b`` sequences of KV fit together (a bisection: more rows leave less
+    pool)."""
     usable = int(gpu.memory_bytes * utilization)
-    act = activation_bytes(cfg, dtype_bytes(size.dtype), max_num_batched_tokens,
-                           max(1, concurrency))
-    pool = max(0, usable - size.weights_bytes - act)
-    blocks = pool // size.kv_bytes_per_block
+    element = dtype_bytes(size.dtype)
     per_seq = -(-context // size.block_size)
-    max_batch = blocks // per_seq
+
+    def pool_for(rows: int) -> int:
+        act = activation_bytes(cfg, element, max_num_batched_tokens, rows)
+        return max(0, usable - size.weights_bytes - act)
+
+    def batch_for(rows: int) -> int:
+        return pool_for(rows) // size.kv_bytes_per_block // per_seq
+
+    concurrency = max(1, concurrency)
+    if batch_for(concurrency) >= concurrency:
+        rows = concurrency
+        max_batch = batch_for(rows)
+    elif batch_for(1) < 1:
+        rows, max_batch = 1, 0
+    else:  # the largest b < concurrency with b <= batch_for(b)
+        lo, hi = 1, concurrency
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if batch_for(mid) >= mid:
+                lo = mid
+            else:
+                hi = mid
+        rows = max_batch = lo
+    act = activation_bytes(cfg, element, max_num_batched_tokens, rows)
+    pool = pool_for(rows)
+    blocks = pool // size.kv_bytes_per_block
     return MemoryPlan(gpu.memory_bytes, utilization, usable, size.weights_bytes, act, pool,
                       blocks, blocks * size.block_size, context, per_seq, max_batch,
-                      concurrency, concurrency <= max_batch)
+                      concurrency, concurrency <= max_batch, rows)
 
 
 # ---------------------------------------------------------------------------- roofline
@@ -895,10 +927,29 @@ class Plan:
     tiers: TierPlan | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
+    @property
+    def runs(self) -> bool:
+        """Whether one sequence of the context fits (else the latencies are of a step
+        that cannot run, and are not a result)."""
+        return self.memory.max_batch > 0
+
+    @property
+    def decode_batch_size(self) -> int:
+        """Sequences of :attr:`decode_batch`: ``concurrency``, or the largest batch when
+        fewer fit (1 when none does)."""
+        return max(1, min(self.memory.concurrency, self.memory.max_batch))
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (bytes as ints, seconds as floats)."""
+        """A JSON-ready dict (bytes as ints, seconds as floats). ``runs`` false (no
+        sequence fits) makes ``prefill``, ``decode_one`` and ``decode_batch`` null."""
         out = asdict(self)
         out["config"] = json.loads(self.config.identity())
+        out["config"]["max_position_embeddings"] = self.config.max_position_embeddings
+        out["config"]["max_context_len"] = self.config.max_context_len
+        out["runs"] = self.runs
+        out["decode_batch_size"] = self.decode_batch_size
+        if not self.runs:
+            out["prefill"] = out["decode_one"] = out["decode_batch"] = None
         return out
 
 
@@ -925,15 +976,28 @@ def make_plan(model: str, cfg: ModelConfig, dtype: str, context: int, concurrenc
     size = model_size(cfg, dtype, block_size)
     memory = plan_memory(cfg, size, gpu, context, concurrency, utilization, chunk)
     notes = []
-    if memory.kv_pool_bytes == 0:
+    within = f"{utilization:.0%} of the GPU's {format_size(gpu.memory_bytes)}"
+    nothing = "nothing runs: no TTFT or decode step is planned"
+    if size.weights_bytes > memory.usable:
         notes.append(f"the weights ({format_size(size.weights_bytes)}) do not fit in "
-                     f"{utilization:.0%} of the GPU's {format_size(gpu.memory_bytes)}")
+                     f"{within} ({format_size(memory.usable)}): {nothing}; give a GPU "
+                     "with more memory, a smaller dtype or a smaller model")
+    elif memory.kv_pool_bytes == 0:
+        notes.append(f"the weights ({format_size(size.weights_bytes)}) fit in {within}, "
+                     f"but with the activations of one {chunk}-token step "
+                     f"({format_size(memory.activations)}) no memory is left for KV: "
+                     f"{nothing}; give a GPU with more memory or a higher "
+                     "--memory-utilization")
     elif memory.max_batch == 0:
-        notes.append(f"one sequence of {context} tokens does not fit the KV pool")
+        notes.append(f"one sequence of {context:,} tokens "
+                     f"({format_size(memory.blocks_per_sequence * size.kv_bytes_per_block)} "
+                     f"of KV) does not fit the KV pool ({format_size(memory.kv_pool_bytes)}): "
+                     f"{nothing}; give a shorter --context or a GPU with more memory")
     elif not memory.fits:
-        notes.append(f"--concurrency {concurrency} exceeds the largest batch "
-                     f"({memory.max_batch}) at {context} tokens: requests will queue")
-    batch = max(1, min(concurrency, memory.max_batch or 1))
+        notes.append(f"--concurrency {concurrency:,} exceeds the largest batch "
+                     f"({memory.max_batch:,}) at {context:,} tokens: requests will queue; "
+                     f"decode is planned at batch {memory.max_batch:,}")
+    batch = max(1, min(concurrency, memory.max_batch))
     return Plan(model, cfg, gpu, size, memory, eff,
                 prefill_roofline(cfg, size, gpu, context, eff, chunk),
                 decode_roofline(cfg, size, gpu, 1, context, eff),
@@ -966,7 +1030,7 @@ def _why(r: Roofline) -> str:
 def format_plan(plan: Plan) -> str:
     """The human-readable plan."""
     s, m, g, e, c = plan.size, plan.memory, plan.gpu, plan.efficiency, plan.config
-    batch = max(1, min(m.concurrency, m.max_batch or 1))
+    batch = plan.decode_batch_size
     attn = ("MHA" if c.num_kv_heads == c.num_heads else
             "MQA" if c.num_kv_heads == 1 else f"GQA {c.num_queries_per_kv}:1")
     lines = [
@@ -990,21 +1054,28 @@ def format_plan(plan: Plan) -> str:
         f"{m.context:,} tokens",
         f"memory     {m.utilization:.0%} of {format_size(m.gpu_memory)} = "
         f"{format_size(m.usable)}: weights {format_size(m.weights)} + activations "
-        f"{format_size(m.activations)} (one {MAX_NUM_BATCHED_TOKENS}-token step) + KV pool "
+        f"{format_size(m.activations)} (one {MAX_NUM_BATCHED_TOKENS}-token step, logits of "
+        f"{m.logits_rows:,} row{'s' if m.logits_rows > 1 else ''}) + KV pool "
         f"{format_size(m.kv_pool_bytes)}",
         f"KV pool    {m.kv_pool_blocks:,} blocks = {m.kv_pool_tokens:,} tokens; largest "
         f"batch at {m.context:,} tokens: {m.max_batch:,} sequences "
         f"({m.blocks_per_sequence} blocks each)",
         "",
-        f"prefill    {m.context:,} tokens: TTFT {_ms(plan.prefill.seconds)} "
-        f"({_why(plan.prefill)})",
-        f"decode     batch 1: {_ms(plan.decode_one.seconds)} per output token "
-        f"({_why(plan.decode_one)})",
-        f"decode     batch {batch}: {_ms(plan.decode_batch.seconds)} per step, "
-        f"{batch / plan.decode_batch.seconds:,.0f} output tokens/s "
-        f"({_why(plan.decode_batch)})",
-        f"assumed    {format_assumptions(e)}",
     ]
+    if plan.runs:
+        lines += [
+            f"prefill    {m.context:,} tokens: TTFT {_ms(plan.prefill.seconds)} "
+            f"({_why(plan.prefill)})",
+            f"decode     batch 1: {_ms(plan.decode_one.seconds)} per output token "
+            f"({_why(plan.decode_one)})",
+            f"decode     batch {batch}: {_ms(plan.decode_batch.seconds)} per step, "
+            f"{batch / plan.decode_batch.seconds:,.0f} output tokens/s "
+            f"({_why(plan.decode_batch)})",
+        ]
+    else:
+        lines.append(f"latency    none: no sequence of {m.context:,} tokens fits (see the "
+                     "note), so there is no TTFT or decode step to plan")
+    lines.append(f"assumed    {format_assumptions(e)}")
     if plan.tiers is not None:
         t = plan.tiers
         lines += [

@@ -373,3 +373,43 @@ def test_cli_says_how_many_requests_exceed_the_context(tmp_path, capsys):
     assert ("of 4: left out 1 longer than the model's context of 2,048 tokens (longest "
             "4,096 tokens), as a server refuses them") in text
     assert f"GPU pool alone ({t['gpu_blocks']:,} blocks of 512 = " in text
+
+
+def test_activations_hold_logits_of_the_batch_that_can_run():
+    """--concurrency beyond what fits sizes the logits for the largest batch, not for every
+    requested sequence (150,000 rows of fp32 logits are 72 GiB: the plan blamed the
+    weights, which fit)."""
+    name, cfg = kp.resolve_model("llama3-8b")
+    gpu = kp.GPUS["h100-sxm"]
+    plan = kp.make_plan(name, cfg, "bf16", 8192, 150_000, gpu)
+    m = plan.memory
+    assert plan.runs and 0 < m.max_batch < 150_000 and not m.fits
+    assert m.logits_rows == m.max_batch == plan.decode_batch_size
+    assert m.activations == kp.activation_bytes(cfg, 2, kp.MAX_NUM_BATCHED_TOKENS, m.max_batch)
+    assert not any("do not fit" in n for n in plan.notes)
+    assert any(f"exceeds the largest batch ({m.max_batch})" in n for n in plan.notes)
+    # the largest batch: it fits with its own logits, one more does not
+    at = kp.make_plan(name, cfg, "bf16", 8192, m.max_batch, gpu).memory
+    assert at.fits and at.max_batch == m.max_batch and at.kv_pool_bytes == m.kv_pool_bytes
+    assert not kp.make_plan(name, cfg, "bf16", 8192, m.max_batch + 1, gpu).memory.fits
+
+
+def test_nothing_fits_prints_no_latency_and_blames_the_right_part(capsys):
+    cfg = _cfg("llama3-8b")
+    # the weights fit 72% of an L4, the weights and one step's activations do not
+    plan = kp.make_plan("llama3-8b", cfg, "bf16", 8192, 1, kp.GPUS["l4"], utilization=0.72)
+    assert not plan.runs and plan.memory.kv_pool_bytes == 0
+    assert plan.size.weights_bytes < plan.memory.usable
+    assert any("(15.0 GiB) fit in 72%" in n and "activations" in n for n in plan.notes)
+    assert kp.main(["--model", "llama3-8b", "--context", "8192", "--gpu", "L4",
+                    "--memory-utilization", "0.72"]) == 0
+    text = capsys.readouterr().out
+    assert "decode     batch" not in text and "prefill    8,192" not in text
+    assert "latency    none: no sequence of 8,192 tokens fits" in text
+    assert kp.main(["--model", "llama3.1-8b", "--context", "131072", "--gpu", "L4",
+                    "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["runs"] is False and data["memory"]["max_batch"] == 0
+    assert data["prefill"] is None and data["decode_one"] is None
+    assert data["decode_batch"] is None
+    assert any("one sequence of 131,072 tokens" in n for n in data["notes"])
