@@ -45,8 +45,9 @@ from kvstore.units import format_size
 # bench. One set serves every model: none is fitted to one shape.
 
 GEMM_COMPUTE_EFFICIENCY = 0.80
-"""Fraction of the GPU's bf16 FLOP/s a prefill GEMM (fused QKV, O, fused gate/up, down,
-LM head) reaches. H200: Llama-3-8B's 2,048-token prefill, GEMMs nearly all of its FLOPs,
+"""Fraction of the matmul ceiling (:attr:`GPUSpec.reached_flops`: the measured bf16
+FLOP/s, or a data sheet's x :data:`TABLE_FLOPS_REACHED`) a prefill GEMM (fused QKV, O,
+fused gate/up, down, LM head) reaches. H200: Llama-3-8B's 2,048-token prefill, GEMMs nearly all of its FLOPs,
 runs at 0.81 of the measured 742 TFLOP/s."""
 
 DECODE_GEMM_COMPUTE_EFFICIENCY = 0.80
@@ -58,7 +59,8 @@ at most ~12.5 ms, 0.7 of FLOP/s or more (at 0.40 the plan would predict 61 ms). 
 prefill value is used."""
 
 GEMM_MEMORY_EFFICIENCY = 0.90
-"""Fraction of the copy bandwidth a memory-bound GEMM reaches reading its weights (the
+"""Fraction of the copy bandwidth (:attr:`GPUSpec.reached_bandwidth`: measured, or a data
+sheet's x :data:`TABLE_BANDWIDTH_REACHED`) a memory-bound GEMM reaches reading its weights (the
 decode GEMVs: ~0.9 of the measured copy bandwidth on an H200)."""
 
 ATTENTION_MEMORY_EFFICIENCY = 0.75
@@ -484,12 +486,23 @@ class Efficiency:
                 raise PlanError(f"floor {name} must be >= 0 seconds, got {value}")
 
 
-def format_assumptions(eff: Efficiency) -> str:
-    """One line: the efficiencies and floors a plan assumed."""
+def format_assumptions(eff: Efficiency, gpu: GPUSpec | None = None) -> str:
+    """One line: the efficiencies and floors a plan assumed. Efficiencies are fractions
+    of the rooflines' ceilings (:attr:`GPUSpec.reached_flops`, a large matmul's FLOP/s,
+    and :attr:`GPUSpec.reached_bandwidth`, a device copy's bandwidth), not of a data
+    sheet's peak; with a ``gpu`` from the table the line also gives the GEMM fractions of
+    its data sheet."""
     decode = ("" if eff.decode_gemm_compute == eff.gemm_compute
               else f" ({eff.decode_gemm_compute:.0%} in decode)")
-    return (f"GEMMs {eff.gemm_compute:.0%} of FLOP/s{decode}, {eff.gemm_memory:.0%} of "
-            f"bandwidth; attention "
+    sheet_c = sheet_m = ""
+    if gpu is not None and gpu.source != "measured":
+        c = gpu.reached_flops / gpu.flops
+        m = gpu.reached_bandwidth / gpu.bandwidth
+        sheet_c = f" = {eff.gemm_compute * c:.0%} of the data sheet's"
+        sheet_m = f" = {eff.gemm_memory * m:.0%} of the data sheet's"
+    return (f"fractions of the ceilings a matmul (FLOP/s) and a copy (bandwidth) reach: "
+            f"GEMMs {eff.gemm_compute:.0%} of FLOP/s{sheet_c}{decode}, "
+            f"{eff.gemm_memory:.0%} of bandwidth{sheet_m}; attention "
             f"{eff.attention_compute:.0%} of FLOP/s, {eff.attention_memory:.0%} of "
             f"bandwidth; elementwise {eff.elementwise_memory:.0%} of bandwidth; kernel floors "
             f"{eff.gemm_floor * 1e6:.1f} us a GEMM, {eff.kernel_floor * 1e6:.1f} us others; "
@@ -946,6 +959,11 @@ class Plan:
         out["config"] = json.loads(self.config.identity())
         out["config"]["max_position_embeddings"] = self.config.max_position_embeddings
         out["config"]["max_context_len"] = self.config.max_context_len
+        out["gpu"]["reached_flops"] = self.gpu.reached_flops
+        out["gpu"]["reached_bandwidth"] = self.gpu.reached_bandwidth
+        out["efficiency_of"] = ("fractions of gpu.reached_flops and gpu.reached_bandwidth "
+                                "(what a matmul and a copy reach), not of gpu.flops and "
+                                "gpu.bandwidth")
         out["runs"] = self.runs
         out["decode_batch_size"] = self.decode_batch_size
         if not self.runs:
@@ -1075,7 +1093,7 @@ def format_plan(plan: Plan) -> str:
     else:
         lines.append(f"latency    none: no sequence of {m.context:,} tokens fits (see the "
                      "note), so there is no TTFT or decode step to plan")
-    lines.append(f"assumed    {format_assumptions(e)}")
+    lines.append(f"assumed    {format_assumptions(e, g)}")
     if plan.tiers is not None:
         t = plan.tiers
         lines += [
@@ -1162,11 +1180,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=BLOCK_SIZE,
                    help="tokens per KV block (default: %(default)s)")
     p.add_argument("--prefill-efficiency", type=float, default=GEMM_COMPUTE_EFFICIENCY,
-                   help="fraction of peak FLOP/s the prefill GEMMs reach (default: "
-                        "%(default)s)")
+                   help="fraction of the FLOP/s a large bf16 matmul reaches (measured, or "
+                        f"for a --gpu from the table {TABLE_FLOPS_REACHED} x its data "
+                        "sheet's peak) that the prefill GEMMs reach; the default "
+                        f"%(default)s is {GEMM_COMPUTE_EFFICIENCY * TABLE_FLOPS_REACHED:.2f} "
+                        "of a table GPU's peak")
     p.add_argument("--decode-efficiency", type=float, default=GEMM_MEMORY_EFFICIENCY,
-                   help="fraction of HBM bandwidth the decode GEMMs reach reading the "
-                        "weights (default: %(default)s)")
+                   help="fraction of the bandwidth a device copy reaches (measured, or for "
+                        f"a --gpu from the table {TABLE_BANDWIDTH_REACHED} x its data "
+                        "sheet's HBM bandwidth) that the decode GEMMs reach reading the "
+                        f"weights; the default %(default)s is "
+                        f"{GEMM_MEMORY_EFFICIENCY * TABLE_BANDWIDTH_REACHED:.2f} of a table "
+                        "GPU's HBM bandwidth")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 

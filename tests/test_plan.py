@@ -413,3 +413,31 @@ def test_nothing_fits_prints_no_latency_and_blames_the_right_part(capsys):
     assert data["prefill"] is None and data["decode_one"] is None
     assert data["decode_batch"] is None
     assert any("one sequence of 131,072 tokens" in n for n in data["notes"])
+
+
+def test_efficiencies_say_their_baseline(capsys):
+    """--prefill/--decode-efficiency are fractions of what a matmul and a copy reach (for
+    a table GPU 0.75 and 0.86 of its data sheet), not of the data sheet's peak: the help,
+    the printout and the JSON say so."""
+    help_text = kp.build_parser().format_help()
+    assert "fraction of peak FLOP/s" not in help_text
+    assert "fraction of HBM bandwidth" not in help_text
+    assert "0.60 of a table GPU's peak" in " ".join(help_text.split())
+    assert "0.77 of a table GPU's HBM bandwidth" in " ".join(help_text.split())
+    args = ["--model", "llama3-8b", "--context", "2048", "--gpu", "H100"]
+    assert kp.main([*args, "--prefill-efficiency", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "GEMMs 50% of FLOP/s = 38% of the data sheet's" in text  # 0.5 x 0.75
+    assert "90% of bandwidth = 77% of the data sheet's" in text  # 0.9 x 0.86
+    assert kp.main([*args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["gpu"]["reached_flops"] == pytest.approx(989e12 * kp.TABLE_FLOPS_REACHED)
+    assert data["gpu"]["reached_bandwidth"] == pytest.approx(3.35e12 * 0.86)
+    assert "gpu.reached_flops" in data["efficiency_of"]
+    # the roofline divides by the reached ceiling: a compute-bound GEMM's time shows it
+    cfg = _cfg("llama3-8b")
+    size = kp.model_size(cfg, "bf16")
+    gemm = next(k for k in kp.step_kernels(cfg, size, kp.GPUS["h100-sxm"], 1, 2048, 0, False)
+                if k.name == "gate/up GEMM")
+    assert gemm.bound == "compute"
+    assert gemm.compute_s == pytest.approx(gemm.flops / (989e12 * 0.75 * 0.8))
