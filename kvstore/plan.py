@@ -155,6 +155,9 @@ def resolve_model(name_or_path: str) -> tuple[str, ModelConfig]:
     Raises :class:`PlanError` listing the known names for anything else.
     """
     named = named_model_configs()
+    if not name_or_path.strip():
+        raise PlanError(f"--model is empty: give one of {', '.join(named)} or the path of a "
+                        "Hugging Face config.json (or its directory)")
     key = name_or_path.lower()
     if key in named:
         return key, ModelConfig.from_hf_dict(named[key])
@@ -166,12 +169,14 @@ def resolve_model(name_or_path: str) -> tuple[str, ModelConfig]:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise PlanError(f"config file {path} not found") from None
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise PlanError(f"cannot read {path} as JSON: {exc}") from None
         if not isinstance(data, dict):
             raise PlanError(f"{path} is not a config.json object")
         try:
-            return path.parent.name or path.stem, ModelConfig.from_hf_dict(data)
+            # a checkpoint's config.json is named by its directory, another file by itself
+            label = (path.parent.name or path.stem) if path.name == "config.json" else path.stem
+            return label, ModelConfig.from_hf_dict(data)
         except ValueError as exc:
             raise PlanError(f"{path}: {exc}") from None
     raise PlanError(f"unknown model {name_or_path!r}: give one of {', '.join(named)} or the "
@@ -1170,10 +1175,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --workload: a subset (2,000 trace requests, 200 chats, 128 "
                         "generated prompts)")
     p.add_argument("--trace", type=Path, default=None,
-                   help="Mooncake trace JSONL (default: bench/data/, or $KVSTORE_DATA)")
-    p.add_argument("--host-bytes", type=size_arg, default=0, metavar="SIZE",
-                   help="host DRAM tier in front of the disk when sizing the disk (e.g. "
-                        "64GiB; default: 0, the disk right behind the GPU)")
+                   help="with --workload mooncake: the Mooncake trace JSONL (default: "
+                        "bench/data/, or $KVSTORE_DATA)")
+    p.add_argument("--host-bytes", type=size_arg, default=None, metavar="SIZE",
+                   help="with --workload: host DRAM tier in front of the disk when sizing "
+                        "the disk (e.g. 64GiB; default: 0, the disk right behind the GPU)")
     p.add_argument("--memory-utilization", type=float, default=MEMORY_UTILIZATION,
                    help="fraction of GPU memory for weights, activations and KV "
                         "(default: %(default)s)")
@@ -1210,22 +1216,38 @@ def _default_gpu() -> GPUSpec:
 def main(argv: Sequence[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.workload is None:
+        given = [flag for flag, value in (("--host-bytes", args.host_bytes is not None),
+                                          ("--quick", args.quick),
+                                          ("--trace", args.trace is not None)) if value]
+        if given:
+            flags = " and ".join(given)
+            p.error(f"{flags} only appl{'ies' if len(given) == 1 else 'y'} to sizing the "
+                    f"host and disk tiers on a workload: add --workload "
+                    f"{{{','.join(WORKLOADS)}}}, or leave {flags} out")
+    elif args.trace is not None and args.workload != "mooncake":
+        p.error(f"--trace is a Mooncake trace: give it with --workload mooncake, not "
+                f"--workload {args.workload}")
+    if args.gpu is not None and not args.gpu.strip():
+        p.error("argument --gpu: the GPU name is empty; give one of "
+                f"{', '.join(g.name for g in GPUS.values())}, or leave --gpu out to measure "
+                "the local CUDA GPU")
     try:
         name, cfg = resolve_model(args.model)
         dtype_bytes(args.dtype)
-        host_bytes = args.host_bytes
-        gpu = resolve_gpu(args.gpu) if args.gpu else _default_gpu()
+        host_bytes = args.host_bytes or 0
+        gpu = resolve_gpu(args.gpu) if args.gpu is not None else _default_gpu()
         eff = Efficiency(gemm_compute=args.prefill_efficiency,
                          gemm_memory=args.decode_efficiency)
         plan = make_plan(name, cfg, args.dtype, args.context, args.concurrency, gpu, eff,
                          args.memory_utilization, args.block_size)
-        if not args.gpu and gpu.source == "table":
+        if args.gpu is None and gpu.source == "table":
             plan = replace(plan, notes=plan.notes + (
                 f"no --gpu and no CUDA device here: planned for the {gpu.name}",))
         if args.workload:
             try:
                 workload = load_workload(args.workload, args.quick, args.trace)
-            except FileNotFoundError as exc:
+            except (FileNotFoundError, ValueError) as exc:  # ValueError: path:line and why
                 raise PlanError(str(exc)) from None
             per_token = plan.prefill.seconds / args.context
             wbs = workload.block_size

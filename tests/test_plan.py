@@ -441,3 +441,52 @@ def test_efficiencies_say_their_baseline(capsys):
                 if k.name == "gate/up GEMM")
     assert gemm.bound == "compute"
     assert gemm.compute_s == pytest.approx(gemm.flops / (989e12 * 0.75 * 0.8))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--host-bytes", "64GiB"], "--host-bytes only applies to sizing the host and disk tiers"),
+    (["--quick"], "--quick only applies to sizing"),
+    (["--trace", "t.jsonl", "--quick"], "--quick and --trace only apply to sizing"),
+    (["--workload", "generated", "--trace", "t.jsonl"],
+     "--trace is a Mooncake trace: give it with --workload mooncake"),
+    (["--gpu", ""], "argument --gpu: the GPU name is empty"),
+    (["--gpu", "  "], "argument --gpu: the GPU name is empty"),
+])
+def test_options_that_would_be_ignored_are_argparse_errors(capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        kp.main(["--model", "tiny", "--context", "100", *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_model_names_empty_model_and_bad_trace(tmp_path, capsys):
+    config = tmp_path / "audit" / "l2.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(kp.named_model_configs()["tiny"]))
+    assert kp.resolve_model(str(config))[0] == "l2"  # the file, not its directory
+    (tmp_path / "audit" / "config.json").write_text(config.read_text())
+    assert kp.resolve_model(str(tmp_path / "audit" / "config.json"))[0] == "audit"
+    assert kp.resolve_model(str(tmp_path / "audit"))[0] == "audit"
+    with pytest.raises(kp.PlanError, match="--model is empty: give one of smollm2"):
+        kp.resolve_model("")
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\xfe")
+    with pytest.raises(kp.PlanError, match="cannot read .* as JSON"):
+        kp.resolve_model(str(binary))
+    trace = tmp_path / "bad.jsonl"
+    trace.write_text('{"timestamp": 1, "input_length": "x", "hash_ids": []}\n')
+    assert kp.main(["--model", "tiny", "--context", "100", "--gpu", "L4", "--workload",
+                    "mooncake", "--trace", str(trace)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kvstore plan: {trace}:1: input_length must be an integer >= 0, got 'x'"
+
+
+def test_json_has_what_the_table_shows(capsys):
+    assert kp.main(["--model", "llama3-8b", "--context", "4096", "--concurrency", "300",
+                    "--gpu", "H100", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["config"]["max_position_embeddings"] == 8192
+    assert data["config"]["max_context_len"] == 8192
+    assert 0 < data["decode_batch_size"] == data["memory"]["max_batch"] < 300
+    assert data["runs"] is True
