@@ -1112,8 +1112,8 @@ def format_plan(plan: Plan) -> str:
                 left.append(f"{t.over_context:,} longer than the model's context of "
                             f"{c.max_context_len:,} tokens")
             if t.over_pool:
-                left.append(f"{t.over_pool:,} longer than the GPU KV pool "
-                            f"({t.gpu_blocks * t.block_size:,} tokens)")
+                left.append(f"{t.over_pool:,} longer than the GPU KV pool of "
+                            f"{t.gpu_blocks * t.block_size:,} tokens")
             lines.append(
                 f"           of {t.workload_requests:,}: left out {' and '.join(left)} "
                 f"(longest {t.longest_tokens:,} tokens), as a server refuses them; the "
@@ -1255,7 +1255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             host_blocks = host_bytes // (wbs * plan.size.kv_bytes_per_token)
             say = None if args.json else (lambda m: print(f"  {m}", file=sys.stderr,
                                                           flush=True))
-            if gpu_blocks < 1:
+            if not plan.runs:
+                plan = replace(plan, notes=plan.notes + (
+                    "no tier sizing: it needs the prefill rate of a sequence of --context "
+                    "tokens, and none fits; give a --context the KV pool holds",))
+            elif gpu_blocks < 1:
                 plan = replace(plan, notes=plan.notes + (
                     f"no tier sizing: the KV pool ({plan.memory.kv_pool_tokens:,} tokens) "
                     f"holds no {wbs}-token block of the {args.workload} workload",))

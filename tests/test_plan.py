@@ -407,9 +407,11 @@ def test_nothing_fits_prints_no_latency_and_blames_the_right_part(capsys):
     assert "decode     batch" not in text and "prefill    8,192" not in text
     assert "latency    none: no sequence of 8,192 tokens fits" in text
     assert kp.main(["--model", "llama3.1-8b", "--context", "131072", "--gpu", "L4",
-                    "--json"]) == 0
+                    "--workload", "generated", "--quick", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["runs"] is False and data["memory"]["max_batch"] == 0
+    assert data["tiers"] is None  # its prefill rate would be of a prefill that cannot run
+    assert any(n.startswith("no tier sizing: it needs the prefill rate") for n in data["notes"])
     assert data["prefill"] is None and data["decode_one"] is None
     assert data["decode_batch"] is None
     assert any("one sequence of 131,072 tokens" in n for n in data["notes"])
