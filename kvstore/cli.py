@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -49,7 +50,14 @@ def _run_module(module: str, argv: Sequence[str]) -> int:
             print(f"kvstore: missing dependency {exc.name!r}; run `bash .ci/setup` "
                   "or `pip install -e '.[dev]'`", file=sys.stderr)
         return 2
-    return int(mod.main(list(argv)) or 0)
+    try:
+        return int(mod.main(list(argv)) or 0)
+    except BrokenPipeError:
+        # the reader went away (`kvstore plan ... | head -1`): stop quietly, as cat does;
+        # stdout is pointed at /dev/null so the interpreter's own flush at exit is silent
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
 
 
 def build_parser() -> argparse.ArgumentParser:

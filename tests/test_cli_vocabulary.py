@@ -184,3 +184,15 @@ def test_a_bad_size_is_one_line_and_exit_2():
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "--host-bytes" in proc.stderr
+
+
+def test_a_closed_pipe_ends_a_command_quietly() -> None:
+    """``kvstore plan ... | head -1``: the reader leaves early; no traceback, exit 141."""
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore", "plan", "--model", "llama3-8b",
+                             "--context", "4096", "--gpu", "H100"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it writes a line
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
