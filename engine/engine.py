@@ -34,6 +34,7 @@ from engine.sequence import CompletionOutput, RequestOutput, Sequence, Status
 from engine.stats import EngineStats
 from engine.tokenizer import Tokenizer
 from kvstore.store import KVStore, OutOfBlocks
+from kvstore.units import format_size
 from radix import Namespace, hash_blocks
 
 
@@ -101,13 +102,13 @@ class Engine:
 
     # -------------------------------------------------------------- requests
 
-    def add_request(self, request_id: str, prompt_ids: list[int],
-                    params: SamplingParams) -> None:
-        """Queue a request. ``ValueError`` for an empty prompt or a duplicate id."""
+    def check_request(self, prompt_ids: list[int]) -> None:
+        """``ValueError`` when a prompt cannot run: empty, ids out of the vocabulary, or
+        no room for it and one generated token in the model's context or in the device
+        KV pool (:meth:`add_request` checks this too; a caller queuing several requests
+        checks them all first)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already running")
         vocab = self.model.config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -116,6 +117,25 @@ class Engine:
         if len(prompt_ids) >= limit:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model's context "
                              f"holds {limit} (prompt and reply together)")
+        store = self.store.config
+        pool = store.gpu_blocks * store.block_size
+        if len(prompt_ids) >= pool:
+            block_bytes = store.layout.block_bytes if store.layout is not None else 0
+            size = f", {format_size(store.gpu_blocks * block_bytes)}" if block_bytes else ""
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; the device KV pool holds "
+                f"{pool} ({store.gpu_blocks} blocks of {store.block_size} tokens{size}), "
+                "prompt and reply together: give a shorter prompt or a larger pool "
+                "(gpu_kv_bytes= / gpu_blocks= for LLM, --gpu-kv-bytes for kvstore serve "
+                "and chat)")
+
+    def add_request(self, request_id: str, prompt_ids: list[int],
+                    params: SamplingParams) -> None:
+        """Queue a request. ``ValueError`` for a duplicate id or a prompt that cannot
+        run (:meth:`check_request`)."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.check_request(prompt_ids)
         now = time.perf_counter()
         seq = self._new_sequence(request_id, 0, list(prompt_ids), params, now)
         self._requests[request_id] = _Request(request_id, list(prompt_ids), params, [seq], now)

@@ -14,12 +14,14 @@ them. ``enable_cache=False`` turns prefix reuse off (for comparisons).
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -43,7 +45,8 @@ from tiers.layout import KVLayout
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | np.ndarray | torch.Tensor
+"""One prompt: text, or token ids (a sequence of ints, a 1-D integer array or tensor)."""
 Messages = Sequence[Mapping[str, Any]]
 
 
@@ -98,6 +101,7 @@ class EngineConfig:
     warmup: bool | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.gpu_blocks is not None and self.gpu_blocks < 1:
             raise ValueError(f"gpu_blocks must be >= 1 (or None for automatic), got {self.gpu_blocks}")
         if self.gpu_blocks is not None and self.gpu_kv_bytes is not None:
@@ -107,7 +111,9 @@ class EngineConfig:
         for name in ("host_blocks", "host_bytes", "disk_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+                hint = (f" (a number of bytes: kvstore.units.parse_size({value!r}))"
+                        if name.endswith("_bytes") and isinstance(value, str) else "")
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}{hint}")
         if self.device is not None:
             _check_device(self.device)
         if not 0 < self.gpu_memory_fraction <= 0.95:
@@ -178,13 +184,13 @@ class LLM:
     # ---------------------------------------------------------------- inputs
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a text prompt (or the ids themselves)."""
+        """Token ids of a text prompt (or the ids themselves: a sequence of ints, or a
+        1-D integer numpy array or torch tensor). ``TypeError`` for anything else."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass token ids")
             return self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt]
-        return ids
+        return _token_ids(prompt, "prompt")
 
     def encode_chat(self, messages: Messages) -> list[int]:
         """Token ids of a conversation with the chat template applied."""
@@ -197,11 +203,13 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | None = None, *, use_tqdm: bool = False
                  ) -> list[RequestOutput]:
-        """Run every prompt (text or token ids) to completion; outputs in input order."""
-        batch = ([prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
-                 else prompts)
-        return self._run([self.encode(cast(Prompt, p)) for p in batch],
-                         params or SamplingParams(), use_tqdm)
+        """Run every prompt (text or token ids) to completion; outputs in input order.
+
+        ``prompts``: one prompt (a ``str``, a sequence of int token ids, or a 1-D
+        integer numpy array / torch tensor) or a list of prompts."""
+        batch = _prompt_batch(prompts)
+        params = _check_params(params)
+        return self._run([self.encode(p) for p in batch], params, use_tqdm)
 
     def chat(self, messages: Messages | Sequence[Messages],
              params: SamplingParams | None = None, *, use_tqdm: bool = False
@@ -211,21 +219,25 @@ class LLM:
         One conversation (a list of ``{"role", "content"}`` dicts) returns one output;
         a list of conversations returns a list.
         """
-        single = bool(messages) and isinstance(messages[0], Mapping)
+        single = _is_conversation(messages, "chat")
         convs = [messages] if single else list(messages)
-        outs = self._run([self.encode_chat(cast(Messages, c)) for c in convs],
-                         params or SamplingParams(), use_tqdm)
+        params = _check_params(params)
+        outs = self._run([self.encode_chat(cast(Messages, c)) for c in convs], params,
+                         use_tqdm)
         return outs[0] if single else outs
 
     def stream(self, prompt: Prompt | Messages, params: SamplingParams | None = None
                ) -> Iterator[RequestOutput]:
         """Yield snapshots of one request as tokens arrive (chat messages or a prompt)."""
+        if isinstance(prompt, Mapping):
+            _is_conversation(prompt, "stream")  # raises: a message, not a conversation
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping):
             ids = self.encode_chat(prompt)  # type: ignore[arg-type]
         else:
-            ids = self.encode(prompt)  # type: ignore[arg-type]
+            ids = self.encode(_one_prompt(prompt))
+        params = _check_params(params)
         rid = f"stream-{next(self._ids)}"
-        self.engine.add_request(rid, ids, params or SamplingParams())
+        self.engine.add_request(rid, ids, params)
         try:
             while True:
                 for out in self.engine.step():
@@ -238,15 +250,31 @@ class LLM:
 
     def _run(self, prompts: list[list[int]], params: SamplingParams,
              use_tqdm: bool) -> list[RequestOutput]:
+        """Queue every prompt and run them to completion. Every prompt is checked before
+        any is queued; on any exception (``KeyboardInterrupt`` included) the requests of
+        this call are aborted, so none is left in the engine to run with a later call."""
+        for i, p in enumerate(prompts):
+            try:
+                self.engine.check_request(p)
+            except ValueError as exc:
+                if len(prompts) == 1:
+                    raise
+                raise ValueError(f"prompts[{i}] (of {len(prompts)}): {exc} (no prompt of "
+                                 "this batch ran)") from None
         ids = [f"req-{next(self._ids)}" for _ in prompts]
-        for rid, p in zip(ids, prompts):
-            self.engine.add_request(rid, p, params)
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), disable=not use_tqdm, desc="generating") as bar:
-            for out in self.engine.run():
-                if out.finished:
-                    done[out.request_id] = out
-                    bar.update(1)
+        try:
+            for rid, p in zip(ids, prompts):
+                self.engine.add_request(rid, p, params)
+            with tqdm(total=len(ids), disable=not use_tqdm, desc="generating") as bar:
+                for out in self.engine.run():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        finally:
+            if len(done) < len(ids):
+                for rid in ids:
+                    self.engine.abort(rid)
         return [done[r] for r in ids]
 
     @property
@@ -317,9 +345,161 @@ def check_messages(messages: Messages) -> list[Mapping[str, Any]]:
     return out
 
 
+def _is_integer(value: object) -> bool:
+    """An int token id (a numpy integer too), not a bool."""
+    return (isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_))
+
+
+def _array_ids(value: np.ndarray | torch.Tensor, what: str) -> list[int]:
+    """The ids of a 1-D integer numpy array or torch tensor."""
+    if isinstance(value, torch.Tensor):
+        integral = not value.is_floating_point() and not value.is_complex() and \
+            value.dtype is not torch.bool
+        kind = f"torch tensor of {str(value.dtype).removeprefix('torch.')}"
+    else:
+        integral = np.issubdtype(value.dtype, np.integer)
+        kind = f"numpy array of {value.dtype}"
+    if not integral:
+        raise TypeError(f"{what} is a {kind}: token ids must be integers (convert it, "
+                        "e.g. .astype(int) / .long(), or pass a str)")
+    if value.ndim != 1:
+        raise TypeError(f"{what} is a {value.ndim}-D {kind}: a prompt of token ids is 1-D; "
+                        "pass a list of 1-D arrays for several prompts")
+    return [int(t) for t in value.tolist()]
+
+
+def _token_ids(prompt: object, what: str) -> list[int]:
+    """``prompt`` as a list of int token ids; ``TypeError`` naming what to pass when it is
+    not a sequence of ints (or a 1-D integer array/tensor)."""
+    if isinstance(prompt, np.ndarray | torch.Tensor):
+        return _array_ids(prompt, what)
+    if isinstance(prompt, bytes | bytearray | memoryview):
+        raise TypeError(f"{what} is {type(prompt).__name__}: pass text as a str (decode the "
+                        "bytes first, e.g. .decode('utf-8')) or token ids as a list of ints")
+    if isinstance(prompt, str) or not isinstance(prompt, Sequence):
+        raise TypeError(f"{what} must be a str or a sequence of int token ids, got "
+                        f"{type(prompt).__name__}")
+    ids = list(prompt)
+    for i, t in enumerate(ids):
+        if not _is_integer(t):
+            raise TypeError(f"{what}[{i}] is {type(t).__name__} {t!r}: token ids must be ints "
+                            "(pass text as a str, several prompts as a list of str or of "
+                            "token-id lists)")
+    return [int(t) for t in ids]
+
+
+def _one_prompt(prompt: object) -> Prompt:
+    """``prompt`` if it is one prompt (text or token ids), else ``TypeError``."""
+    return prompt if isinstance(prompt, str) else _token_ids(prompt, "prompt")
+
+
+def _prompt_batch(prompts: object) -> list[Prompt]:
+    """The prompts of :meth:`LLM.generate`'s argument: one prompt (text, token ids, a 1-D
+    array/tensor) or a sequence of prompts. ``TypeError`` naming what to pass."""
+    expected = ("a str, a list of int token ids (or a 1-D integer numpy array / torch "
+                "tensor), or a list of those")
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, np.ndarray | torch.Tensor):
+        return [_array_ids(prompts, "prompts")]
+    if isinstance(prompts, bytes | bytearray | memoryview):
+        raise TypeError(f"prompts is {type(prompts).__name__}: pass text as a str (decode "
+                        "the bytes first, e.g. .decode('utf-8')) or token ids as a list of "
+                        "ints")
+    if isinstance(prompts, Mapping) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be {expected}; got {type(prompts).__name__}")
+    items = list(prompts)
+    if items and (_is_integer(items[0]) or isinstance(items[0], bool | np.bool_)):
+        return [_token_ids(items, "prompt")]  # one prompt of token ids
+    batch: list[Prompt] = []
+    for i, p in enumerate(items):
+        if isinstance(p, str):
+            batch.append(p)
+        elif isinstance(p, np.ndarray | torch.Tensor):
+            batch.append(_array_ids(p, f"prompts[{i}]"))
+        elif isinstance(p, Sequence) and not isinstance(p, bytes | bytearray | memoryview):
+            batch.append(_token_ids(p, f"prompts[{i}]"))
+        else:
+            why = (" (a list mixing text and bare ints is neither)" if _is_integer(p)
+                   else " (token ids are ints)" if isinstance(p, float) else "")
+            raise TypeError(f"prompts[{i}] is {type(p).__name__} {p!r}: each prompt must be "
+                            f"a str or a list of int token ids{why}")
+    return batch
+
+
+def _check_params(params: object) -> SamplingParams:
+    """``params``, or the default :class:`SamplingParams` for ``None``; ``TypeError``
+    otherwise (a dict of options included)."""
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        hint = (": build one with SamplingParams(**options)"
+                if isinstance(params, Mapping) else "")
+        raise TypeError(f"params must be an engine.sampling.SamplingParams (or None), got "
+                        f"{type(params).__name__}{hint}")
+    return params
+
+
+def _is_conversation(messages: object, call: str) -> bool:
+    """Whether ``messages`` is one conversation (a list of message dicts) rather than a
+    list of conversations; ``TypeError`` when it is neither kind of list."""
+    if isinstance(messages, Mapping):
+        raise TypeError(f"{call}() takes a list of messages, got one message (a "
+                        f"{type(messages).__name__}): wrap it in a list, [message]")
+    if isinstance(messages, str | bytes | bytearray) or not isinstance(messages, Sequence):
+        raise TypeError(f"{call}() takes a list of {{'role': str, 'content': str}} dicts "
+                        f"(or a list of such lists), got {type(messages).__name__}")
+    return bool(messages) and isinstance(messages[0], Mapping)
+
+
+_OPTIONAL_STR = ("device", "dtype", "disk_path", "redis_url", "remote_url", "auth_token",
+                 "model_cache_dir", "tokenizer", "kv_events_url")
+_STR = ("model", "policy", "tenant", "attention", "load_format", "replica_id", "kv_format")
+_PATHS = ("model", "disk_path", "model_cache_dir")
+_INT = ("block_size", "max_num_seqs", "max_num_batched_tokens")  # host_*, disk_bytes: below
+_OPTIONAL_INT = ("gpu_blocks", "gpu_kv_bytes")
+
+
+def _check_types(cfg: EngineConfig) -> None:
+    """``TypeError`` naming the first field of ``cfg`` whose value has the wrong type."""
+    def bad(name: str, expected: str, hint: str = "") -> TypeError:
+        value = getattr(cfg, name)
+        return TypeError(f"{name} must be {expected}, got {type(value).__name__} "
+                         f"{value!r}{hint}")
+
+    for name in _STR + _OPTIONAL_STR:
+        value = getattr(cfg, name)
+        if value is None and name in _OPTIONAL_STR:
+            continue
+        if isinstance(value, str) or (name in _PATHS and isinstance(value, os.PathLike)):
+            continue
+        if name == "device" and isinstance(value, torch.device):
+            continue
+        if name == "dtype" and isinstance(value, torch.dtype):
+            continue
+        raise bad(name, "a str" + (" or None" if name in _OPTIONAL_STR else ""))
+    for name in _INT + _OPTIONAL_INT:
+        value = getattr(cfg, name)
+        if value is None and name in _OPTIONAL_INT:
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            continue
+        hint = ""
+        if name.endswith("_bytes") and isinstance(value, str):
+            hint = (f": give a number of bytes, e.g. kvstore.units.parse_size({value!r}) or "
+                    "1 << 30 for 1 GiB")
+        raise bad(name, "an int" + (" or None" if name in _OPTIONAL_INT else ""), hint)
+    if not (isinstance(cfg.gpu_memory_fraction, int | float)
+            and not isinstance(cfg.gpu_memory_fraction, bool)):
+        raise bad("gpu_memory_fraction", "a number in (0, 0.95]")
+    if not isinstance(cfg.enable_cache, bool):
+        raise bad("enable_cache", "True or False")
+    if cfg.warmup is not None and not isinstance(cfg.warmup, bool):
+        raise bad("warmup", "True, False or None")
+
+
 def _default_replica_id() -> str:
     """``hostname:pid``: unique among the engines of one machine."""
-    import os
     import socket
 
     return f"{socket.gethostname()}:{os.getpid()}"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -482,10 +483,72 @@ def dummy_model(shape: str | os.PathLike[str], *, tokenizer: str | None = None, 
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids, more than the "
                          f"{config.vocab_size} of the {name} shape: pick a larger shape")
     weights = DummyWeights(config, seed=seed, std=std, dtype=target, device=device)
+    _check_dummy_fits(name, weights)
     h = xxhash.xxh3_128()
     h.update(f"kvstore-dummy-v{DUMMY_FORMAT_VERSION}\x00{config.identity()}\x00{seed}\x00"
              f"{std!r}\x00{target}\x00{device.type}".encode())
     return LoadedModel(config, weights, tok, h.hexdigest(), None, f"{name}-dummy")
+
+
+def _check_dummy_fits(name: str, weights: DummyWeights) -> None:
+    """``ValueError`` naming the sizes when ``weights`` (plus one tensor being drawn while
+    the model copies them in) exceed the memory free on their device: host RAM on the
+    CPU (:func:`available_host_memory`), free device memory on CUDA. Nothing is
+    allocated before this check, so a shape far too large fails here at once instead of
+    growing until the OOM killer ends the process."""
+    elem = torch.empty((), dtype=weights.dtype).element_size()
+    sizes = [math.prod(shape) * elem for shape in weights._shapes.values()]
+    total = sum(sizes)
+    need = total + max(sizes, default=0)
+    device = weights.device
+    free: int | None
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        where = f"free on {device}"
+    elif device.type == "cpu":
+        free = available_host_memory()
+        where = "of host memory available"
+    else:
+        return
+    if free is None or need <= free:
+        return
+    dtype = str(weights.dtype).removeprefix("torch.")
+    smaller = " or bfloat16 (dtype='bfloat16')" if elem > 2 else ""
+    raise ValueError(
+        f"dummy weights of {name}: {total / 2**30:.1f} GiB of {dtype} weights "
+        f"({total // elem:,} parameters), but only {free / 2**30:.1f} GiB {where}; "
+        f"pick a smaller shape (e.g. tiny or smollm2){smaller}, or a device "
+        "with more memory")
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory a new allocation can take without swapping or the OOM
+    killer: ``MemAvailable`` of ``/proc/meminfo`` (else the free pages), capped by a
+    cgroup memory limit when one is set; ``None`` when unknown."""
+    free: int | None = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return None
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = int(Path(limit_file).read_text().strip())
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue  # absent, or "max": no limit
+        free = min(free, max(0, limit - usage))
+        break
+    return free
 
 
 def _dummy_tokenizer(tokenizer: str | None, cache_dir: str | Path | None) -> Tokenizer | None:

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1 - 64)
+"""Seeds ``torch.Generator.manual_seed`` accepts (a signed 64-bit integer), leaving room
+for ``seed + i`` of up to 64 sequences."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -54,6 +58,10 @@ class SamplingParams:
         need(integer(self.n) and 1 <= self.n <= 64, f"n must be an int 1..64, got {self.n!r}")
         need(self.seed is None or integer(self.seed),
              f"seed must be an int or None, got {self.seed!r}")
+        low, high = SEED_RANGE
+        need(self.seed is None or low <= self.seed <= high,
+             f"seed must be in {low}..{high} (a 64-bit integer with room for seed + i of "
+             f"n sequences), got {self.seed!r}: reduce it, e.g. seed % 2**62")
         need(isinstance(self.ignore_eos, bool),
              f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         ids = self.stop_token_ids

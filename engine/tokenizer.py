@@ -115,12 +115,17 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``. ``add_special_tokens`` applies the tokenizer's
         post-processor (e.g. a leading BOS); special-token strings in ``text`` map to
-        their ids."""
+        their ids. ``TypeError`` when ``text`` is not a ``str``; ``ValueError`` when it
+        holds unpaired surrogates (undecodable bytes), which are not Unicode text."""
+        _check_text(text)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """:meth:`encode` of many texts, in parallel inside ``tokenizers``."""
-        encs = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            _check_text(text, f"texts[{i}]")
+        encs = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
         return [e.ids for e in encs]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -159,6 +164,25 @@ class Tokenizer:
         the post-processor is not applied (as in transformers)."""
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         return self.encode(text, add_special_tokens=False)
+
+
+def _check_text(text: object, what: str = "text") -> None:
+    """``TypeError`` unless ``text`` is a ``str``; ``ValueError`` when it holds a lone
+    surrogate (U+D800..U+DFFF: what ``errors="surrogateescape"`` makes of undecodable
+    bytes), which the tokenizer cannot encode."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}"
+                        + (": decode the bytes to str first (e.g. .decode('utf-8'))"
+                           if isinstance(text, bytes | bytearray) else ""))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise ValueError(
+            f"{what} holds an unpaired surrogate (U+{ord(bad):04X} at index {exc.start}), "
+            "not valid Unicode: usually undecodable bytes (read with "
+            "errors='surrogateescape', e.g. from stdin or a file name); decode the bytes "
+            "with their real encoding or with errors='replace'") from None
 
 
 class StreamDecoder:

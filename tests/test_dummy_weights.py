@@ -13,6 +13,7 @@ from engine.config import NAMED_SHAPES, ModelConfig
 from engine.llm import LLM
 from engine.loader import (
     DummyWeights,
+    available_host_memory,
     dummy_model,
     model_config,
     resolve_model,
@@ -67,6 +68,23 @@ def test_weights_are_deterministic_and_seeded(tiny_config: Path) -> None:
     assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
     assert torch.equal(a.weights["model.norm.weight"], torch.ones(64))
     assert a.tokenizer is None and a.path is None and a.name == "tiny-dummy"
+
+
+def test_a_shape_too_large_for_memory_is_refused_before_allocating() -> None:
+    # Llama-3-70B in fp32: 263 GiB of weights. It used to be accepted, then grew until
+    # the OOM killer ended the process while the model copied the weights in.
+    need = 70_553_706_496 * 4
+    free = available_host_memory()
+    assert free is not None and free > 0
+    if free >= need:
+        pytest.skip("this machine has room for Llama-3-70B in fp32")
+    for build in (lambda: dummy_model("llama3-70b", device="cpu"),
+                  lambda: resolve_model("llama3-70b", load_format="dummy", dtype="float32")):
+        with pytest.raises(ValueError, match=r"llama3-70b: 262.8 GiB of float32 weights "
+                                             r"\(70,553,706,496 parameters\), but only .* GiB of "
+                                             r"host memory available; pick a smaller shape"):
+            build()
+    assert dummy_model("tiny").config.hidden_size == 64  # small shapes are unchanged
 
 
 def test_dummy_model_differs_from_the_real_one() -> None:

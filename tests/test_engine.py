@@ -172,12 +172,25 @@ def test_stop_strings_and_max_tokens(smollm2, model, reference):
     assert out.outputs[0].finish_reason == "length" and len(out.token_ids) == 3
 
 
-def test_request_larger_than_the_pool_ends_with_length(smollm2, model):
+def test_prompt_larger_than_the_pool_is_refused(smollm2, model):
     engine = make_engine(smollm2, model, gpu_blocks=4)
     long_prompt = prompts(smollm2)[0]
     assert len(long_prompt) > 4 * 16
-    out = run(engine, [long_prompt], SamplingParams(max_tokens=4, n=2))[0]
-    assert out.outputs[0].finish_reason == "length" and out.token_ids == []
+    # Refused up front, naming the pool and how to grow it (it used to end at once with
+    # "length" and no token: an empty reply).
+    for n in (1, 2):
+        with pytest.raises(ValueError, match=r"KV pool holds 64 \(4 blocks.*gpu_kv_bytes"):
+            engine.add_request(f"long{n}", long_prompt, SamplingParams(max_tokens=4, n=n))
+    with pytest.raises(ValueError, match="KV pool holds 64"):
+        engine.add_request("full", long_prompt[:64], GREEDY)  # no room for a reply token
+    assert not engine.has_unfinished
+    # The largest prompt with room for one more token runs as before; its reply ends
+    # with "length" when the sequence outgrows the pool.
+    fits = long_prompt[:63]
+    out = run(engine, [fits], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.token_ids) == 2
+    ref = run(make_engine(smollm2, model), [fits], SamplingParams(max_tokens=2))[0]
+    assert out.token_ids == ref.token_ids
     assert not engine.has_unfinished
 
 

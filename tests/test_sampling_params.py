@@ -21,6 +21,8 @@ from engine.sampling import SamplingParams
     ({"max_tokens": "8"}, "max_tokens"),
     ({"n": True}, "n must"),
     ({"seed": 1.5}, "seed"),
+    ({"seed": 2**70}, "seed must be in"),  # was an OverflowError mid-generation
+    ({"seed": -(2**63) - 1}, "seed must be in"),
     ({"stop": [1]}, "stop must"),
     ({"stop": [""]}, "stop must"),
     ({"stop_token_ids": "ab"}, "stop_token_ids"),

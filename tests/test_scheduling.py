@@ -229,10 +229,20 @@ def test_a_request_larger_than_the_pool_still_ends_with_length(smollm2, model, p
     engine = make_engine(smollm2, model, gpu_blocks=2)
     long_prompt = prompts[0] + prompts[1]
     assert len(long_prompt) > 2 * 16
-    outs = run_all(engine, [long_prompt, prompts[2][:20]], SamplingParams(max_tokens=4))
-    assert outs[0].outputs[0].finish_reason == "length" and outs[0].token_ids == []
-    assert len(outs[1].token_ids) > 0
+    # A prompt that can never fit is refused up front (it used to end with "length" and
+    # no token: an empty completion).
+    with pytest.raises(ValueError, match="KV pool holds 32"):
+        engine.add_request("long", long_prompt, SamplingParams(max_tokens=4))
     assert not engine.has_unfinished
+    # One whose reply outgrows the pool ends with "length" and does not block the next.
+    engine.add_request("r0", long_prompt[:31], SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.add_request("r1", prompts[2][:20], SamplingParams(max_tokens=4))
+    done = {o.request_id: o for o in engine.run() if o.finished}
+    assert done["r0"].outputs[0].finish_reason == "length"
+    assert len(done["r0"].token_ids) == 2  # 31 + 2 tokens: the 33rd has no slot
+    assert len(done["r1"].token_ids) > 0
+    assert not engine.has_unfinished
+    engine.store.check_integrity()
 
 
 def test_pressure_bench_runs_on_cpu_and_its_counts_agree(smollm2, model, capsys,
