@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.device import bench_device
-from kvstore.args import add_device_argument, add_hidden_alias
+from kvstore.args import add_device_argument, add_hidden_alias, count_arg, dir_arg, make_dir
 from kvstore.config import StoreConfig
 from kvstore.store import Allocated, KVStore
 from radix import Namespace, hash_blocks
@@ -166,11 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "load path, all in one run. Targets: <= 0.52x bytes, >= 1.8x GB/s.")
     parser.add_argument("--model", choices=sorted(MODEL_LAYOUTS), default="smollm2",
                         help="block layout (bf16, 16 tokens a block) (default: %(default)s)")
-    parser.add_argument("--blocks", type=int, default=256,
-                        help="blocks per load (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--blocks", type=count_arg(1), default=None,
+                        help="blocks per load (default: 256; --quick: 32)")
+    parser.add_argument("--repeats", type=count_arg(1), default=None,
                         help="loads per (tier, format); the median is reported "
-                             "(default: %(default)s)")
+                             "(default: 5; --quick: 2)")
     parser.add_argument("--tiers", default="disk,redis",
                         help="comma-separated shared tiers: disk, redis (default: %(default)s)")
     parser.add_argument("--formats", default=",".join(KV_FORMATS),
@@ -181,34 +181,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="threads of the store's load pipeline; on a small CPU machine "
                              "use its core count, or Redis reads pass the tier's 0.1 s "
                              "timeout (default: %(default)s)")
-    parser.add_argument("--disk", dest="dir", default=None, metavar="PATH",
-                        help="directory for the LMDB environments (default: a temp dir)")
-    add_hidden_alias(parser, "--dir", dest="dir")
+    parser.add_argument("--disk", dest="dir", type=dir_arg, default=None, metavar="PATH",
+                        help="directory for the LMDB environments, created if need be "
+                             "(default: a temp dir)")
+    add_hidden_alias(parser, "--dir", dest="dir", type=dir_arg, metavar="PATH")
     parser.add_argument("--quick", action="store_true",
-                        help="32 blocks, 2 repeats: a smoke run, not a measurement")
+                        help="32 blocks, 2 repeats: a smoke run, not a measurement "
+                             "(--blocks and --repeats given explicitly are kept)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    tiers = [t for t in args.tiers.split(",") if t]
-    formats = [f for f in args.formats.split(",") if f]
+    tiers = list(dict.fromkeys(t.strip() for t in args.tiers.split(",") if t.strip()))
+    formats = list(dict.fromkeys(f.strip() for f in args.formats.split(",") if f.strip()))
+    if not tiers:
+        parser.error(f"--tiers: no tier given; choose from {', '.join(TIERS)}")
+    if not formats:
+        parser.error(f"--formats: no format given; choose from {', '.join(KV_FORMATS)}")
     for t in tiers:
         if t not in TIERS:
             parser.error(f"--tiers: unknown tier {t!r}; choose from {', '.join(TIERS)}")
     for f in formats:
         if f not in KV_FORMATS:
             parser.error(f"--formats: unknown format {f!r}; choose from {', '.join(KV_FORMATS)}")
-    n_blocks, repeats = (32, 2) if args.quick else (args.blocks, args.repeats)
-    if n_blocks <= 0 or repeats <= 0:
-        parser.error("--blocks and --repeats must be positive")
+    n_blocks = args.blocks if args.blocks is not None else (32 if args.quick else 256)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     if not 1 <= args.load_workers <= 256:
         parser.error("--load-workers must be in 1..256")
     device = str(bench_device(parser, args.device))
     layout = MODEL_LAYOUTS[args.model]
     setup = Setup(layout, n_blocks, device, args.load_workers)
     rows: list[Row] = []
+    if args.dir is not None:
+        make_dir(parser, "--disk", args.dir)
     tmp = tempfile.mkdtemp(prefix="format-bench-", dir=args.dir)
     redis = None
     try:

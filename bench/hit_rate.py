@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import sys
 import time
@@ -55,7 +56,7 @@ from tqdm import tqdm
 from bench import workloads as wl
 from bench.baselines import FlatFIFOCache, InfiniteCache, gpu_only_store
 from bench.optimal import ReferenceString, optimal_split
-from kvstore.args import add_out_argument
+from kvstore.args import add_out_argument, count_arg, make_dir
 from kvstore.config import POLICIES, StoreConfig
 from kvstore.store import KVStore
 from radix.eviction import DEFAULT_KNEE_TOKENS, EVICTIONS
@@ -634,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="small run: first 2000 trace requests, 200 conversations, 16x8 "
                         "generated prompts, 3 capacities")
-    p.add_argument("--conversations", type=int, default=None,
+    p.add_argument("--conversations", type=count_arg(1), default=None,
                    help="ShareGPT conversations to replay (default: 2000; --quick: 200)")
     p.add_argument("--trace", type=Path, default=None,
                    help="Mooncake trace JSONL (default: bench/data/, or $KVSTORE_DATA)")
@@ -644,13 +645,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
+MAX_FACTOR = 1000.0
+"""Largest ``--capacities`` factor: far past the infinite cache (every block fits),
+and the replay's cost grows with the capacity."""
+
+
+def _parse_list(p: argparse.ArgumentParser, flag: str, text: str, allowed: Sequence[str],
+                what: str) -> list[str]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in items if s not in allowed]
     if bad or not items:
-        raise SystemExit(f"kvstore bench hit-rate: unknown {what} {bad or text!r}; "
-                         f"choose from {', '.join(allowed)}")
+        p.error(f"{flag}: unknown {what} {bad or text!r}; choose from {', '.join(allowed)}")
     return items
+
+
+def _parse_factors(p: argparse.ArgumentParser, text: str) -> list[float]:
+    """``--capacities``: finite factors in ``(0, MAX_FACTOR]``."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    try:
+        factors = [float(s) for s in items]
+    except ValueError:
+        p.error(f"--capacities takes comma-separated numbers, got {text!r}")
+    bad = [s for s, f in zip(items, factors) if not (math.isfinite(f) and 0 < f <= MAX_FACTOR)]
+    if bad or not factors:
+        p.error(f"--capacities: factors must be numbers > 0 and <= {MAX_FACTOR:g}, got "
+                f"{', '.join(bad) or repr(text)} (the infinite cache is always reported)")
+    return factors
 
 
 def load_workload(name: str, args: argparse.Namespace) -> wl.Workload:
@@ -658,7 +678,8 @@ def load_workload(name: str, args: argparse.Namespace) -> wl.Workload:
     if name == "mooncake":
         return wl.mooncake_workload(args.trace, limit=2000 if args.quick else None)
     if name == "sharegpt":
-        n = args.conversations or (200 if args.quick else 2000)
+        n = args.conversations if args.conversations is not None else (
+            200 if args.quick else 2000)
         return wl.sharegpt_workload(n, seed=args.seed, progress=True)
     if args.quick:
         return wl.generated_shared_prefix_workload(16, 8, seed=args.seed)
@@ -666,21 +687,16 @@ def load_workload(name: str, args: argparse.Namespace) -> wl.Workload:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    names = _parse_list(args.workloads, WORKLOADS, "workload")
-    policies = _parse_list(args.policies, POLICIES, "policy")
-    evictions = _parse_list(args.evictions, EVICTIONS, "eviction order")
-    if args.capacities:
-        try:
-            factors = [float(s) for s in args.capacities.split(",") if s.strip()]
-        except ValueError:
-            raise SystemExit(f"kvstore bench hit-rate: --capacities takes numbers, got "
-                             f"{args.capacities!r}") from None
-        if not factors or min(factors) <= 0:
-            raise SystemExit("kvstore bench hit-rate: capacity factors must be positive")
+    p = build_parser()
+    args = p.parse_args(argv)
+    names = _parse_list(p, "--workloads", args.workloads, WORKLOADS, "workload")
+    policies = _parse_list(p, "--policies", args.policies, POLICIES, "policy")
+    evictions = _parse_list(p, "--evictions", args.evictions, EVICTIONS, "eviction order")
+    if args.capacities is not None:
+        factors = _parse_factors(p, args.capacities)
     else:
         factors = list(QUICK_FACTORS if args.quick else DEFAULT_FACTORS)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_dir(p, "--out", args.out)
     rows: list[Row] = []
     reference: dict[str, int] = {}
     mooncake_ref: float | None = None
@@ -688,9 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             workload = load_workload(name, args)
-        except FileNotFoundError as exc:
-            print(f"kvstore bench hit-rate: {exc}", file=sys.stderr)
-            return 2
+        except (FileNotFoundError, ValueError) as exc:
+            p.error(f"{'--trace' if name == 'mooncake' else name}: {exc}")
         loaded = time.perf_counter() - t0
         full_mooncake = name == "mooncake" and not args.quick
         caps, f_min = sweep(workload, factors, full_mooncake)

@@ -37,7 +37,7 @@ import torch
 from bench.device import bench_device
 from bench.engine_bench import _random_model, model_list
 from kvstore import plan as kp
-from kvstore.args import SIZE_HELP, add_device_argument, size_arg
+from kvstore.args import SIZE_HELP, add_device_argument, count_arg, size_arg
 
 CPU_POOL_BLOCKS = 256
 """KV pool blocks on CPU without ``--gpu-kv-bytes`` (free memory is not measured there)."""
@@ -266,15 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model shapes, comma-separated (default: smollm2,llama3-8b on "
                         "CUDA, smollm2 on CPU)")
     add_device_argument(p)
-    p.add_argument("--context", type=int, default=None,
+    p.add_argument("--context", type=count_arg(1), default=None,
                    help="tokens per sequence (default: 2048 on CUDA, 64 on CPU)")
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--batch", type=count_arg(1), default=None,
                    help="the larger decode batch (default: 64 on CUDA, 4 on CPU)")
-    p.add_argument("--steps", type=int, default=20,
+    p.add_argument("--steps", type=count_arg(1), default=20,
                    help="decode steps timed (default: %(default)s)")
-    p.add_argument("--repeat", type=int, default=3,
+    p.add_argument("--repeat", type=count_arg(1), default=3,
                    help="TTFT prompts (median; default: %(default)s)")
-    p.add_argument("--chunk", type=int, default=kp.MAX_NUM_BATCHED_TOKENS,
+    p.add_argument("--chunk", type=count_arg(1), default=kp.MAX_NUM_BATCHED_TOKENS,
                    help="prefill chunk, tokens a step (default: %(default)s)")
     p.add_argument("--memory-utilization", type=float, default=kp.MEMORY_UTILIZATION,
                    help="fraction of GPU memory for the engine (default: %(default)s)")
@@ -295,10 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev = bench_device(p, args.device)
     on_gpu = dev.type == "cuda"
     args.models = args.models or (["smollm2", "llama3-8b"] if on_gpu else ["smollm2"])
-    args.context = args.context or (2048 if on_gpu else 64)
-    args.batch = args.batch or (64 if on_gpu else 4)
-    if min(args.context, args.batch, args.steps, args.repeat, args.chunk) < 1:
-        p.error("--context, --batch, --steps, --repeat and --chunk must be >= 1")
+    if args.context is None:
+        args.context = 2048 if on_gpu else 64
+    if args.batch is None:
+        args.batch = 64 if on_gpu else 4
     try:
         spec = kp.resolve_gpu(args.gpu) if args.gpu else kp.measure_device(str(dev))
     except kp.PlanError as exc:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.device import bench_device
-from kvstore.args import SIZE_HELP, add_device_argument, size_arg
+from kvstore.args import SIZE_HELP, add_device_argument, count_arg, size_arg
 from kvstore.units import parse_size
 
 CONFIGS = ("off", "gpu", "host")
@@ -96,8 +96,7 @@ def _model(args: argparse.Namespace, dev: torch.device):
     from engine.loader import resolve_model
     from engine.model import CausalLM
 
-    if args.model != "smollm2":
-        raise SystemExit("--weights real is available for smollm2 only (no model hub)")
+    assert args.model == "smollm2", "main() refuses --weights real for other shapes"
     dtype = "bfloat16" if dev.type == "cuda" else "float32"
     loaded = resolve_model("smollm2", cache_dir=args.model_cache_dir, dtype=dtype, device=dev)
     return CausalLM.from_loaded(loaded, device=dev)
@@ -264,26 +263,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model shape (default: llama3-8b on CUDA, smollm2 on CPU)")
     p.add_argument("--weights", choices=["random", "real"], default=None,
                    help="random weights of the shape, or SmolLM2's real weights "
-                        "(default: random on CUDA, real on CPU)")
-    p.add_argument("--clients", type=int, default=None,
+                        "(default: random on CUDA, real on CPU for smollm2; random for "
+                        "shapes without real weights)")
+    p.add_argument("--clients", type=count_arg(1), default=None,
                    help="concurrent clients (default: 32 on CUDA, 4 on CPU)")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--rounds", type=count_arg(1), default=None,
                    help="rounds per client (default: 6 on CUDA, 3 on CPU)")
-    p.add_argument("--new-tokens", type=int, default=None,
+    p.add_argument("--new-tokens", type=count_arg(1), default=None,
                    help="new tokens appended to the history each round (default: 1000 on "
                         "CUDA, 96 on CPU)")
-    p.add_argument("--output-tokens", type=int, default=None,
+    p.add_argument("--output-tokens", type=count_arg(1), default=None,
                    help="tokens generated each round (default: 32 on CUDA, 8 on CPU)")
     p.add_argument("--gpu-kv-bytes", type=size_arg, default=None, metavar="SIZE",
                    help="KV pool on the device (default: 8GB on CUDA, 24MB on CPU)")
     p.add_argument("--host-bytes", type=size_arg, default=None, metavar="SIZE",
                    help="host DRAM tier of the 'host' configuration (default: 24GB on CUDA, "
                         "64MB on CPU)")
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
-                   help="configurations to run: off (cache off), gpu, host (default: all)")
-    p.add_argument("--max-num-seqs", type=int, default=None,
+    p.add_argument("--configs", nargs="+", default=[",".join(CONFIGS)],
+                   metavar="CONFIG[,CONFIG]",
+                   help="configurations to run, comma-separated (or separated by spaces): "
+                        "off (cache off), gpu, host (default: all)")
+    p.add_argument("--max-num-seqs", type=count_arg(1), default=None,
                    help="scheduler batch limit in sequences (default: --clients)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+    p.add_argument("--max-num-batched-tokens", type=count_arg(1), default=None,
                    help="scheduler token budget per step (default: 8192 on CUDA, 256 on CPU)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the new tokens (default: %(default)s)")
@@ -292,13 +294,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _configs(p: argparse.ArgumentParser, given: Sequence[str]) -> list[str]:
+    """``--configs`` (``off,gpu``, ``off gpu`` or both) as a list without repeats;
+    ``p.error`` on an unknown one."""
+    names = [c.strip() for text in given for c in text.split(",") if c.strip()]
+    bad = [c for c in names if c not in CONFIGS]
+    if bad or not names:
+        p.error(f"--configs: unknown {bad or 'empty list'}; choose from {', '.join(CONFIGS)}")
+    return list(dict.fromkeys(names))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     dev = bench_device(p, args.device)
     on_gpu = dev.type == "cuda"
-    defaults = dict(model="llama3-8b" if on_gpu else "smollm2",
-                    weights="random" if on_gpu else "real",
+    args.configs = _configs(p, args.configs)
+    model_name = args.model or ("llama3-8b" if on_gpu else "smollm2")
+    if args.weights == "real" and model_name != "smollm2":
+        p.error(f"--weights real is available for smollm2 only (no model hub): use "
+                f"--weights random for {model_name}")
+    if args.weights is None and not on_gpu and model_name != "smollm2":
+        print(f"note: {model_name} has no real weights here: random weights of its shape "
+              "(--weights random)", flush=True)
+    defaults = dict(model=model_name,
+                    weights="random" if on_gpu or model_name != "smollm2" else "real",
                     clients=32 if on_gpu else 4, rounds=6 if on_gpu else 3,
                     new_tokens=1000 if on_gpu else 96, output_tokens=32 if on_gpu else 8,
                     gpu_kv_bytes=parse_size("8GB" if on_gpu else "24MB"),
@@ -309,10 +329,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             setattr(args, k, v)
     if args.max_num_seqs is None:
         args.max_num_seqs = args.clients
-    for k in ("clients", "rounds", "new_tokens", "output_tokens", "max_num_seqs",
-              "max_num_batched_tokens"):
-        if getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be >= 1")
     wl = Workload(args.clients, args.rounds, args.new_tokens, args.output_tokens, args.seed)
     model = _model(args, dev)
     from tiers.layout import KVLayout

@@ -21,9 +21,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from tqdm import tqdm
 
+from kvstore.args import count_arg
 from radix import Namespace, RadixTree, hash_blocks
 
 GPU = 0
@@ -72,7 +74,7 @@ def bench_hashing(num_tokens: int, repeat: int) -> Result:
     root = Namespace("bench").root()
     ours = best_ms(lambda: hash_blocks(root, tokens, 16), repeat)
     base = best_ms(lambda: vllm_hash_blocks(tokens, 16), max(1, repeat // 3))
-    return Result(f"hash {num_tokens // 1024}k-token prompt (block 16)", ours, base,
+    return Result(f"hash {_tokens_label(num_tokens)}-token prompt (block 16)", ours, base,
                   "vLLM sha256(pickle)", ">=3x, <10 ms")
 
 
@@ -123,38 +125,74 @@ def build_tree(num_blocks: int, num_leaves: int, prompt_keys: list[bytes],
     return tree
 
 
+def _count(n: int) -> str:
+    """``n`` in a table label: 1.05M, 100k or 5,000."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f}M"
+    return f"{n // 1000}k" if n >= 10_000 else f"{n:,}"
+
+
+def _tokens_label(num_tokens: int) -> str:
+    return f"{num_tokens // 1024}k" if num_tokens % 1024 == 0 else f"{num_tokens:,}"
+
+
+def eviction_batches(evict_blocks: int, evict_batch: int) -> list[int]:
+    """Blocks asked of each eviction call: ``evict_batch`` each, the last one capped so
+    the calls ask for ``evict_blocks`` in all."""
+    full, rest = divmod(evict_blocks, evict_batch)
+    return [evict_batch] * full + ([rest] if rest else [])
+
+
+def _hash_and_match(tree: RadixTree, root: bytes, tokens: list[int], blocks: list[bytes]
+                    ) -> object:
+    return tree.match(hash_blocks(root, tokens, 16).keys, blocks)
+
+
 def bench_tree(num_tokens: int, num_blocks: int, num_leaves: int, evict_blocks: int,
                evict_batch: int, repeat: int, progress: bool) -> list[Result]:
+    """Match timings on a built tree, then eviction: ours on that tree, the naive
+    evictor on a second, identical tree (built again from the same seeds), so each
+    starts from the same blocks. Raises ``RuntimeError`` when the two do not evict the
+    same number of blocks (no speedup of unequal work is printed)."""
     rng = random.Random(2)
     tokens = [rng.randrange(49152) for _ in range(num_tokens)]
     prompt = hash_blocks(Namespace("bench").root(), tokens, 16)
     tree = build_tree(num_blocks, num_leaves, prompt.keys, prompt.blocks, progress)
     size = len(tree)
-    match_ms = best_ms(lambda: tree.match(prompt.keys, prompt.blocks), repeat)
-    root = prompt.root
-    full_ms = best_ms(
-        lambda: tree.match(hash_blocks(root, tokens, 16).keys, prompt.blocks), repeat)
+    label = _tokens_label(num_tokens)
+    match_ms = best_ms(partial(tree.match, prompt.keys, prompt.blocks), repeat)
+    full_ms = best_ms(partial(_hash_and_match, tree, prompt.root, tokens, prompt.blocks),
+                      repeat)
     results = [
-        Result(f"match {num_tokens // 1024}k-token prompt, tree of {size / 1e6:.2f}M blocks",
+        Result(f"match {label}-token prompt, tree of {_count(size)} blocks",
                match_ms, None, "-", "<5 ms"),
-        Result(f"hash + match {num_tokens // 1024}k-token prompt", full_ms, None, "-", "-"),
+        Result(f"hash + match {label}-token prompt", full_ms, None, "-", "-"),
     ]
-    calls = max(1, evict_blocks // evict_batch)
-    naive = NaiveEvictor(tree)
-    leaves = len(naive.leaves)
-    t0 = time.perf_counter()
-    for _ in tqdm(range(calls), desc="naive eviction", disable=not progress, mininterval=0.5):
-        naive.evict(evict_batch)
-    base_ms = (time.perf_counter() - t0) * 1e3
+    batches = eviction_batches(min(evict_blocks, size), evict_batch)
+    leaves = len(NaiveEvictor(tree).leaves)
     t0 = time.perf_counter()
     evicted = 0
-    for _ in range(calls):
-        evicted += len(tree.evict(GPU, evict_batch))
+    for n in batches:
+        evicted += len(tree.evict(GPU, n))
     ours_ms = (time.perf_counter() - t0) * 1e3
-    results.append(Result(
-        f"evict {evicted} blocks in {calls} calls ({size / 1e6:.2f}M blocks, {leaves // 1000}k leaves)",
-        ours_ms, base_ms, "re-heapify per call", ">=20x"))
     tree.check_integrity()
+    del tree
+    twin = build_tree(num_blocks, num_leaves, prompt.keys, prompt.blocks, progress)
+    if len(twin) != size:
+        raise RuntimeError(f"the second tree has {len(twin)} blocks, the first {size}")
+    naive = NaiveEvictor(twin)
+    t0 = time.perf_counter()
+    base_evicted = 0
+    for n in tqdm(batches, desc="naive eviction", disable=not progress, mininterval=0.5):
+        base_evicted += naive.evict(n)
+    base_ms = (time.perf_counter() - t0) * 1e3
+    if evicted != base_evicted:
+        raise RuntimeError(f"the evictors freed different amounts ({evicted} blocks vs the "
+                           f"naive {base_evicted}): no comparison")
+    results.append(Result(
+        f"evict {evicted} blocks in {len(batches)} call{'s' * (len(batches) != 1)} "
+        f"({_count(size)} blocks, {_count(leaves)} leaves)", ours_ms, base_ms,
+        "re-heapify per call", ">=20x"))
     return results
 
 
@@ -168,26 +206,40 @@ def print_table(results: list[Result]) -> None:
         print(f"{r.name:<64} {r.ours_ms:8.2f}ms {base:>10} {ratio:>8}  {r.target:<12} {r.baseline}")
 
 
+SIZES = {  # flag: (default, --quick)
+    "tokens": (128 * 1024, 16 * 1024),
+    "tree_blocks": (1_000_000, 50_000),
+    "leaves": (100_000, 5_000),
+    "evict": (10_000, 1_000),
+    "evict_batch": (100, 100),
+    "repeat": (9, 3),
+}
+"""Sizes of the run: the default and ``--quick``'s; a value given explicitly wins."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``kvstore bench radix`` argument parser."""
     p = argparse.ArgumentParser(
         prog="kvstore bench radix",
         description="Benchmark block hashing, prefix match and eviction of the radix index, "
                     "each next to its baseline measured in the same run.")
-    p.add_argument("--tokens", type=int, default=128 * 1024,
-                   help="prompt length in tokens (default: %(default)s; --quick: 16384)")
-    p.add_argument("--tree-blocks", type=int, default=1_000_000,
-                   help="blocks in the tree (default: %(default)s; --quick: 50000)")
-    p.add_argument("--leaves", type=int, default=100_000,
-                   help="leaves in the tree (default: %(default)s; --quick: 5000)")
-    p.add_argument("--evict", type=int, default=10_000,
-                   help="blocks to evict (default: %(default)s; --quick: 1000)")
-    p.add_argument("--evict-batch", type=int, default=100,
-                   help="blocks evicted per call, as a scheduler frees space "
-                        "(default: %(default)s)")
-    p.add_argument("--repeat", type=int, default=9,
-                   help="repetitions per timing, best of (default: %(default)s; --quick: 3)")
-    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+
+    def size(flag: str, minimum: int, help: str) -> None:
+        default, quick = SIZES[flag.lstrip("-").replace("-", "_")]
+        p.add_argument(flag, type=count_arg(minimum), default=None,
+                       help=f"{help} (default: {default}"
+                            + ("" if quick == default else f"; --quick: {quick}") + ")")
+
+    size("--tokens", 16, "prompt length in tokens, at least one block of 16; a partial "
+                         "last block is not hashed")
+    size("--tree-blocks", 2, "blocks in the tree")
+    size("--leaves", 1, "leaves in the tree")
+    size("--evict", 1, "blocks to evict, at most the tree's blocks")
+    size("--evict-batch", 1, "blocks evicted per call, as a scheduler frees space; the last "
+                             "call asks for what is left")
+    size("--repeat", 1, "repetitions per timing, best of")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes, for a smoke test (sizes given explicitly are kept)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -195,17 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.quick:
-        args.tokens, args.tree_blocks, args.leaves, args.evict = 16 * 1024, 50_000, 5_000, 1_000
-        args.repeat = 3
-    for name in ("tokens", "tree_blocks", "leaves", "evict", "evict_batch", "repeat"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
+    for name, (default, quick) in SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else default)
     if args.leaves * 2 > args.tree_blocks:
         p.error("--leaves must be at most half of --tree-blocks (paths need depth >= 2)")
+    if args.evict > args.tree_blocks:
+        p.error(f"--evict {args.evict} is more than the tree's --tree-blocks "
+                f"{args.tree_blocks}: give at most {args.tree_blocks}")
+    if args.tokens % 16:
+        print(f"note: --tokens {args.tokens} is not a multiple of the block size 16: the "
+              f"last {args.tokens % 16} tokens are not hashed", flush=True)
     results = [bench_hashing(args.tokens, args.repeat)]
-    results += bench_tree(args.tokens, args.tree_blocks, args.leaves, args.evict,
-                          args.evict_batch, args.repeat, progress=not args.no_progress)
+    try:
+        results += bench_tree(args.tokens, args.tree_blocks, args.leaves, args.evict,
+                              args.evict_batch, args.repeat, progress=not args.no_progress)
+    except RuntimeError as exc:
+        print(f"kvstore bench radix: {exc}", file=sys.stderr)
+        return 1
     print_table(results)
     return 0
 

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.servers import RedisServer
-from kvstore.args import add_out_argument, plain_text
+from kvstore.args import add_out_argument, make_dir, plain_text, seconds_arg
 from kvstore.process import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -397,8 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag passed to the replica verbatim, e.g. --replica-arg=--model=smollm2 "
                         "(repeatable; default: none)")
     _add_router_arg(p)
-    p.add_argument("--startup-timeout", type=float, default=900.0, metavar="SECONDS",
-                   help="replica start (default: %(default)s)")
+    p.add_argument("--startup-timeout", type=seconds_arg(allow_zero=False), default=900.0,
+                   metavar="SECONDS", help="replica start (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the arrivals (default: %(default)s)")
     add_out_argument(p, "router", "the logs and the JSON")
@@ -408,13 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if not (args.rate > 0 and args.duration > 0):
-        p.error("--rate and --duration must be > 0")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not (math.isfinite(args.rate) and args.rate > 0
+            and math.isfinite(args.duration) and args.duration > 0):
+        p.error("--rate and --duration must be finite and > 0")
+    if args.devices is not None:
+        from bench.device import bench_device  # torch: only when a device is named
+
+        bench_device(p, args.devices)  # a device the replica would refuse: say so now
+    out = make_dir(p, "--out", args.out)
+    from bench.serve_bench import RunError  # serve_bench imports this module
+
     try:
         return run_overhead(args, out)
-    except RuntimeError as exc:
+    except (RuntimeError, RunError, OSError) as exc:
         print(f"kvstore bench router: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -67,6 +67,9 @@ from kvstore.args import (
     add_dtype_argument,
     add_hidden_alias,
     add_out_argument,
+    dir_arg,
+    make_dir,
+    seconds_arg,
     size_arg,
 )
 from kvstore.units import format_size
@@ -380,6 +383,8 @@ async def run_load(url: str, model: str, convs: list[Conversation], args: argpar
     from tqdm import tqdm
 
     total = sum(len(c.turns) for c in convs)
+    if not convs:  # nothing would ever end the queue: nothing to send
+        return Load([], 0, 0, 0.0)
     queue: asyncio.Queue[Turn | None] = asyncio.Queue()
     results: list[Result] = []
     skipped = 0
@@ -931,12 +936,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: 16GiB)")
     srv.add_argument("--disk-bytes", type=size_arg, default=32 << 30, metavar="SIZE",
                      help="LMDB disk tier of the +disk configurations (default: 32GiB)")
-    srv.add_argument("--disk", default=None, metavar="PATH",
+    srv.add_argument("--disk", type=dir_arg, default=None, metavar="PATH",
                      help="where the disk tier's fresh, per-configuration directories go "
                           "(default: the system temp dir); removed afterwards")
     add_hidden_alias(srv, "--host-kv-bytes", "host_bytes", type=size_arg, metavar="SIZE")
     add_hidden_alias(srv, "--disk-kv-bytes", "disk_bytes", type=size_arg, metavar="SIZE")
-    add_hidden_alias(srv, "--disk-dir", "disk", metavar="PATH")
+    add_hidden_alias(srv, "--disk-dir", "disk", type=dir_arg, metavar="PATH")
     srv.add_argument("--redis", default=None, metavar="URL",
                      help="Redis URL for the gpu+host+disk+redis configuration (default: none)")
     srv.add_argument("--policy", default="write-back", choices=["write-back", "write-through"],
@@ -948,7 +953,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--server-arg", action="append", default=None, metavar="ARG",
                      help="extra argument for every kvstore serve (repeatable; use "
                           "--server-arg=--flag; default: none)")
-    srv.add_argument("--startup-timeout", type=float, default=900.0, metavar="SECONDS",
+    srv.add_argument("--startup-timeout", type=seconds_arg(allow_zero=False), default=900.0,
+                     metavar="SECONDS",
                      help="how long a server may take to come up (default: %(default)s)")
     srv.add_argument("--model-cache-dir", default=None, help=argparse.SUPPRESS)
     router_bench.add_serve_arguments(p)
@@ -1002,7 +1008,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "are dropped (reported as cut). For a comparison that must fit a "
                           "time budget, where a configuration that falls behind would "
                           "otherwise run on (default: none, every turn is run)")
-    arr.add_argument("--request-timeout", type=float, default=1800.0, metavar="SECONDS",
+    arr.add_argument("--request-timeout", type=seconds_arg(allow_zero=False), default=1800.0,
+                     metavar="SECONDS",
                      help="give up on a request silent this long (default: %(default)s)")
     arr.add_argument("--warmup", type=int, default=4,
                      help="unmeasured warm-up requests per server (default: %(default)s)")
@@ -1034,8 +1041,11 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
         p.error("--request-rate must be > 0 requests a second")
     if args.request_rate is not None and args.max_parallel is not None:
         p.error("give --request-rate (open loop) or --max-parallel (closed loop), not both")
-    if not args.time_scale > 0:
-        p.error("--time-scale must be > 0")
+    if not (math.isfinite(args.time_scale) and args.time_scale > 0):
+        p.error("--time-scale must be a finite number > 0")
+    if args.gpu_kv_bytes == 0:
+        p.error("--gpu-kv-bytes must be > 0: it caps the GPU KV pool (leave it out for the "
+                "server's default)")
     if args.workload == "shared-prefix" and args.system_tokens == 0:
         args.system_tokens = 2048
     if args.max_parallel is None and args.request_rate is None and args.workload != "mooncake":
@@ -1060,8 +1070,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = _check(p, args)
     if args.replicas:
         names = router_bench.policy_runs(p, args, names)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.device and not args.url:
+        from bench.device import bench_device
+
+        bench_device(p, args.device)  # the servers' device: a bad one is a bad --device
+    if args.workload == "mooncake":  # a bad trace is a bad --trace: say so before any work
+        from bench.workloads import load_mooncake_records
+
+        try:
+            load_mooncake_records(args.trace, limit=args.num_requests)
+        except (FileNotFoundError, ValueError) as exc:
+            p.error(f"--trace: {exc}")
+    out = make_dir(p, "--out", args.out)
     headers = {"Authorization": f"Bearer {k}"} if (k := os.environ.get("KVSTORE_API_KEY")) \
         else {}
     try:
@@ -1104,6 +1124,8 @@ def _run(args: argparse.Namespace, names: list[str], out: Path,
         sizes, vocab, context = _sizes(args)
         args.max_model_len = context
     convs_proto = build_workload(args, vocab, args.seed)
+    if not any(c.turns for c in convs_proto):
+        raise RunError(f"the {args.workload} workload has no requests: nothing to measure")
     ws = working_set_tokens(convs_proto)
     n_turns = sum(len(c.turns) for c in convs_proto)
     print(f"workload {args.workload}: {len(convs_proto)} conversations, {n_turns} requests, "
@@ -1220,7 +1242,11 @@ def _sizes(args: argparse.Namespace) -> tuple[ServerSizes, int, int]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     bb = mc.kv_layout(BLOCK_SIZE, dtype).block_bytes
-    gpu = None if args.gpu_kv_bytes is None else max(1, args.gpu_kv_bytes // bb)
+    if args.gpu_kv_bytes is not None and args.gpu_kv_bytes < bb:
+        raise RunError(f"--gpu-kv-bytes {args.gpu_kv_bytes} holds no KV block of {args.model} "
+                       f"({BLOCK_SIZE} tokens = {bb} bytes in {dtype}): give at least "
+                       f"{format_size(bb)}")
+    gpu = None if args.gpu_kv_bytes is None else args.gpu_kv_bytes // bb
     context = mc.max_context_len if gpu is None else min(mc.max_context_len, gpu * BLOCK_SIZE)
     return (ServerSizes(bb, gpu, max(0, args.host_bytes // bb),
                         max(1, args.disk_bytes // bb), args.disk_bytes),

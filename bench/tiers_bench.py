@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import shutil
 import sys
@@ -43,7 +44,7 @@ import lmdb
 import numpy as np
 import xxhash
 
-from kvstore.args import add_hidden_alias
+from kvstore.args import add_hidden_alias, count_arg, dir_arg, make_dir
 from radix.hashing import Namespace, hash_blocks
 from tiers.codec import encode_block
 from tiers.layout import KVLayout
@@ -247,13 +248,30 @@ def _optional(module: str, function: str) -> Callable[..., list[Row]] | None:
     return getattr(mod, function, None)
 
 
+def is_latency(row: Row) -> bool:
+    """A row that carries a latency, not a bandwidth (``get-down``: no bytes moved, no
+    baseline): its GB/s and ratio are not figures."""
+    return row.baseline_gbps == 0 and math.isnan(row.ratio)
+
+
+def latency_lines(rows: Sequence[Row]) -> list[str]:
+    """One line per latency row (:func:`is_latency`): what the call took."""
+    return [f"{r.tier} {r.op} ({r.block_bytes:,} byte blocks): a get of {r.n} blocks took "
+            f"{1e3 * r.n / r.blocks_per_s:.3f} ms" for r in rows if is_latency(r)]
+
+
 def format_table(rows: Sequence[Row]) -> str:
-    """The rows as an aligned text table."""
+    """The rows as an aligned text table; latency rows (:func:`is_latency`) show ``-``
+    for GB/s, baseline and ratio (:func:`latency_lines` says what they took)."""
     header = ("tier", "op", "block", "n", "GB/s", "blocks/s", "baseline GB/s", "ratio")
     lines = [header]
     for r in rows:
         size = f"{r.block_bytes / 1024:.0f} KiB" if r.block_bytes < (1 << 20) \
             else f"{r.block_bytes / (1 << 20):.0f} MiB"
+        if is_latency(r):
+            lines.append((r.tier, f"{r.op} (latency)", size, str(r.n), "-",
+                          f"{r.blocks_per_s:,.0f}", "-", "-"))
+            continue
         lines.append((r.tier, r.op, size, str(r.n), f"{r.gbps:.2f}", f"{r.blocks_per_s:,.0f}",
                       f"{r.baseline_gbps:.2f}", f"{r.ratio:.2f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -272,14 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "same run. Block sizes: " + ", ".join(
                         f"{name} ({lay.block_bytes:,} bytes)"
                         for name, lay in MODEL_LAYOUTS.items()) + ".")
-    parser.add_argument("--blocks", type=int, default=None,
+    parser.add_argument("--blocks", type=count_arg(1), default=None,
                         help=f"blocks per measurement (default: {DEFAULT_BLOCKS}; "
                              f"--quick: {QUICK_BLOCKS})")
     parser.add_argument("--quick", action="store_true",
                         help="few blocks and one repeat: a smoke run, not a measurement")
-    parser.add_argument("--disk", dest="dir", default=None, metavar="PATH",
-                        help="directory for the LMDB environments (default: a temp dir)")
-    add_hidden_alias(parser, "--dir", "dir", metavar="PATH")
+    parser.add_argument("--disk", dest="dir", type=dir_arg, default=None, metavar="PATH",
+                        help="directory for the LMDB environments, created if need be "
+                             "(default: a temp dir)")
+    add_hidden_alias(parser, "--dir", "dir", type=dir_arg, metavar="PATH")
     return parser
 
 
@@ -287,12 +306,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run every available tier benchmark and print one table."""
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    n_blocks = args.blocks or (QUICK_BLOCKS if args.quick else DEFAULT_BLOCKS)
-    if n_blocks <= 0:
-        parser.error("--blocks must be positive")
+    n_blocks = args.blocks if args.blocks is not None else (
+        QUICK_BLOCKS if args.quick else DEFAULT_BLOCKS)
     repeats = 1 if args.quick else REPEATS
     sizes = [layout.block_bytes for layout in MODEL_LAYOUTS.values()]
     rows: list[Row] = []
+    if args.dir is not None:
+        make_dir(parser, "--disk", args.dir)
     tmp = tempfile.mkdtemp(prefix="tiers-bench-", dir=args.dir)
     try:
         for size in sizes:
@@ -307,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for size in sizes:
                 rows += bench(block_bytes=size, n_blocks=n_blocks)
     print(format_table(rows))
+    for line in latency_lines(rows):
+        print(line)
     return 0
 
 

@@ -18,7 +18,8 @@ loopback, so it measures the client software path and the server, not a network:
   call that finds the outage), and ``get-down-open`` the next one (answered by the open
   circuit breaker). These rows carry latency, not bandwidth: ``n = 64``,
   ``blocks_per_s = 64 / latency``, so latency (ms) = ``1e3 * n / blocks_per_s``; the
-  GB/s and ratio fields are 0 and NaN.
+  GB/s and ratio fields are 0 and NaN (the table prints ``-`` there and a line with the
+  latency after it: ``bench.tiers_bench.latency_lines``).
 
 Ours and raw alternate batch by batch (each on its own copy of the blocks, keys
 ``kv:`` and ``raw:``), taking turns to go first, so both see the same machine load; the
@@ -47,6 +48,7 @@ from bench.tiers_bench import (
     REPEATS,
     Row,
     format_table,
+    latency_lines,
     layout_for_block_bytes,
     make_blocks,
 )
@@ -226,10 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += bench_redis(layout.block_bytes, args.blocks, repeats=args.repeats,
                             batch=args.batch, cluster=not args.no_cluster)
     print(format_table(rows))
-    for r in rows:
-        if r.op.startswith("get-down"):
-            print(f"{r.op} ({r.block_bytes:,} byte blocks): get of {r.n} blocks took "
-                  f"{1e3 * r.n / r.blocks_per_s:.3f} ms")
+    for line in latency_lines(rows):
+        print(line)
     return 0
 
 

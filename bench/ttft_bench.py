@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.args import size_arg
+from bench.device import bench_device
+from kvstore.args import count_arg, dir_arg, make_dir, size_arg
 from kvstore.cost import Plan
 
 QUESTION_TOKENS = 32
@@ -514,14 +515,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis", default=None, metavar="URL",
                    help="also measure hits from this Redis, redis://host:port "
                         "(default: none)")
-    p.add_argument("--disk", default=None, metavar="PATH",
-                   help="parent directory of the LMDB disk tier (default: the system temp "
-                        "directory)")
+    p.add_argument("--disk", type=dir_arg, default=None, metavar="PATH",
+                   help="parent directory of the LMDB disk tier, created if need be "
+                        "(default: the system temp directory)")
     p.add_argument("--load-workers", type=int, default=8,
                    help="threads of the shared-tier load pipeline (default: %(default)s)")
     p.add_argument("--load-batch-bytes", type=size_arg, default=16 << 20, metavar="SIZE",
                    help="bytes one load worker reads and copies at a time (default: 16MiB)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=16384,
+    p.add_argument("--max-num-batched-tokens", type=count_arg(1), default=16384,
                    help="engine token budget per step (default: %(default)s, one prefill "
                         "step)")
     p.add_argument("--seed", type=int, default=0,
@@ -529,8 +530,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def finish_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fill defaults that depend on the device; ``p.error`` on bad values."""
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    """Fill defaults that depend on the device; ``p.error`` on bad values (the device,
+    the Redis URL, the disk directory: before any model is loaded)."""
+    cuda = bench_device(p, args.device).type == "cuda"
+    if args.redis is not None:
+        from tiers.redis import parse_redis_url
+
+        try:
+            parse_redis_url(args.redis)
+        except ValueError as exc:
+            p.error(f"--redis: {exc}")
+    if args.disk is not None:
+        make_dir(p, "--disk", args.disk)
     if args.shape is None:
         args.shape = "llama3-8b" if cuda else "smollm2"
     text = args.prefixes or ("1000,4000,8000,max" if cuda else "256,1024")

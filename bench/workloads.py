@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,24 +131,69 @@ def load_mooncake_records(path: str | Path | None = None, limit: int | None = No
     """The trace's records sorted by timestamp (stable: file order breaks ties).
 
     ``path`` defaults to ``default_data_dir() / MOONCAKE_FILE``; ``limit`` keeps the first
-    ``limit`` records in timestamp order. Raises ``FileNotFoundError`` or ``ValueError``
-    (a record without the trace's fields).
+    ``limit`` records in timestamp order. Raises ``FileNotFoundError`` (no such file, or
+    a directory) or ``ValueError`` naming ``path:line`` (not JSON, not an object, a
+    field missing or of the wrong type, fewer hash ids than ``input_length`` needs) or
+    ``path`` (unreadable, no records).
     """
     path = Path(path) if path is not None else default_data_dir() / MOONCAKE_FILE
+    if path.is_dir():
+        raise FileNotFoundError(f"Mooncake trace {path} is a directory: give the trace's "
+                                f".jsonl file (e.g. {path / MOONCAKE_FILE})")
     if not path.is_file():
         raise FileNotFoundError(f"Mooncake trace {path} not found")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the Mooncake trace: {exc.strerror or exc}"
+                         ) from None
     records = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            missing = {"timestamp", "input_length", "hash_ids"} - rec.keys()
-            if missing:
-                raise ValueError(f"{path}:{lineno}: record lacks {sorted(missing)}")
-            records.append(rec)
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
+            continue
+        records.append(_mooncake_record(raw, f"{path}:{lineno}"))
+    if not records:
+        raise ValueError(f"{path}: no records (an empty Mooncake trace): give a JSONL file "
+                         "with one request a line")
     records.sort(key=lambda r: r["timestamp"])
     return records if limit is None else records[:limit]
+
+
+def _mooncake_record(raw: bytes, where: str) -> dict[str, Any]:
+    """One trace line as a record; ``ValueError`` starting with ``where`` otherwise."""
+    try:
+        rec = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: not UTF-8 text; is this a Mooncake trace (JSONL)?"
+                         ) from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not JSON ({exc.msg} at column {exc.colno}); a Mooncake "
+                         "trace has one JSON object a line") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: a {type(rec).__name__}, not a JSON object with "
+                         "timestamp, input_length and hash_ids")
+    missing = {"timestamp", "input_length", "hash_ids"} - rec.keys()
+    if missing:
+        raise ValueError(f"{where}: record lacks {sorted(missing)}")
+
+    def integer(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    ts, n, ids = rec["timestamp"], rec["input_length"], rec["hash_ids"]
+    if not ((integer(ts) or isinstance(ts, float)) and math.isfinite(ts)):
+        raise ValueError(f"{where}: timestamp must be a number (milliseconds), got {ts!r}")
+    if not (integer(n) and n >= 0):
+        raise ValueError(f"{where}: input_length must be an integer >= 0, got {n!r}")
+    if not (isinstance(ids, list) and all(integer(h) for h in ids)):
+        raise ValueError(f"{where}: hash_ids must be a list of integers")
+    if len(ids) * MOONCAKE_BLOCK_TOKENS < n:
+        raise ValueError(f"{where}: input_length {n} needs {-(-n // MOONCAKE_BLOCK_TOKENS)} "
+                         f"hash ids of {MOONCAKE_BLOCK_TOKENS} tokens, the record has "
+                         f"{len(ids)}")
+    out = rec.get("output_length")
+    if out is not None and not (integer(out) and out >= 0):
+        raise ValueError(f"{where}: output_length must be an integer >= 0, got {out!r}")
+    return rec
 
 
 def mooncake_prefix_conflicts(records: Sequence[Mapping[str, Any]]) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -77,6 +78,52 @@ def seconds_arg(*, allow_zero: bool) -> Callable[[str], float]:
     return parse
 
 
+def dir_arg(text: str) -> Path:
+    """A directory that exists or can be created (``mkdir -p``): not a file, not under a
+    file, and writable (or in a writable directory). Nothing is created here; the
+    command creates it when it writes there."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path: give a directory")
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(
+                f"{text} is a file, not a directory: give a directory (existing or new)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(
+                f"directory {text} is not writable: give a directory you can write to")
+        return path
+    if path.is_symlink():
+        raise argparse.ArgumentTypeError(
+            f"{text} is a broken symbolic link: remove it or give another directory")
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"cannot create directory {text}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(
+            f"cannot create directory {text}: {parent} is not writable; give a directory "
+            "you can write to")
+    return path
+
+
+dir_arg.__name__ = "directory"
+
+
+def make_dir(parser: argparse.ArgumentParser, flag: str, path: Path) -> Path:
+    """Create ``path`` (a :func:`dir_arg` value, with its parents) for ``flag``;
+    what the file system refuses (a race, a full or read-only disk) is the parser's
+    one-line error (exit status 2). Returns ``path``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"{flag} {path}: cannot create the directory: "
+                     f"{exc.strerror or exc}")
+    return path
+
+
 def dtype_arg(text: str) -> str:
     """A dtype name: ``float32``, ``float16``, ``bfloat16`` or an alias (``bf16``)."""
     name = DTYPE_ALIASES.get(text.lower(), text.lower())
@@ -112,8 +159,9 @@ def bench_out_dir(bench: str) -> Path:
 def add_out_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, bench: str,
                      what: str) -> None:
     """``--out DIR``, the one output-directory flag of every bench that writes files;
-    ``what`` names the files written there. Default: :func:`bench_out_dir`."""
-    parser.add_argument("--out", type=Path, default=bench_out_dir(bench), metavar="DIR",
+    ``what`` names the files written there. Default: :func:`bench_out_dir`. The value is
+    a :func:`dir_arg` (a file, or a path under one, is argparse's error), a ``Path``."""
+    parser.add_argument("--out", type=dir_arg, default=str(bench_out_dir(bench)), metavar="DIR",
                         help=f"directory for {what} (created; default: %(default)s)")
 
 
@@ -174,5 +222,6 @@ def configure_logging(level: str) -> None:
 
 __all__ = ["DEVICE_HELP", "DTYPES", "LOG_LEVELS", "SIZE_HELP", "add_device_argument",
            "add_dtype_argument", "add_hidden_alias", "add_listen_arguments", "add_log_level", "add_out_argument",
-           "bench_out_dir", "configure_logging", "count_arg", "dtype_arg", "plain_text",
+           "bench_out_dir", "configure_logging", "count_arg", "dir_arg", "dtype_arg",
+           "make_dir", "plain_text",
            "port_arg", "seconds_arg", "size_arg"]

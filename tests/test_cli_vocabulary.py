@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.args import LOG_LEVELS, bench_out_dir, dtype_arg, size_arg
+from kvstore.args import LOG_LEVELS, bench_out_dir, dir_arg, dtype_arg, size_arg
 from kvstore.cli import BENCHES, COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +103,8 @@ def test_the_tier_flags_have_the_same_names_in_chat_serve_and_the_benches(parser
                         "bench tiers": ("--disk",), "bench engine": ("--disk",)}.items():
         for flag in flags:
             assert _action(parsers[name], flag) is not None, (name, flag)
+    for name in ("bench serve", "bench tiers", "bench engine", "bench format"):
+        assert _action(parsers[name], "--disk").type is dir_arg, name  # not a file
 
 
 def test_every_bench_that_writes_files_takes_out_dir(parsers):
@@ -111,6 +113,9 @@ def test_every_bench_that_writes_files_takes_out_dir(parsers):
         assert out is not None, bench
         assert out.metavar == "DIR" and Path(out.default) == bench_out_dir(bench), bench
         assert Path(out.default).parts[0] == "bench_out"
+        assert out.type is dir_arg, bench  # a file there is argparse's error
+        assert isinstance(parsers[f"bench {bench}"].parse_args(
+            _required(parsers[f"bench {bench}"])).out, Path), bench
     for bench in BENCHES:
         out = _action(parsers[f"bench {bench}"], "--out")
         if out is not None:
@@ -173,9 +178,9 @@ def test_hidden_aliases_still_parse():
 
     args = serve_bench.build_parser().parse_args(
         ["--host-kv-bytes", "8GiB", "--disk-kv-bytes", "1GiB", "--disk-dir", "/tmp/x"])
-    assert (args.host_bytes, args.disk_bytes, args.disk) == (8 << 30, 1 << 30, "/tmp/x")
+    assert (args.host_bytes, args.disk_bytes, args.disk) == (8 << 30, 1 << 30, Path("/tmp/x"))
     assert daemon_cli.build_parser().parse_args(["--memory-bytes", "2GiB"]).host_bytes == 2 << 30
-    assert tiers_bench.build_parser().parse_args(["--dir", "/tmp/y"]).dir == "/tmp/y"
+    assert tiers_bench.build_parser().parse_args(["--dir", "/tmp/y"]).dir == Path("/tmp/y")
 
 
 def test_a_bad_size_is_one_line_and_exit_2():
