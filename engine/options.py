@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.config import NAMED_SHAPES
 from kvstore import env
-from kvstore.args import add_device_argument, add_dtype_argument, size_arg
+from kvstore.args import add_device_argument, add_dtype_argument, dir_arg, size_arg
 from kvstore.config import POLICIES
 from kvstore.units import format_size
 from radix.hashing import KV_FORMATS
@@ -58,7 +58,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     tiers.add_argument("--host-bytes", type=size_arg, default=DEFAULT_HOST_BYTES,
                        metavar="SIZE", help="host DRAM tier (default: 1GiB; 0 = none)")
     disk = tiers.add_mutually_exclusive_group()
-    disk.add_argument("--disk", default=None, metavar="PATH",
+    disk.add_argument("--disk", type=dir_arg, default=None, metavar="PATH",
                       help="directory of the LMDB disk tier, kept across restarts "
                            "(default: $KVSTORE_HOME/disk)")
     disk.add_argument("--no-disk", action="store_true", help="run without the disk tier")
@@ -99,14 +99,11 @@ def disk_path(args: argparse.Namespace) -> str | None:
 
 def check_engine_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse tier flags that cannot work, before the model loads: ``parser.error`` (exit
-    2) naming the flag. A ``--disk`` that is a file, ``--disk-bytes 0`` with a disk tier,
-    ``--host-bytes`` beyond this machine's memory (the host tier is pinned DRAM)."""
-    path = disk_path(args)
-    if path is not None:
-        if Path(path).exists() and not Path(path).is_dir():
-            parser.error(f"--disk {path} is a file: give a directory (created if missing)")
-        if args.disk_bytes <= 0:
-            parser.error("--disk-bytes must be > 0 for the disk tier (or --no-disk)")
+    2) naming the flag. ``--disk-bytes 0`` with a disk tier, ``--host-bytes`` beyond this
+    machine's memory (the host tier is pinned DRAM); ``--disk`` itself is a
+    :func:`kvstore.args.dir_arg`."""
+    if disk_path(args) is not None and args.disk_bytes <= 0:
+        parser.error("--disk-bytes must be > 0 for the disk tier (or --no-disk)")
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):

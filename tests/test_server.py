@@ -638,7 +638,7 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     (("--max-num-seqs", "0"), "must be >= 1"),
     (("--dtype", "int3"), "invalid choice"),
     (("--no-disk", "--disk", "/tmp"), "not allowed with argument --no-disk"),
-    (("--disk", "/etc/passwd"), "is a file: give a directory"),
+    (("--disk", "/etc/passwd"), "is a file, not a directory"),
     (("--disk", "/tmp/kvstore-never-made", "--disk-bytes", "0"), "--disk-bytes must be > 0"),
     (("--host-bytes", "99999999TiB"), "more than this machine's memory"),
 ])
