@@ -9,7 +9,9 @@ Every step the scheduler:
    still need to finish their prompts and less a watermark (see
    :meth:`Scheduler.watermark`) kept for running sequences' next decode blocks. The
    head of the queue waits rather than being overtaken. A sequence alone in the engine
-   is always admitted (if it can never fit it ends with "length"). An admitted
+   is always admitted (a prompt that cannot fit the pool is refused before it is
+   queued, ``Engine.check_request``; one whose reply outgrows the pool ends with
+   "length"). An admitted
    sequence acquires a lease whose lower-tier hits are promoted to the GPU in the
    background (``LOADING``);
 2. moves sequences whose promotion finished to ``RUNNING``;
