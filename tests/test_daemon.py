@@ -778,15 +778,18 @@ def test_sigterm_lets_in_flight_requests_finish_and_flushes_lmdb(tmp_path: Path)
         tier = tier_for(daemon)
         tier.put(first)  # opens the namespace's LMDB environment
         # Hold LMDB's writer lock from this process: the daemon's next put blocks in its
-        # disk write, after it has written the memory tier, until the lock is released.
+        # disk write (the durable tier, written first) until the lock is released.
         env = lmdb.open(str(tmp_path / "kv"), map_size=2 * (64 << 20) + (64 << 20), max_dbs=4)
         txn = env.begin(write=True)
         result: list[int] = []
+        body = ("kvstore_daemon_request_body_bytes_total", ())
+        received = metrics(daemon.port)[body]
         writer = threading.Thread(target=lambda: result.append(tier.put(held_item).count))
         try:
             writer.start()
-            wait_until(lambda: stats(daemon.port)["namespaces"]["kv"]["memory"]["puts"] == 2,
-                       "the put to reach the disk tier")
+            # its body is in (so SIGTERM finds a request in flight, not an upload)
+            wait_until(lambda: metrics(daemon.port)[body] > received,
+                       "the put's body to be read")
             assert stats(daemon.port)["requests"]["inflight"] == 1
             assert daemon.proc is not None
             daemon.proc.send_signal(signal.SIGTERM)
