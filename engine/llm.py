@@ -146,6 +146,10 @@ class LLM:
         layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size,
                           _DTYPE_NAMES[self.model.dtype])
         disk = None if cfg.disk_path is None else str(Path(cfg.disk_path).expanduser())
+        if 0 < cfg.host_bytes < layout.block_bytes:  # it would silently mean no host tier
+            raise ValueError(f"host_bytes {cfg.host_bytes} holds no KV block of this model "
+                             f"({layout.block_bytes} bytes a block): give at least that "
+                             "(--host-bytes), or 0 for no host tier")
         store_cfg = StoreConfig(
             layout=layout, block_size=cfg.block_size,
             gpu_blocks=_gpu_blocks(device, layout, cfg),

@@ -220,3 +220,9 @@ def test_arrays_and_tensors_of_token_ids_are_prompts(llm: LLM) -> None:
 def test_bad_engine_arguments_are_type_errors(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(TypeError, match=match):
         LLM("tiny", load_format="dummy", **kwargs)
+
+
+def test_a_host_tier_too_small_for_one_block_is_refused(cache_dir: str) -> None:
+    """``host_bytes`` below one block used to mean no host tier, silently."""
+    with pytest.raises(ValueError, match="holds no KV block of this model"):
+        tiny(cache_dir, host_bytes=1)
