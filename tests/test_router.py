@@ -316,6 +316,36 @@ def _held(fleet: Fleet, replica: str) -> dict[str, int]:
     return next(r["blocks"] for r in status["replicas"] if r["replica_id"] == replica)
 
 
+Results = dict[int, tuple[str, dict[str, Any]] | BaseException]
+
+
+def _ask_in_threads(url: str, prompt: str, n: int, max_tokens: int
+                    ) -> tuple[list[threading.Thread], Results]:
+    """Start ``n`` chats (``prompt`` formatted with the index) through ``url``, one thread
+    each; their answers (or exceptions) land in the returned dict as they finish."""
+    results: Results = {}
+
+    def ask(i: int) -> None:
+        try:
+            results[i] = _chat(url, [{"role": "user", "content": prompt.format(i)}],
+                               max_tokens=max_tokens)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller's assertion
+            results[i] = exc
+
+    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def _wait_for_a_request_on(url: str, replica: str) -> None:
+    def busy() -> bool:
+        status = _get(url + "/v1/router")
+        return any(r["replica_id"] == replica and r["in_flight"] > 0
+                   for r in status["replicas"])
+    _wait_for(busy, f"a request in flight on replica {replica}")
+
+
 def test_a_second_turn_lands_on_the_replica_holding_its_prefix(fleet: Fleet) -> None:
     first: dict[int, str] = {}
     convs: dict[int, list[dict[str, str]]] = {}
@@ -390,23 +420,8 @@ def test_a_request_on_a_replica_that_hangs_moves_to_another(fleet: Fleet) -> Non
     url = fleet.router.url
     proc = fleet.replicas["b"].proc
     assert proc is not None
-    results: dict[int, tuple[str, dict[str, Any]] | BaseException] = {}
-
-    def ask(i: int) -> None:
-        try:
-            results[i] = _chat(url, [{"role": "user", "content": f"List ten fruits, {i}."}],
-                               max_tokens=48)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            results[i] = exc
-
-    def b_busy() -> bool:
-        status = _get(url + "/v1/router")
-        return any(r["replica_id"] == "b" and r["in_flight"] > 0 for r in status["replicas"])
-
-    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(4)]
-    for t in threads:
-        t.start()
-    _wait_for(b_busy, "a request in flight on replica b")
+    threads, results = _ask_in_threads(url, "List ten fruits, {}.", 4, max_tokens=48)
+    _wait_for_a_request_on(url, "b")
     proc.send_signal(signal.SIGSTOP)
     try:
         for t in threads:  # answered while b is still stopped
@@ -431,26 +446,9 @@ def test_models_by_name_through_the_router(fleet: Fleet) -> None:
 
 def test_killing_a_replica_loses_no_request(fleet: Fleet) -> None:
     url = fleet.router.url
-    results: dict[int, tuple[str, dict[str, Any]] | BaseException] = {}
-
-    def ask(i: int) -> None:
-        try:
-            results[i] = _chat(url, [{"role": "user", "content": f"Count to twenty, {i}."}],
-                               max_tokens=32)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            results[i] = exc
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    victim = fleet.replicas["a"]
-
-    def a_busy() -> bool:
-        status = _get(url + "/v1/router")
-        return any(r["replica_id"] == "a" and r["in_flight"] > 0 for r in status["replicas"])
-
-    _wait_for(a_busy, "a request in flight on replica a")
-    victim.kill()
+    threads, results = _ask_in_threads(url, "Count to twenty, {}.", 4, max_tokens=32)
+    _wait_for_a_request_on(url, "a")
+    fleet.replicas["a"].kill()
     _wait_for(lambda: _get(url + "/healthz")["replicas_in_rotation"] == 1,
               "the dead replica to leave the rotation", timeout_s=10)
     for t in threads:
